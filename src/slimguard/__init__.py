@@ -1,0 +1,75 @@
+"""slimguard: make trained PyTorch models smaller and faster, and keep them trustworthy once deployed.
+
+Heavy parts import lazily: ``import slimguard`` loads only this file and the version; names below
+resolve on first use.
+
+Example:
+    >>> import slimguard as sg
+    >>> model = sg.zoo.load("digits-mlp")
+    >>> data = sg.data.load("digits")
+    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from slimguard._version import __version__
+
+# public name -> module that defines it (one line per name; each subsystem keeps its own block)
+_LAZY: dict[str, str] = {
+    # core
+    "ArtifactError": "slimguard.core.errors",
+    "Config": "slimguard.core.config",
+    "ConfigError": "slimguard.core.errors",
+    "DataError": "slimguard.core.errors",
+    "ModelError": "slimguard.core.errors",
+    "SlimguardError": "slimguard.core.errors",
+    "UserError": "slimguard.core.errors",
+    "load": "slimguard.core.artifact",
+    "save": "slimguard.core.artifact",
+    "read_manifest": "slimguard.core.artifact",
+    "evaluate": "slimguard.evaluate",
+    "inspect_model": "slimguard.inspect",
+    "load_model": "slimguard.models.sources",
+    "compress": "slimguard.pipeline",
+    "run_step": "slimguard.pipeline",
+    "load_recipe": "slimguard.core.recipe:load",
+    # training
+    "FinetuneConfig": "slimguard.train.loop",
+    "finetune": "slimguard.train.loop",
+    # verbs
+    "cluster_": "slimguard.transforms",
+    "factorize_": "slimguard.transforms",
+    "fuse_": "slimguard.transforms",
+    "prune_": "slimguard.transforms",
+    "quantize_": "slimguard.transforms",
+    # prune
+    "MagnitudePruning": "slimguard.prune.magnitude",
+    # quantize
+    "Int8Dynamic": "slimguard.quantize.dynamic",
+}
+_SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models"}
+
+__all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(_SUBMODULES[name])
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'slimguard' has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimguard import data, models, zoo  # noqa: F401

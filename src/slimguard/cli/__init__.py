@@ -1,0 +1,34 @@
+"""The ``slimguard`` command line: a thin layer over the Python API.
+
+Every command lives in its own module here and defines ``register(app)``; they are discovered at
+start-up. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="slimguard",
+        help="Make trained PyTorch models smaller and faster, and keep them trustworthy once deployed.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if mod.name.startswith("_") or mod.name == "common":
+            continue
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
+    return app
+
+
+def main() -> None:
+    build_app()()

@@ -1,0 +1,1 @@
+"""Core: configs and their registry, errors, recipes and artifacts."""

@@ -1,0 +1,41 @@
+"""Per-tensor view of a model or artifact: shape, params, sparsity, codec, bits per weight, bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+
+def inspect_model(source: str | nn.Module) -> dict[str, Any]:
+    from slimguard.core.artifact import encode_state
+    from slimguard.models.sources import load_model
+
+    file_bytes = None
+    if isinstance(source, nn.Module):
+        model = source
+    else:
+        model = load_model(source, progress=False)
+        if str(source).endswith(".slim"):
+            file_bytes = Path(source).stat().st_size
+    modules = dict(model.named_modules())
+    table, encoded = encode_state(model)
+    rows = []
+    for key, meta in table.items():
+        if "tied" in meta:
+            continue
+        t = model.state_dict()[key]
+        mpath = key.rpartition(".")[0]
+        enc = encoded[key]
+        nnz = int((t != 0).sum())
+        rows.append({
+            "tensor": key, "module_type": type(modules.get(mpath, model)).__name__, "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."), "params": t.numel(), "nonzero": nnz,
+            "sparsity": 1 - nnz / max(1, t.numel()), "codec": meta["codec"],
+            "bits_per_weight": round(8 * enc.nbytes() / max(1, t.numel()), 3), "stored_bytes": enc.nbytes(),
+            **({"bits": meta["bits"]} if "bits" in meta else {}),
+        })
+    totals = {"params": sum(r["params"] for r in rows), "nonzero": sum(r["nonzero"] for r in rows),
+              "stored_bytes": sum(r["stored_bytes"] for r in rows), "file_bytes": file_bytes}
+    return {"tensors": rows, "totals": totals}

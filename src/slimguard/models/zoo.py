@@ -1,0 +1,223 @@
+"""The model zoo: small real models trained on first use on built-in data, then cached.
+
+| name              | data          | shape                                              |
+|-------------------|---------------|----------------------------------------------------|
+| ``digits-mlp``    | digits        | LeNet-300-100 shape: 64-300-100-10                 |
+| ``digits-lenet5`` | digits32      | LeNet-5 (Caffe variant of Deep Compression): conv20-conv50-fc500-fc10 |
+| ``digits32-resnet`` | digits32    | ResNet with BN and residual blocks, widths 32/64/128 |
+| ``tabular-mlp``   | breast-cancer | 30-64-32-2                                         |
+
+Training is seeded; the trained weights are cached as a ``.slim`` artifact (checksummed) under
+``$SLIMGUARD_CACHE`` or the user cache directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.errors import ModelError
+from slimguard.models.layers import BasicBlock, Normalize
+from slimguard.models.spec import ModelInfo, register_builder, set_info
+
+ZOO_VERSION = 1
+
+
+def digits_mlp(mean: list[float], std: list[float], hidden: tuple[int, int] = (300, 100),
+               num_classes: int = 10, in_features: int = 64) -> nn.Module:
+    h1, h2 = hidden
+    return nn.Sequential(
+        Normalize(mean, std, image=True),
+        nn.Flatten(),
+        nn.Linear(in_features, h1), nn.ReLU(),
+        nn.Linear(h1, h2), nn.ReLU(),
+        nn.Linear(h2, num_classes),
+    )
+
+
+def lenet5(mean: list[float], std: list[float], width: float = 1.0, num_classes: int = 10) -> nn.Module:
+    c1, c2, f1 = (max(1, round(c * width)) for c in (20, 50, 500))
+    return nn.Sequential(
+        Normalize(mean, std, image=True),
+        nn.Conv2d(1, c1, 5), nn.ReLU(), nn.MaxPool2d(2),       # 32 -> 28 -> 14
+        nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),      # 14 -> 10 -> 5
+        nn.Flatten(),
+        nn.Linear(c2 * 25, f1), nn.ReLU(),
+        nn.Linear(f1, num_classes),
+    )
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 32x32 inputs: stem, three stages of basic blocks, global pool, linear head."""
+
+    def __init__(self, mean: list[float], std: list[float], widths: tuple[int, ...] = (32, 64, 128),
+                 blocks: int = 1, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.norm = Normalize(mean, std, image=True)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.layers(self.stem(self.norm(x))))))
+
+
+def tabular_mlp(mean: list[float], std: list[float], hidden: tuple[int, int] = (64, 32),
+                num_classes: int = 2) -> nn.Module:
+    return nn.Sequential(
+        Normalize(mean, std, image=False),
+        nn.Linear(len(mean), hidden[0]), nn.ReLU(),
+        nn.Linear(hidden[0], hidden[1]), nn.ReLU(),
+        nn.Linear(hidden[1], num_classes),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    data: str
+    factory: Callable[..., nn.Module]
+    description: str
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register_zoo(entry: ZooEntry) -> ZooEntry:
+    if entry.name in ZOO:
+        raise ValueError(f"zoo model {entry.name!r} is already registered")
+    ZOO[entry.name] = entry
+    return entry
+
+
+register_zoo(ZooEntry("digits-mlp", "digits", digits_mlp, "LeNet-300-100 shape MLP (64-300-100-10) on digits",
+                      epochs=40, lr=1e-3))
+register_zoo(ZooEntry("digits-lenet5", "digits32", lenet5,
+                      "LeNet-5 (conv20-conv50-fc500-fc10, Caffe variant) on digits upsampled to 32x32",
+                      epochs=15, lr=1e-3))
+register_zoo(ZooEntry("digits32-resnet", "digits32", ResNet,
+                      "small ResNet (BN, residual blocks, widths 32/64/128) on digits32", epochs=15, lr=2e-3,
+                      weight_decay=5e-4))
+register_zoo(ZooEntry("tabular-mlp", "breast-cancer", tabular_mlp, "MLP 30-64-32-2 on breast cancer",
+                      epochs=60, lr=1e-3))
+
+FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "digits_mlp": digits_mlp, "lenet5": lenet5, "resnet": ResNet, "tabular_mlp": tabular_mlp,
+}
+
+
+def names() -> list[str]:
+    return sorted(ZOO)
+
+
+def _entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+def _factory_name(fn: Callable[..., nn.Module]) -> str:
+    for k, v in FACTORIES.items():
+        if v is fn:
+            return k
+    raise ModelError(f"zoo factory {fn!r} is not in FACTORIES")
+
+
+@register_builder("zoo")
+def _build_zoo(source: dict[str, Any]) -> nn.Module:
+    factory = FACTORIES.get(source.get("factory", ""))
+    if factory is None:
+        raise ModelError(f"unknown zoo factory {source.get('factory')!r}; allowed: {', '.join(FACTORIES)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
+    return factory(**kwargs)
+
+
+def create(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """An untrained zoo model with its info attached (statistics taken from its data's train split)."""
+    from slimguard import data as sgdata
+
+    entry = _entry(name)
+    bundle = sgdata.load(entry.data, seed=seed)
+    kwargs: dict[str, Any] = {"mean": bundle.meta.mean, "std": bundle.meta.std, **entry.kwargs, **overrides}
+    if entry.factory is tabular_mlp:
+        kwargs.setdefault("num_classes", bundle.meta.num_classes)
+    torch.manual_seed(seed)
+    model = entry.factory(**kwargs)
+    source = {"kind": "zoo", "name": name, "factory": _factory_name(entry.factory),
+              "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    set_info(model, ModelInfo(source=source, task="classification", data=bundle.meta.to_dict()))
+    return model
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SLIMGUARD_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("slimguard"))
+
+
+def _cache_key(entry: ZooEntry, seed: int) -> str:
+    blob = json.dumps([ZOO_VERSION, entry.name, entry.data, entry.epochs, entry.lr, entry.batch_size,
+                       entry.weight_decay, entry.kwargs, seed, torch.__version__.split("+")[0]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load(name: str, seed: int = 0, *, retrain: bool = False, progress: bool = True) -> nn.Module:
+    """A trained zoo model: from the cache, or trained now on its built-in data (seeded) and cached.
+
+    Example:
+        >>> model = load("digits-mlp")
+    """
+    from slimguard.core.artifact import load as load_artifact
+    from slimguard.core.artifact import save as save_artifact
+    from slimguard.core.errors import ArtifactError
+
+    entry = _entry(name)
+    path = cache_dir() / f"{name}-{_cache_key(entry, seed)}.slim"
+    if path.exists() and not retrain:
+        try:
+            return load_artifact(path)
+        except ArtifactError:
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+    model = train_zoo(name, seed=seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_artifact(model, path)
+    return model
+
+
+def train_zoo(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Train a zoo model from scratch on its data (deterministic for a given seed and thread count)."""
+    from slimguard import data as sgdata
+    from slimguard.train.loop import FinetuneConfig, finetune
+
+    entry = _entry(name)
+    model = create(name, seed=seed)
+    bundle = sgdata.load(entry.data, seed=seed)
+    cfg = FinetuneConfig(epochs=entry.epochs, lr=entry.lr, batch_size=entry.batch_size,
+                         weight_decay=entry.weight_decay, seed=seed, patience=0)
+    finetune(model, bundle, cfg, progress=progress, description=f"training {name}")
+    return model

@@ -1,0 +1,1 @@
+"""Pruning: masks, importance scores, unstructured / gradual / structured / N:M pruning."""

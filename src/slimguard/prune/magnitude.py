@@ -1,0 +1,104 @@
+"""Unstructured magnitude pruning with a global (or per-layer) threshold.
+
+Example:
+    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import ConfigError
+from slimguard.core.registry import register_handler
+from slimguard.prune.masks import get_mask, set_mask
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@register_config("magnitude")
+@dataclasses.dataclass
+class MagnitudePruning(Config):
+    """Zero the smallest-magnitude weights of Linear and Conv layers.
+
+    Args:
+        sparsity: fraction of weights to zero, in [0, 1) (default 0.5).
+        scope: ``global`` (one threshold over all layers, the default) or ``layer`` (each layer alone).
+        ignore: qualified names of modules to leave dense.
+        overrides: per-layer sparsity ``{module_name: sparsity}`` (layers named here are pruned alone).
+    """
+
+    sparsity: float = 0.5
+    scope: Literal["global", "layer"] = "global"
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_inclusive=False)
+        for name, s in self.overrides.items():
+            check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
+
+
+def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Linear/Conv modules by qualified name; every ``ignore`` entry must name a module."""
+    names = dict(model.named_modules())
+    for entry in ignore:
+        if entry not in names:
+            raise ConfigError(f"ignore: {entry!r} names no module; modules are e.g. "
+                              f"{', '.join(n for n in list(names)[1:6])}")
+    return {n: m for n, m in names.items() if isinstance(m, PRUNABLE) and n not in ignore
+            and not any(n.startswith(i + ".") for i in ignore)}
+
+
+def _scores(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().abs()
+    old = get_mask(module, "weight")
+    return w if old is None else w.masked_fill(~old, -1.0)  # already-pruned stay pruned
+
+
+def _layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    k = int(round(sparsity * score.numel()))
+    if k >= score.numel():
+        raise ConfigError(f"sparsity {sparsity} would empty a layer of {score.numel()} weights; lower it")
+    if k == 0:
+        return score >= 0
+    threshold = score.flatten().kthvalue(k).values
+    mask = score > threshold
+    # ties at the threshold: keep exactly numel - k entries
+    deficit = (score.numel() - k) - int(mask.sum())
+    if deficit > 0:
+        ties = ((score == threshold) & ~mask).flatten().nonzero().flatten()[:deficit]
+        mask.view(-1)[ties] = True
+    return mask
+
+
+@register_handler("prune", MagnitudePruning)
+def _magnitude(model: nn.Module, config: MagnitudePruning, **_: Any) -> dict[str, Any]:
+    layers = prunable_layers(model, config.ignore)
+    for name in config.overrides:
+        if name not in layers:
+            raise ConfigError(f"overrides: {name!r} is not a prunable Linear/Conv layer")
+    result: dict[str, float] = {}
+    per_layer = {n: m for n, m in layers.items() if config.scope == "layer" or n in config.overrides}
+    global_layers = {n: m for n, m in layers.items() if n not in per_layer}
+    for name, m in per_layer.items():
+        s = config.overrides.get(name, config.sparsity)
+        set_mask(m, "weight", _layer_mask(_scores(m), s))
+    if global_layers:
+        scores = {n: _scores(m) for n, m in global_layers.items()}
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        gmask = _layer_mask(flat, config.sparsity)
+        offset = 0
+        for n, s in scores.items():
+            mask = gmask[offset : offset + s.numel()].view_as(s)
+            offset += s.numel()
+            if not mask.any():
+                raise ConfigError(f"sparsity {config.sparsity} would empty layer {n!r}; lower it or use scope: layer")
+            set_mask(global_layers[n], "weight", mask)
+    for name, m in layers.items():
+        result[name] = float((m.weight == 0).float().mean())
+    return {"sparsity_by_layer": result}

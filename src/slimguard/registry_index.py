@@ -1,0 +1,23 @@
+"""Imports every module that registers configs, handlers, data sets or zoo models.
+
+Kept separate so ``import slimguard`` stays light: registries are filled only when first looked up.
+Each subsystem adds its module here.
+"""
+
+import importlib
+
+_MODULES = [
+    "slimguard.data.builtin",
+    "slimguard.data.files",
+    "slimguard.models.zoo",
+    "slimguard.train.loop",
+    "slimguard.prune.magnitude",
+    "slimguard.quantize.dynamic",
+]
+
+for _name in _MODULES:
+    try:
+        importlib.import_module(_name)
+    except ModuleNotFoundError as exc:  # only tolerate a subsystem that is not written yet
+        if exc.name != _name:
+            raise

@@ -1,0 +1,1 @@
+"""Runtime measurements (size, MACs, latency) and backends (export to ONNX Runtime)."""

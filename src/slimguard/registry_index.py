@@ -9,6 +9,7 @@ import importlib
 _MODULES = [
     "slimguard.data.builtin",
     "slimguard.data.files",
+    "slimguard.data.text",
     "slimguard.models.zoo",
     "slimguard.train.loop",
     "slimguard.prune.magnitude",

@@ -163,6 +163,7 @@ def register_prefix(prefix: str) -> Callable[[Loader], Loader]:
 def _ensure_builtins() -> None:
     import slimguard.data.builtin  # noqa: F401
     import slimguard.data.files  # noqa: F401
+    import slimguard.data.text  # noqa: F401
     import slimguard.registry_index  # noqa: F401
 
 

@@ -49,6 +49,11 @@ _LAZY: dict[str, str] = {
     "MagnitudePruning": "slimguard.prune.magnitude",
     # quantize
     "Int8Dynamic": "slimguard.quantize.dynamic",
+    # share (weight sharing, hashing, Huffman coding)
+    "HashedLinear": "slimguard.share.hashing",
+    "Hashing": "slimguard.share.hashing",
+    "HuffmanCoding": "slimguard.share.cluster",
+    "WeightSharing": "slimguard.share.cluster",
 }
 _SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models"}
 

@@ -14,6 +14,10 @@ _MODULES = [
     "slimguard.train.loop",
     "slimguard.prune.magnitude",
     "slimguard.quantize.dynamic",
+    # share + codec (Deep Compression, HashedNets)
+    "slimguard.codec.huffman",
+    "slimguard.share.cluster",
+    "slimguard.share.hashing",
 ]
 
 for _name in _MODULES:

@@ -49,13 +49,31 @@ _LAZY: dict[str, str] = {
     "MagnitudePruning": "slimguard.prune.magnitude",
     # quantize
     "Int8Dynamic": "slimguard.quantize.dynamic",
+    # guard (contracts, OOD, monitor, faults, protection; issue 8)
+    "Guard": "slimguard.guard.guard",
+    "Contract": "slimguard.guard.contract",
+    "Monitor": "slimguard.guard.monitor",
+    "FaultCampaign": "slimguard.guard.faults",
+    "RangeRestriction": "slimguard.guard.protect",
+    "WeightChecksums": "slimguard.guard.protect",
+    "Cascade": "slimguard.guard.protect",
+    "make_detector": "slimguard.guard.ood",
+    # distill, low-rank, regularization (issue 5)
+    "DistillConfig": "slimguard.distill.core",
+    "DropLayers": "slimguard.distill.students",
+    "Ensemble": "slimguard.distill.teachers",
+    "LowRank": "slimguard.lowrank.svd",
+    "SparsityTraining": "slimguard.train.regularize",
+    "distill": "slimguard.distill.core",
+    "drop_layers_": "slimguard.distill.students",
+    "width_student": "slimguard.distill.students",
     # share (weight sharing, hashing, Huffman coding)
     "HashedLinear": "slimguard.share.hashing",
     "Hashing": "slimguard.share.hashing",
     "HuffmanCoding": "slimguard.share.cluster",
     "WeightSharing": "slimguard.share.cluster",
 }
-_SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models"}
+_SUBMODULES = {"guard": "slimguard.guard", "data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models"}
 
 __all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
 

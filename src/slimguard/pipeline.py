@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -18,10 +19,15 @@ from slimguard.data.core import DataBundle
 from slimguard.models.spec import record
 
 
-def run_step(model: nn.Module, step: Config, data: DataBundle, *, progress: bool = True) -> Any:
-    """Apply one recipe step (prune, quantize, train, ...) with the data as context."""
+def run_step(model: nn.Module, step: Config, data: DataBundle, *, progress: bool = True, **context: Any) -> Any:
+    """Apply one recipe step (prune, quantize, train, ...) with the data as context.
+
+    Extra ``context`` goes to the handler too (``compress`` passes ``original``, the model as it was at
+    the start of the recipe, to steps whose config sets ``needs_original``, such as ``distill``).
+    """
     verb = verb_of(step)
-    result = apply(verb, model, step, data=data, example_inputs=data.example, calib=data.calib, progress=progress)
+    result = apply(verb, model, step, data=data, example_inputs=data.example, calib=data.calib, progress=progress,
+                   **context)
     record(model, {"verb": verb, "config": step.to_dict()})
     return result
 
@@ -72,8 +78,10 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
     _check_fits(model, data.test)
     baseline = evaluate(model, data.test, latency_batch=latency_batch)
     steps = []
+    needs_original = any(getattr(step, "needs_original", False) for step in recipe.steps)
+    original = copy.deepcopy(model) if needs_original else None
     for step in recipe.steps:
-        result = run_step(model, step, data, progress=progress)
+        result = run_step(model, step, data, progress=progress, original=original)
         steps.append({"step": step.config_name, "config": step.to_dict()["_data"],
                       "result": result if isinstance(result, dict) and len(json.dumps(result, default=str)) < 20000
                       else None})

@@ -14,6 +14,16 @@ _MODULES = [
     "slimguard.train.loop",
     "slimguard.prune.magnitude",
     "slimguard.quantize.dynamic",
+    # guard (issue 8): OOD data sets, configs
+    "slimguard.data.ood",
+    "slimguard.guard.faults",
+    "slimguard.guard.protect",
+    "slimguard.guard.monitor",
+    # distill + lowrank + regularize (issue 5)
+    "slimguard.distill.core",
+    "slimguard.distill.students",
+    "slimguard.lowrank.svd",
+    "slimguard.train.regularize",
     # share + codec (Deep Compression, HashedNets)
     "slimguard.codec.huffman",
     "slimguard.share.cluster",

@@ -1,0 +1,365 @@
+"""``sg.distill(teacher, student, data, DistillConfig(...))``: knowledge distillation through the one
+training loop (:func:`slimguard.train.loop.finetune`).
+
+What the student learns from, all combinable:
+
+* **outputs**: for classifiers, soft targets (KL at temperature ``T``, Hinton et al. 2015) or hard
+  targets (teacher argmax), mixed with the true labels by ``alpha``; for embedding models (data of
+  task ``embedding``, no labels needed) cosine or MSE between the student's and the teacher's embeddings.
+* **features** (FitNets): ``features={"student.layer": "teacher.layer"}`` matches hidden outputs; a
+  learned 1x1 conv / Linear projection is trained alongside when the widths differ.
+* **attention**: ``attention={"student.layer": "teacher.layer"}``. For a transformer's self-attention
+  module (``...attention.self`` of a Hugging Face BERT) the attention probabilities are matched by KL
+  (MiniLM, Wang et al. 2020); for any other layer the spatial / token attention maps of Zagoruyko and
+  Komodakis 2017.
+
+When only outputs are matched, the teacher's outputs on the train split are computed once and reused
+every epoch (``cache_teacher``), so distillation costs little more than ordinary fine-tuning.
+
+In a recipe, ``distill`` is a step that trains the current model (the student, for example after a
+``drop-layers`` or pruning step) against a teacher: ``teacher: ""`` (default) is the model as it was at
+the start of the recipe; any model source (``zoo:NAME``, ``minilm``, ``file.slim``) names another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import ConfigError, DataError, ModelError
+from slimguard.data.core import DataBundle, Split
+from slimguard.distill import losses as L
+from slimguard.distill.teachers import Ensemble, Taps
+from slimguard.train.loop import FinetuneConfig, finetune
+
+TEACHER_KEY = "_teacher"
+TENSOR_KEY = "_x"
+
+
+@register_config("distill")
+@dataclasses.dataclass
+class DistillConfig(Config):
+    """Knowledge distillation options (also the ``distill`` recipe step).
+
+    Args:
+        temperature: softmax temperature of soft targets, > 0 (default 4).
+        alpha: weight of the teacher term; ``1 - alpha`` goes to cross-entropy on true labels
+            (classification with labels only; default 0.9).
+        targets: ``soft`` (KL at ``temperature``) or ``hard`` (teacher argmax) (default ``soft``).
+        embedding_loss: for embedding models: ``cosine`` or ``mse`` (default ``cosine``).
+        features: student layer name -> teacher layer name, hidden outputs matched (default none).
+        feature_loss: ``mse`` or ``cosine`` for the feature pairs (default ``mse``).
+        feature_weight: weight of the summed feature terms (default 1).
+        attention: student layer -> teacher layer for attention transfer (default none).
+        attention_weight: weight of the summed attention terms (default 1).
+        max_length: token limit when the data are texts (default 128).
+        cache_teacher: compute the teacher's outputs once when only outputs are matched (default True).
+        epochs, lr, batch_size, optimizer, weight_decay, patience, seed, max_steps: as in
+            :class:`~slimguard.train.loop.FinetuneConfig` (defaults 10, 1e-3, 64, adamw, 0, 3, 0, 0).
+        teacher: recipe steps only: ``""`` = the model at the start of the recipe, or a model source.
+
+    Example:
+        >>> distill(teacher, student, sg.data.load("digits32"), DistillConfig(temperature=4, alpha=0.9))
+    """
+
+    needs_original: ClassVar[bool] = True
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    targets: Literal["soft", "hard"] = "soft"
+    embedding_loss: Literal["cosine", "mse"] = "cosine"
+    features: dict[str, str] = dataclasses.field(default_factory=dict)
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = 1.0
+    attention: dict[str, str] = dataclasses.field(default_factory=dict)
+    attention_weight: float = 1.0
+    max_length: int = 128
+    cache_teacher: bool = True
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    patience: int = 3
+    seed: int = 0
+    max_steps: int = 0
+    teacher: str = ""
+
+    def validate(self) -> None:
+        check_range("temperature", self.temperature, 0.0, 1000.0, low_inclusive=False)
+        check_range("alpha", self.alpha, 0.0, 1.0)
+        check_range("feature_weight", self.feature_weight, 0.0)
+        check_range("attention_weight", self.attention_weight, 0.0)
+        check_range("max_length", self.max_length, 2, 1 << 16)
+        self.finetune_config()  # checks the training fields
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer,
+                              weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
+                              max_steps=self.max_steps)
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+def _tokenizer_owner(*models: nn.Module) -> nn.Module:
+    for m in models:
+        if hasattr(m, "tokenize") and getattr(m, "tokenizer", True) is not None:
+            return m
+    raise ModelError("the data are texts but neither model has a tokenizer; load them with sg.load_model")
+
+
+class Rows(dict):
+    """A dict of equally long tensors that ``len()`` counts by rows (so a :class:`Split` can hold it)."""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values()))) if dict.__len__(self) else 0
+
+
+def _prepare(split: Split, owner: nn.Module | None, max_length: int) -> dict[str, torch.Tensor]:
+    """A split's inputs as a dict of tensors (texts tokenised once, padded to the longest)."""
+    if isinstance(split.x, list):
+        if owner is None:
+            raise ModelError("the data are texts but no model has a tokenizer")
+        return Rows(owner.tokenize(split.x, max_length))  # type: ignore[operator]
+    if not torch.is_tensor(split.x):
+        raise DataError(f"split {split.name!r} holds {type(split.x).__name__}; expected a tensor or texts")
+    return Rows({TENSOR_KEY: split.x})
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> Any:
+    """Strip the cached teacher outputs; trim token batches to their longest real sequence."""
+    if TENSOR_KEY in batch:
+        return batch[TENSOR_KEY]
+    inputs = {k: v for k, v in batch.items() if k != TEACHER_KEY}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        n = max(1, int(mask.sum(1).max()))
+        inputs = {k: v[:, :n] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v for k, v in inputs.items()}
+    return inputs
+
+
+def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if not torch.is_tensor(out):
+        raise ModelError(f"distillation needs models that return one tensor; got {type(out).__name__}")
+    return out
+
+
+def _slice(batch: dict[str, torch.Tensor], i: int, j: int) -> dict[str, torch.Tensor]:
+    return {k: v[i:j] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, prepared: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    n = len(next(iter(prepared.values()))) if prepared else 0
+    return torch.cat([_call(model, _model_inputs(_slice(prepared, i, i + batch_size))).float()
+                      for i in range(0, n, batch_size)])
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """Eval mode (and requires_grad off when ``frozen``); both restored afterwards."""
+    was = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    if frozen:
+        for p, _ in flags:
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.train(was)
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def _eager_attention(models: Sequence[nn.Module], enabled: bool) -> Iterator[None]:
+    """Hugging Face attention modules return probabilities only in the ``eager`` implementation."""
+    saved = []
+    if enabled:
+        for m in models:
+            for sub in m.modules():
+                cfg = getattr(sub, "config", None)
+                if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                    saved.append((cfg, cfg._attn_implementation))
+                    cfg._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for cfg, impl in reversed(saved):
+            cfg._attn_implementation = impl
+
+
+def _mask_of(inputs: Any) -> torch.Tensor | None:
+    return inputs.get("attention_mask") if isinstance(inputs, dict) else None
+
+
+def _attention_term(s_out: Any, t_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    s_probs = s_out[1] if isinstance(s_out, (tuple, list)) and len(s_out) > 1 else None
+    t_probs = t_out[1] if isinstance(t_out, (tuple, list)) and len(t_out) > 1 else None
+    if torch.is_tensor(s_probs) and torch.is_tensor(t_probs) and s_probs.ndim == 4:
+        return L.attention_kl(s_probs, t_probs, mask)
+    s = s_out[0] if isinstance(s_out, (tuple, list)) else s_out
+    t = t_out[0] if isinstance(t_out, (tuple, list)) else t_out
+    return L.attention_transfer(s, t, mask)
+
+
+# ---- the verb -----------------------------------------------------------------------------------------
+def distill(
+    teacher: nn.Module | Sequence[nn.Module],
+    student: nn.Module,
+    data: DataBundle,
+    config: DistillConfig | None = None,
+    *,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train ``student`` in place to imitate ``teacher`` (a model, or a list of models = an ensemble).
+
+    Args:
+        teacher: the teacher, or several (their outputs are averaged: :class:`Ensemble`). It is run in
+            eval mode with gradients off; its mode and ``requires_grad`` flags are restored.
+        student: the model to train (any architecture with outputs of the teacher's shape).
+        data: trains on ``data.train``, early-stops on ``data.val``; texts are tokenised with the
+            student's (else the teacher's) tokenizer.
+        config: :class:`DistillConfig`.
+        progress: show a progress bar.
+        callbacks: passed to the training loop (e.g. gradual pruning).
+
+    Returns:
+        The training loop's history plus ``teacher_cached`` and ``projections`` (learned regressors).
+
+    Raises:
+        ModelError: teacher and student outputs have different shapes (both named).
+        ConfigError: a feature or attention layer does not exist.
+
+    Example:
+        >>> teacher = sg.zoo.load("digits32-resnet")
+        >>> student = sg.zoo.create("digits32-resnet", widths=(16, 32, 64))
+        >>> sg.distill(teacher, student, sg.data.load("digits32"), sg.DistillConfig(epochs=10))
+    """
+    cfg = config or DistillConfig()
+    if not isinstance(teacher, nn.Module):
+        teacher = Ensemble(list(teacher), normalize=data.task == "embedding")
+    if len(data.train) == 0:
+        raise DataError("the train split is empty; nothing to distill on")
+    embedding = data.task == "embedding" or isinstance(data.train.x, list)
+    owner = _tokenizer_owner(student, teacher) if isinstance(data.train.x, list) else None
+    train_in = _prepare(data.train, owner, cfg.max_length)
+    val_in = _prepare(data.val, owner, cfg.max_length) if len(data.val) else None
+
+    online = bool(cfg.features or cfg.attention) or not cfg.cache_teacher
+    s_taps = Taps(student, list(cfg.features), "student feature")
+    t_taps = Taps(teacher, list(cfg.features.values()), "teacher feature")
+    s_att = Taps(student, list(cfg.attention), "student attention", keep_tuple=True)
+    t_att = Taps(teacher, list(cfg.attention.values()), "teacher attention", keep_tuple=True)
+    try:
+        with _evaluating(teacher, frozen=True), _eager_attention([teacher, student], bool(cfg.attention)):
+            probe = _model_inputs(_slice(train_in, 0, 2))
+            with _evaluating(student, frozen=False), torch.no_grad():
+                t_probe, s_probe = _call(teacher, probe), _call(student, probe)
+            if t_probe.shape != s_probe.shape:
+                raise ModelError(
+                    f"teacher outputs shape {tuple(t_probe.shape)} but student outputs {tuple(s_probe.shape)} "
+                    "for the same inputs; give a student with the teacher's output size"
+                )
+            projections = nn.ModuleDict()
+            for i, (sname, tname) in enumerate(cfg.features.items()):
+                s_f, t_f = s_taps[sname], t_taps[tname]
+                if not (torch.is_tensor(s_f) and torch.is_tensor(t_f)):
+                    raise ModelError(f"feature layers {sname!r} / {tname!r} do not output tensors")
+                s_f, t_f = L.align_spatial(s_f, t_f)
+                proj = L.make_projection(s_f, t_f)
+                projections[str(i)] = proj if proj is not None else nn.Identity()
+            for sname, tname in cfg.attention.items():  # fail before training on unusable pairs
+                _attention_term(s_att[sname], t_att[tname], _mask_of(probe))
+            device = next(iter(student.parameters()), torch.zeros(0)).device
+            projections.to(device)
+
+            cached_train = cached_val = None
+            if not online:
+                cached_train = _outputs(teacher, train_in)
+            if val_in is not None:
+                cached_val = _outputs(teacher, val_in)
+            if cached_train is not None:
+                train_in = Rows({**train_in, TEACHER_KEY: cached_train})
+            pairs = list(cfg.features.items())
+            att_pairs = list(cfg.attention.items())
+
+            def output_term(s_out: torch.Tensor, t_out: torch.Tensor, y: Any) -> torch.Tensor:
+                if embedding:
+                    return L.embedding_loss(s_out, t_out, cfg.embedding_loss)
+                return L.kd_loss(s_out, t_out, y, temperature=cfg.temperature, alpha=cfg.alpha,
+                                 targets=cfg.targets)
+
+            def loss_fn(model: nn.Module, xb: dict[str, torch.Tensor], yb: Any) -> torch.Tensor:
+                inputs = _model_inputs(xb)
+                s_out = _call(model, inputs)
+                if TEACHER_KEY in xb:
+                    t_out = xb[TEACHER_KEY]
+                else:
+                    with torch.no_grad():
+                        t_out = _call(teacher, inputs)
+                loss = output_term(s_out, t_out, yb)
+                mask = _mask_of(inputs)
+                for i, (sname, tname) in enumerate(pairs):
+                    s_f, t_f = L.align_spatial(s_taps[sname], t_taps[tname])
+                    loss = loss + cfg.feature_weight * L.feature_loss(projections[str(i)](s_f), t_f,
+                                                                      cfg.feature_loss, mask)
+                for sname, tname in att_pairs:
+                    loss = loss + cfg.attention_weight * _attention_term(s_att[sname], t_att[tname], mask)
+                return loss
+
+            score_fn = None
+            if cached_val is not None and (embedding or data.val.y is None):
+                def score_fn(m: nn.Module) -> float:
+                    with _evaluating(m, frozen=False), torch.no_grad():
+                        s_val = _outputs(m, val_in)  # type: ignore[arg-type]
+                    if embedding:
+                        return float(torch.nn.functional.cosine_similarity(s_val, cached_val, dim=-1).mean())
+                    return -float(L.kd_loss(s_val, cached_val, None, temperature=cfg.temperature,
+                                            targets=cfg.targets))
+
+            meta = data.train.meta if not embedding else dataclasses.replace(data.train.meta, task="embedding")
+            bundle = DataBundle(meta=meta, train=Split("train", train_in, data.train.y, meta),
+                                val=data.val, test=data.test, calib=data.calib)
+            if embedding:  # the loop scores texts itself only through score_fn
+                bundle = dataclasses.replace(bundle, val=Split("val", list(range(len(data.val))), None, meta))
+            history = finetune(student, bundle, cfg.finetune_config(), loss_fn=loss_fn, callbacks=callbacks,
+                               extra_parameters=list(projections.parameters()), score_fn=score_fn,
+                               progress=progress, description="distilling")
+    finally:
+        for taps in (s_taps, t_taps, s_att, t_att):
+            taps.remove()
+    history["teacher_cached"] = cached_train is not None
+    history["projections"] = sum(1 for p in projections.values() if not isinstance(p, nn.Identity))
+    return history
+
+
+def _register() -> None:
+    from slimguard.core.registry import register_handler
+
+    @register_handler("distill", DistillConfig)
+    def _distill_step(model: nn.Module, config: DistillConfig, *, data: DataBundle, original: nn.Module | None = None,
+                      progress: bool = True, **_: Any) -> dict[str, Any]:
+        if config.teacher:
+            from slimguard.models.sources import load_model
+
+            teacher = load_model(config.teacher, progress=progress)
+        elif original is not None:
+            teacher = original
+        else:
+            raise ConfigError(
+                "distill: no teacher; set teacher: SOURCE (e.g. zoo:digits32-resnet or minilm), or run the step "
+                "in a recipe, where the default teacher is the model as it was at the start"
+            )
+        return distill(teacher, model, data, config, progress=progress)
+
+
+_register()

@@ -1,0 +1,150 @@
+"""Regularisation for compressibility: penalties added to the training loss so that a later pruning
+step finds whole channels it can remove.
+
+* **Network slimming** (Liu et al. 2017, "Learning Efficient Convolutional Networks through Network
+  Slimming"): ``lambda * sum |gamma|`` over BatchNorm scales pushes unimportant channels' scales to
+  zero; channel pruning by BN scale then removes them.
+* **Group lasso** (Wen et al. 2016, "Learning Structured Sparsity in Deep Neural Networks"):
+  ``lambda * sum_c ||W_c||_2`` over the output channels (rows) of Conv and Linear weights zeroes whole
+  filters.
+
+Both are loss additions for :func:`slimguard.train.loop.finetune` (``loss_fn=regularized(...)``) and a
+recipe step ``sparsity-train``.
+
+Example:
+    >>> finetune(model, data, FinetuneConfig(epochs=5), loss_fn=regularized(bn_l1=1e-4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import ConfigError, ModelError
+from slimguard.train.loop import FinetuneConfig, LossFn, default_loss, finetune
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _bn_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _BN) and m.weight is not None]
+
+
+def bn_l1(model: nn.Module) -> torch.Tensor:
+    """``sum |gamma|`` over every affine BatchNorm layer (0 when there are none)."""
+    terms = [m.weight.abs().sum() for m in _bn_layers(model)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def group_lasso(model: nn.Module, ignore: Sequence[str] = ()) -> torch.Tensor:
+    """``sum_c ||W_c||_2`` over output channels of Conv and Linear weights (names in ``ignore`` skipped)."""
+    terms = []
+    for name, m in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in ignore):
+            continue
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.requires_grad:
+            terms.append(m.weight.flatten(1).norm(dim=1).sum())
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def regularized(base: LossFn | None = None, *, bn_l1_weight: float = 0.0, group_lasso_weight: float = 0.0,
+                ignore: Sequence[str] = ()) -> LossFn:
+    """A loss ``base(model, x, y) + bn_l1_weight * bn_l1 + group_lasso_weight * group_lasso``.
+
+    Args:
+        base: the task loss (default cross-entropy on labels).
+        bn_l1_weight: network-slimming strength (typical 1e-5 to 1e-4).
+        group_lasso_weight: group-lasso strength (typical 1e-5 to 1e-4).
+        ignore: module names excluded from group lasso (e.g. the classifier head).
+    """
+    base = base or default_loss()
+
+    def loss(model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        core = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+        out = base(model, x, y)
+        if bn_l1_weight:
+            out = out + bn_l1_weight * bn_l1(core).to(out.device)
+        if group_lasso_weight:
+            out = out + group_lasso_weight * group_lasso(core, ignore).to(out.device)
+        return out
+
+    return loss
+
+
+def bn_scale_fraction_below(model: nn.Module, threshold: float = 1e-2) -> float:
+    """Fraction of BatchNorm scales with ``|gamma| < threshold`` (what network slimming produces)."""
+    gammas = [m.weight.detach().abs().flatten() for m in _bn_layers(model)]
+    if not gammas:
+        return 0.0
+    g = torch.cat(gammas)
+    return float((g < threshold).float().mean())
+
+
+@register_config("sparsity-train")
+@dataclasses.dataclass
+class SparsityTraining(Config):
+    """Recipe step: fine-tune with sparsity-inducing penalties, before a structured pruning step.
+
+    Args:
+        bn_l1: network-slimming strength on BatchNorm scales (default 1e-4).
+        group_lasso: group-lasso strength on output channels (default 0).
+        ignore: module names excluded from group lasso (default none).
+        epochs, lr, batch_size, optimizer, weight_decay, patience, seed: as in ``finetune``
+            (defaults 5, 1e-3, 64, adamw, 0, 0, 0).
+    """
+
+    bn_l1: float = 1e-4
+    group_lasso: float = 0.0
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    patience: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("bn_l1", self.bn_l1, 0.0, 1.0)
+        check_range("group_lasso", self.group_lasso, 0.0, 1.0)
+        if self.bn_l1 == 0 and self.group_lasso == 0:
+            raise ConfigError("bn_l1 and group_lasso are both 0; set at least one (e.g. bn_l1: 1.0e-4)")
+        self.finetune_config()
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer,
+                              weight_decay=self.weight_decay, patience=self.patience, seed=self.seed)
+
+
+def sparsity_train(model: nn.Module, data: Any, config: SparsityTraining | None = None, *,
+                   progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``model`` in place with the penalties of ``config``; returns the loop's history plus the
+    fraction of BN scales below 1e-2 before and after."""
+    cfg = config or SparsityTraining()
+    if cfg.bn_l1 and not _bn_layers(model):
+        raise ModelError("bn_l1 needs BatchNorm layers and this model has none; use group_lasso instead")
+    before = bn_scale_fraction_below(model)
+    history = finetune(model, data, cfg.finetune_config(),
+                       loss_fn=regularized(bn_l1_weight=cfg.bn_l1, group_lasso_weight=cfg.group_lasso,
+                                           ignore=cfg.ignore),
+                       progress=progress, description="sparsity training")
+    history["bn_small_before"] = before
+    history["bn_small_after"] = bn_scale_fraction_below(model)
+    return history
+
+
+def _register() -> None:
+    from slimguard.core.registry import register_handler
+
+    @register_handler("train", SparsityTraining)
+    def _sparsity_step(model: nn.Module, config: SparsityTraining, *, data: Any, progress: bool = True,
+                       **_: Any) -> dict[str, Any]:
+        return sparsity_train(model, data, config, progress=progress)
+
+
+_register()

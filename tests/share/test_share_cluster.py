@@ -1,0 +1,245 @@
+"""Weight sharing (k-means, centroid fine-tuning), HashedNets layers, and coded artifacts end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimguard as sg
+from slimguard.core.errors import ArtifactError, ConfigError
+from slimguard.share.cluster import kmeans_1d
+from slimguard.share.hashing import HashedLinear, hash_indices
+
+
+def _distinct_nonzero(t: torch.Tensor) -> int:
+    return int(torch.unique(t[t != 0]).numel())
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"bits": 0}, "bits"),
+    ({"bits": 9}, "bits"),
+    ({"bits_by_type": {"conv": 12}}, "bits_by_type.conv"),
+    ({"bits_by_type": {"rnn": 4}}, "bits_by_type"),
+    ({"overrides": {"2": -1}}, "overrides.2"),
+    ({"bias_bits": 9}, "bias_bits"),
+])
+def test_bits_outside_1_to_8_are_refused(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        sg.WeightSharing(**kwargs)
+
+
+def test_recipe_field_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"weight-sharing\.bits"):
+        sg.WeightSharing.from_fields({"bits": "five"}, where="weight-sharing")
+    with pytest.raises(ConfigError, match="gap_bits"):
+        sg.HuffmanCoding(gap_bits=12)
+
+
+def test_kmeans_linear_init_and_few_distinct_values():
+    v = torch.tensor([0.1, 0.1, 0.2, -0.3])
+    c, idx = kmeans_1d(v, 8)  # 3 distinct values, 8 clusters: exact
+    assert torch.equal(c[idx], v) and c.numel() == 3
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(5000, generator=g)
+    c, idx = kmeans_1d(v, 16)
+    assert c.numel() <= 16 and bool((c[1:] > c[:-1]).all())
+    assert float(c.min()) < -2.0 and float(c.max()) > 2.0  # linear init keeps the rare large weights
+    mse = float(((c[idx] - v) ** 2).mean())
+    assert mse < 0.015  # 16 levels over N(0,1): near the Lloyd-Max optimum (0.0095), far below the variance 1
+
+
+@pytest.mark.parametrize(("config", "bits"), [
+    (sg.WeightSharing(bits=3), {"2.weight": 3, "4.weight": 3, "6.weight": 3}),
+    (sg.WeightSharing(bits=5, bits_by_type={"linear": 4}, overrides={"6": 2}),
+     {"2.weight": 4, "4.weight": 4, "6.weight": 2}),
+    (sg.WeightSharing(bits=4, bias_bits=2), {"2.weight": 4, "2.bias": 2, "6.bias": 2}),
+])
+def test_clustering_shares_weights_and_keeps_zeros(zoo_model, config, bits):
+    model = zoo_model("digits-mlp")
+    sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+    zeros = {n: (p == 0).clone() for n, p in model.named_parameters()}
+    result = sg.cluster_(model, config)
+    params = dict(model.named_parameters())
+    for name, b in bits.items():
+        assert _distinct_nonzero(params[name]) <= 2 ** b
+        assert result["layers"][name]["bits"] == b
+    for name, p in params.items():
+        if name.endswith("weight"):
+            assert torch.equal(p == 0, zeros[name]), f"{name}: zeros changed"
+
+
+def test_layer_with_fewer_distinct_weights_than_clusters(zoo_model):
+    model = zoo_model("digits-mlp")
+    with torch.no_grad():
+        model[6].weight.copy_(torch.tensor([0.0, 0.5, -0.5]).repeat(334)[:1000].reshape(10, 100))
+    before = model[6].weight.clone()
+    result = sg.cluster_(model, sg.WeightSharing(bits=8))
+    assert torch.equal(model[6].weight, before)  # nothing to lose: kept exactly
+    assert result["layers"]["6.weight"]["clusters"] == 2
+
+
+def test_centroid_finetuning_keeps_sharing_and_zeros(zoo_model, digits):
+    model = zoo_model("digits-mlp")
+    sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+    sg.cluster_(model, sg.WeightSharing(bits=4, bias_bits=4))
+    w_before = model[2].weight.detach().clone()
+    zeros = model[4].weight == 0
+    sg.finetune(model, digits, sg.FinetuneConfig(epochs=2, lr=1e-3, patience=0, restore_best=False),
+                progress=False)
+    assert not torch.equal(model[2].weight, w_before)  # the centroids moved
+    for layer in (model[2], model[4], model[6]):
+        assert _distinct_nonzero(layer.weight) <= 16
+        assert _distinct_nonzero(layer.bias) <= 16
+    assert torch.equal(model[4].weight == 0, zeros)
+    # weights of one cluster moved together: the cluster structure is unchanged
+    idx = model[2].weight_cluster.long()
+    for k in range(int(idx.max()) + 1):
+        assert torch.unique(model[2].weight[idx == k]).numel() == 1
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    from slimguard.models import zoo
+
+    data = sg.data.load("digits")
+    model = zoo.load("digits-mlp", progress=False)
+    fp32 = sg.save(model, tmp_path_factory.mktemp("fp32") / "fp32.slim")
+    sg.prune_(model, sg.MagnitudePruning(sparsity=0.9))
+    sg.cluster_(model, sg.WeightSharing(bits=5, bias_bits=6))
+    sg.finetune(model, data, sg.FinetuneConfig(epochs=1, lr=3e-4, patience=0), progress=False)
+    sg.cluster_(model, sg.HuffmanCoding())
+    path = sg.save(model, tmp_path_factory.mktemp("coded") / "m.slim")
+    return model, path, data, fp32
+
+
+def test_coded_artifact_loads_and_predicts_exactly(coded, tmp_path):
+    model, path, data, fp32 = coded
+    manifest = sg.read_manifest(path)
+    assert {manifest["tensors"][k]["codec"] for k in ("2.weight", "4.weight", "6.weight", "2.bias")} == {"huffman"}
+    loaded = sg.load(path)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(data.test.x), model(data.test.x))
+    assert path.stat().st_size * 20 < fp32.stat().st_size  # 90% pruned + 5 bits + Huffman: far smaller
+    # loaded tensors are shared again: saving once more codes them the same way
+    again = sg.save(loaded, tmp_path / "again.slim")
+    assert sg.read_manifest(again)["tensors"]["2.weight"]["codec"] == "huffman"
+
+
+def test_coded_artifact_exports_to_onnx(coded):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    _, path, data, _ = coded
+    loaded = sg.load(path)
+    x = data.test.x[:16]
+    buf = io.BytesIO()
+    torch.onnx.export(loaded, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), loaded(x), atol=1e-5, rtol=1e-5)
+
+
+def _rewrite(path, out, tensor_key, mutate):
+    """Damage one coded block but keep every sha256 consistent: only the block checks can catch it."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    with zipfile.ZipFile(path) as zf:
+        blobs = {n: zf.read(n) for n in zf.namelist()}
+    payload = st_load(blobs["tensors.safetensors"])
+    block = payload[f"{tensor_key}::block"].numpy().tobytes()
+    payload[f"{tensor_key}::block"] = torch.frombuffer(bytearray(mutate(block)), dtype=torch.uint8)
+    blobs["tensors.safetensors"] = st_save(payload)
+    manifest = json.loads(blobs["manifest.json"])
+    manifest["entries"]["tensors.safetensors"] = {"sha256": hashlib.sha256(blobs["tensors.safetensors"]).hexdigest(),
+                                                  "size": len(blobs["tensors.safetensors"])}
+    blobs["manifest.json"] = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    blobs["manifest.sha256"] = hashlib.sha256(blobs["manifest.json"]).hexdigest().encode()
+    with zipfile.ZipFile(out, "w") as zf:
+        for n, b in blobs.items():
+            zf.writestr(n, b)
+    return out
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda b: b[:-7], "crc32|truncated"),
+    (lambda b: b[:40] + bytes([b[40] ^ 0xFF]) + b[41:], "crc32"),
+])
+def test_damaged_block_in_artifact_names_the_layer(coded, tmp_path, mutate, message):
+    _, path, _, _ = coded
+    bad = _rewrite(path, tmp_path / "bad.slim", "4.weight", mutate)
+    with pytest.raises(ArtifactError, match=rf"tensor '4\.weight'.*({message})"):
+        sg.load(bad)
+
+
+def test_huffman_coding_needs_shared_weights(zoo_model):
+    with pytest.raises(ConfigError, match="weight-sharing first"):
+        sg.cluster_(zoo_model("digits-mlp"), sg.HuffmanCoding())
+
+
+# ---- HashedNets ----------------------------------------------------------------------------------------
+def test_hash_is_deterministic_and_seeded():
+    a, sa = hash_indices(30, 40, 97, seed=3)
+    b, sb = hash_indices(30, 40, 97, seed=3)
+    c, _ = hash_indices(30, 40, 97, seed=4)
+    assert torch.equal(a, b) and torch.equal(sa, sb) and not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < 97
+    counts = torch.bincount(a.reshape(-1), minlength=97).float()
+    assert float(counts.std() / counts.mean()) < 0.3  # buckets evenly used (1200 weights / 97 buckets)
+    assert 0.4 < float((sa > 0).float().mean()) < 0.6
+    # pinned values: the same on every platform and version
+    assert a.reshape(-1)[:5].tolist() == hash_indices(30, 40, 97, seed=3)[0].reshape(-1)[:5].tolist()
+
+
+def test_hashed_linear_trains_saves_and_exports(zoo_model, digits, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    model = zoo_model("digits-mlp")
+    result = sg.cluster_(model, sg.Hashing(compression=0.25, ignore=["6"]))
+    assert isinstance(model[2], HashedLinear) and isinstance(model[6], nn.Linear)
+    assert result["layers"]["4"] == {"virtual": 30000, "buckets": 7500}
+    pool = model[4].weight_pool.detach().clone()
+    sg.finetune(model, digits, sg.FinetuneConfig(epochs=3, lr=1e-3, patience=0), progress=False)
+    assert not torch.equal(pool, model[4].weight_pool)  # the small vector is what trains
+    from slimguard.train.loop import accuracy
+
+    acc = accuracy(model, digits.test)
+    assert acc > 0.85  # 4x fewer weights in two layers still classifies digits
+    path = sg.save(model, tmp_path / "hashed.slim")
+    loaded = sg.load(path)
+    assert isinstance(loaded[2], HashedLinear) and loaded[2].buckets == model[2].buckets
+    x = digits.test.x[:32]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    buf = io.BytesIO()
+    torch.onnx.export(loaded, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+    (y,) = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), loaded(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"compression": 0.0}, "compression"),
+    ({"compression": 1.5}, "compression"),
+    ({"overrides": {"2": 0.0}}, "overrides.2"),
+])
+def test_hashing_bad_config(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        sg.Hashing(**kwargs)
+
+
+def test_hashing_unknown_layer_is_refused(zoo_model):
+    with pytest.raises(ConfigError, match="not a Linear"):
+        sg.cluster_(zoo_model("digits-mlp"), sg.Hashing(ignore=["nope"]))

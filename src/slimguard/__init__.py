@@ -73,7 +73,8 @@ _LAZY: dict[str, str] = {
     "HuffmanCoding": "slimguard.share.cluster",
     "WeightSharing": "slimguard.share.cluster",
 }
-_SUBMODULES = {"guard": "slimguard.guard", "data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models"}
+_SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models",
+               "guard": "slimguard.guard"}
 
 __all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
 

@@ -1,0 +1,158 @@
+"""``Guard``: contract -> model (optionally protected or cascaded) -> OOD detector -> monitor, in process.
+
+Example:
+    >>> guard = Guard.build(model, sg.data.load("digits"), detector="mahalanobis", protect=("range",))
+    >>> result = guard(x, ids=["a", "b"])          # raises ContractViolation for bad inputs
+    >>> result.pred, result.ood, guard.status()["state"]
+    >>> text = guard.prometheus()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimguard.core.errors import ConfigError
+from slimguard.guard.contract import Contract, ContractViolation, basic_check
+from slimguard.guard.monitor import Monitor, MonitorConfig
+from slimguard.guard.ood import Detector, make_detector
+from slimguard.guard.protect import RangeRestriction, WeightChecksums
+
+
+@dataclasses.dataclass
+class GuardResult:
+    """What a guarded call returns.
+
+    Shape:
+        ``logits``/``probs`` ``(N, C)``; ``pred``, ``confidence``, ``ood``, ``ood_score`` ``(N,)``.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    pred: torch.Tensor
+    confidence: torch.Tensor
+    ood: torch.Tensor | None
+    ood_score: torch.Tensor | None
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pred": self.pred.tolist(), "confidence": self.confidence.tolist(),
+                "probs": self.probs.tolist(),
+                "ood": None if self.ood is None else self.ood.tolist(),
+                "ood_score": None if self.ood_score is None else self.ood_score.tolist(),
+                "latency_ms": self.latency_ms}
+
+
+class Guard:
+    """Guards a classifier in process: every input is checked, scored for OOD, and monitored.
+
+    Args:
+        model: the classifier (a compressed model, or a :class:`~slimguard.guard.protect.Cascade`).
+        contract: input :class:`Contract`; without one, only the basic checks run (a tensor, at least
+            one example, finite values).
+        detector: a fitted and calibrated OOD detector (its ``predict`` gives the flags).
+        monitor: a :class:`Monitor` with a reference.
+        protect: protections to attach to ``model`` (:class:`RangeRestriction`,
+            :class:`WeightChecksums`); they stay attached until :meth:`close`.
+    """
+
+    def __init__(self, model: nn.Module, contract: Contract | None = None, detector: Detector | None = None,
+                 monitor: Monitor | None = None, protect: Sequence[Any] = ()) -> None:
+        self.model, self.contract, self.detector, self.monitor = model, contract, detector, monitor
+        self.protect = list(protect)
+        if detector is not None and detector.threshold is None:
+            raise ConfigError("detector: it has no threshold; call .fit(train).calibrate(val) before guarding")
+        for p in self.protect:
+            p.attach(model)
+
+    @classmethod
+    def build(cls, model: nn.Module, data: Any, detector: str | None = "mahalanobis",
+              protect: Sequence[str] = ("range",), tpr: float = 0.95, margin: float = 0.05,
+              monitor_config: MonitorConfig | None = None, detector_options: dict[str, Any] | None = None,
+              artifact: str | os.PathLike[str] | None = None) -> Guard:
+        """A guard set up from a :class:`~slimguard.data.DataBundle`: contract inferred from ``train``,
+        detector fitted on ``train`` and calibrated on ``val`` at ``tpr``, monitor reference from
+        ``val``, and the named protections (``range``: range restriction profiled on ``train``;
+        ``checksums``: weight checksums verified before every call and repaired from ``artifact``, the
+        model's ``.slim`` file, or else from a copy of its state taken now)."""
+        allowed = ("range", "checksums")
+        for p in protect:
+            if p not in allowed:
+                raise ConfigError(f"protect: {p!r} is not allowed; allowed: {', '.join(allowed)}")
+        contract = Contract.infer(data.train, margin=margin)
+        det = None
+        if detector is not None:
+            det = make_detector(detector, model, **(detector_options or {})).fit(data.train).calibrate(data.val, tpr)
+        monitor = Monitor.from_model(model, data.val, monitor_config)
+        prots: list[Any] = []
+        if "range" in protect:
+            prots.append(RangeRestriction().profile(model, data.train.x))
+        if "checksums" in protect:
+            if artifact is not None:
+                prots.append(WeightChecksums.from_artifact(artifact))
+            else:
+                good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                prots.append(WeightChecksums.from_model(model, source=good))
+        return cls(model, contract, det, monitor, prots)
+
+    def check(self, x: Any) -> list[dict[str, Any]]:
+        """Violations of ``x`` as dicts (empty when it may be passed to the model)."""
+        v = self.contract.check(x) if self.contract is not None else basic_check(x)
+        return [e.to_dict() for e in v]
+
+    @torch.no_grad()
+    def __call__(self, x: Any, ids: list[Any] | None = None) -> GuardResult:
+        """Check, predict, score and record ``x`` ``(N, *input_shape)``.
+
+        Raises:
+            ContractViolation: the input breaks the contract (nothing reaches the model).
+        """
+        t0 = time.perf_counter()
+        violations = self.contract.check(x) if self.contract is not None else basic_check(x)
+        if violations:
+            if self.monitor is not None:
+                self.monitor.record_rejected(len(x) if hasattr(x, "__len__") else 1)
+            raise ContractViolation(violations)
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        was = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(x)
+        finally:
+            self.model.train(was)
+        probs = F.softmax(logits.float(), dim=-1)
+        conf, pred = probs.max(-1)
+        ood = score = None
+        if self.detector is not None:
+            score_logits = getattr(self.detector, "score_logits", None)
+            score = score_logits(logits) if score_logits is not None else self.detector.score(x)
+            ood = score > self.detector.threshold
+        latency = (time.perf_counter() - t0) * 1e3
+        if self.monitor is not None:
+            self.monitor.observe(probs, ood, latency, ids)
+        return GuardResult(logits, probs, pred, conf, ood, score, latency)
+
+    def add_labels(self, ids: list[Any], labels: Any) -> int:
+        """Labels that arrived after the predictions (for the monitor's error rate)."""
+        return self.monitor.add_labels(ids, labels) if self.monitor is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        return self.monitor.status() if self.monitor is not None else {"state": "ok", "reasons": [], "metrics": {}}
+
+    def prometheus(self, labels: dict[str, str] | None = None) -> str:
+        return self.monitor.prometheus(labels=labels) if self.monitor is not None else ""
+
+    def close(self) -> None:
+        """Detach every protection from the model."""
+        for p in self.protect:
+            p.detach()
+

@@ -72,9 +72,12 @@ _LAZY: dict[str, str] = {
     "Hashing": "slimguard.share.hashing",
     "HuffmanCoding": "slimguard.share.cluster",
     "WeightSharing": "slimguard.share.cluster",
+    # robust (attacks, adversarial training, corruptions, scorecard; issue 7)
+    "AdversarialFinetune": "slimguard.robust.training",
+    "scorecard": "slimguard.robust.scorecard",
 }
 _SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models",
-               "guard": "slimguard.guard"}
+               "guard": "slimguard.guard", "robust": "slimguard.robust"}
 
 __all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
 

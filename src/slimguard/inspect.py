@@ -1,4 +1,8 @@
-"""Per-tensor view of a model or artifact: shape, params, sparsity, codec, bits per weight, bytes."""
+"""Per-tensor view of a model or artifact: shape, params, sparsity, codec, bits per weight, bytes.
+
+Codecs that define ``describe(encoded) -> dict`` add their own columns (the ``huffman`` codec adds the
+columns of the Deep Compression tables: kept weights, cluster bits, index and position bits per weight).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch.nn as nn
 
 
 def inspect_model(source: str | nn.Module) -> dict[str, Any]:
+    from slimguard.codec.base import codec
     from slimguard.core.artifact import encode_state
     from slimguard.models.sources import load_model
 
@@ -35,7 +40,25 @@ def inspect_model(source: str | nn.Module) -> dict[str, Any]:
             "sparsity": 1 - nnz / max(1, t.numel()), "codec": meta["codec"],
             "bits_per_weight": round(8 * enc.nbytes() / max(1, t.numel()), 3), "stored_bytes": enc.nbytes(),
             **({"bits": meta["bits"]} if "bits" in meta else {}),
+            **_described(codec(meta["codec"]), enc, t.numel()),
         })
     totals = {"params": sum(r["params"] for r in rows), "nonzero": sum(r["nonzero"] for r in rows),
               "stored_bytes": sum(r["stored_bytes"] for r in rows), "file_bytes": file_bytes}
     return {"tensors": rows, "totals": totals}
+
+
+def _described(c: Any, enc: Any, numel: int) -> dict[str, Any]:
+    """Extra columns from a codec's ``describe`` (if it has one), per weight and per kept weight."""
+    describe = getattr(c, "describe", None)
+    if describe is None:
+        return {}
+    d = describe(enc)
+    kept = max(1, d.get("kept", numel))
+    return {
+        "kept_percent": round(100 * d.get("kept", numel) / max(1, numel), 2), "bits": d.get("bits"),
+        "clusters": d.get("clusters"), "layout": d.get("layout"), "gap_bits": d.get("gap_bits"),
+        "index_bits_per_weight": round(d.get("index_bits_total", 0) / kept, 3),
+        "position_bits_per_weight": round(d.get("position_bits_total", 0) / kept, 3),
+        "bits_per_kept_weight": round(8 * enc.nbytes() / kept, 3),
+        "compression": round(32 * numel / max(1, 8 * enc.nbytes()), 1),
+    }

@@ -137,8 +137,13 @@ def register(app: typer.Typer) -> None:
         rows = [(r["tensor"], r["module_type"], "x".join(map(str, r["shape"])), r["params"], r["nonzero"],
                  f"{r['sparsity'] * 100:.1f}%", r["codec"], r["bits_per_weight"], r["stored_bytes"])
                 for r in report["tensors"]]
-        print_table(f"{model}", ["tensor", "module", "shape", "params", "nonzero", "sparsity", "codec",
-                                 "bits/weight", "bytes"], rows)
+        columns = ["tensor", "module", "shape", "params", "nonzero", "sparsity", "codec", "bits/weight", "bytes"]
+        if any("kept_percent" in r for r in report["tensors"]):  # coded tensors: the Deep Compression columns
+            rows = [(*row, *(("-",) * 5 if "kept_percent" not in r else (
+                f"{r['kept_percent']}%", r["bits"], r["index_bits_per_weight"], r["position_bits_per_weight"],
+                f"{r['compression']}x"))) for row, r in zip(rows, report["tensors"], strict=True)]
+            columns += ["kept", "cluster bits", "index bits/kept", "position bits/kept", "compression"]
+        print_table(f"{model}", columns, rows)
         t = report["totals"]
         typer.echo(f"total: {t['params']:,} params, {t['nonzero']:,} nonzero, {t['stored_bytes']:,} tensor bytes"
                    + (f", file {t['file_bytes']:,} bytes" if t.get("file_bytes") else ""))

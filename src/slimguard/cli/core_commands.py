@@ -8,7 +8,15 @@ from typing import Any
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, ratio, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    QUIET_OPT,
+    handle_errors,
+    print_json,
+    print_table,
+    ratio,
+    set_output,
+)
 
 METRIC_ROWS = [
     ("accuracy", "accuracy"), ("params", "params"), ("nonzero params", "nonzero_params"),

@@ -189,7 +189,7 @@ def save(
     tensor_bytes = st_save(payload) if payload else b""
     entries: dict[str, bytes] = {TENSORS: tensor_bytes}
     for name, blob in (extra_entries or {}).items():
-        if name in _RESERVED or "/" in name.strip("/") and ".." in name:
+        if name in _RESERVED or ("/" in name.strip("/") and ".." in name):
             raise ArtifactError(f"extra entry name {name!r} is reserved or unsafe")
         entries[name] = blob
     manifest = {

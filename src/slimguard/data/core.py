@@ -161,9 +161,9 @@ def register_prefix(prefix: str) -> Callable[[Loader], Loader]:
 
 
 def _ensure_builtins() -> None:
-    import slimguard.data.builtin  # noqa: F401
-    import slimguard.data.files  # noqa: F401
-    import slimguard.data.text  # noqa: F401
+    import slimguard.data.builtin
+    import slimguard.data.files
+    import slimguard.data.text
     import slimguard.registry_index  # noqa: F401
 
 
@@ -232,7 +232,7 @@ def make_bundle(
     kind = meta_kwargs.get("kind", "image")
     train_x = xt[tr]
     if kind == "image":  # per channel
-        dims = [0] + list(range(2, train_x.ndim))
+        dims = [0, *list(range(2, train_x.ndim))]
         mean = train_x.mean(dim=dims).tolist()
         std = train_x.std(dim=dims).clamp_min(1e-6).tolist()
     else:  # per feature

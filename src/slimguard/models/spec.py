@@ -89,7 +89,7 @@ def register_builder(kind: str) -> Callable[[Builder], Builder]:
 
 def build(source: dict[str, Any]) -> nn.Module:
     """Build an untrained architecture from a source spec (weights come from elsewhere)."""
-    import slimguard.models.sources  # noqa: F401  (registers the builders)
+    import slimguard.models.sources
     import slimguard.models.zoo  # noqa: F401
 
     kind = source.get("kind")

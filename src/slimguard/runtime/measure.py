@@ -13,8 +13,7 @@ import torch.nn as nn
 
 
 def _weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    for p in model.parameters():
-        yield p
+    yield from model.parameters()
     for name, b in model.named_buffers():
         # quantized weights and coded payloads are integer buffers; counters and statistics are not weights
         if not b.is_floating_point() and b.dtype != torch.bool and not name.endswith("num_batches_tracked"):

@@ -1,0 +1,71 @@
+"""Configs validate themselves, round-trip through dicts, and registries refuse duplicates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from slimguard.core.config import Config, config_class, register_config
+from slimguard.core.errors import ConfigError
+from slimguard.core.registry import handler_for, register_handler
+from slimguard.prune.magnitude import MagnitudePruning
+from slimguard.train.loop import FinetuneConfig
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sparsity": 1.0}, "sparsity: 1.0 is out of range; allowed: [0.0, 1.0)"),
+        ({"sparsity": -0.1}, "sparsity: -0.1 is out of range"),
+        ({"sparsity": "high"}, "magnitude.sparsity: expected a number, got 'high'"),
+        ({"scope": "model"}, "magnitude.scope: 'model' is not allowed; allowed: 'global', 'layer'"),
+        ({"sparsty": 0.5}, "magnitude: unknown key 'sparsty'; allowed: ignore, "),
+        ({"ignore": "fc1"}, "magnitude.ignore: expected a list"),
+    ],
+)
+def test_bad_fields_name_the_key_and_what_is_allowed(fields, message):
+    with pytest.raises(ConfigError) as err:
+        MagnitudePruning.from_fields(fields)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match="lr"):
+        FinetuneConfig(lr=0.0)
+
+
+def test_round_trip_through_dict():
+    cfg = MagnitudePruning(sparsity=0.7, scope="layer", ignore=["fc"], overrides={"a": 0.2})
+    d = cfg.to_dict()
+    assert d["_type"] == "magnitude" and d["_version"] == 1
+    assert Config.from_dict(d) == cfg
+
+
+def test_int_is_accepted_for_float_fields_but_bool_is_not():
+    assert MagnitudePruning.from_fields({"sparsity": 0}).sparsity == 0.0
+    with pytest.raises(ConfigError, match="expected a number"):
+        MagnitudePruning.from_fields({"sparsity": True})
+
+
+def test_unknown_step_name_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"unknown step 'prune-everything'; allowed: .*magnitude"):
+        config_class("prune-everything")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_config("magnitude")
+        @dataclasses.dataclass
+        class Other(Config):
+            pass
+
+
+def test_handler_lookup_by_type_and_duplicates_refused():
+    assert handler_for("prune", MagnitudePruning()) is not None
+    with pytest.raises(ConfigError, match="is not a quantize config"):
+        handler_for("quantize", MagnitudePruning())
+    with pytest.raises(ValueError, match="already registered"):
+        register_handler("prune", MagnitudePruning)(lambda m, c: None)

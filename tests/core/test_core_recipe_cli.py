@@ -1,0 +1,146 @@
+"""Recipes are validated completely before work starts; the CLI prints one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slimguard.cli import build_app
+from slimguard.core.errors import ConfigError
+from slimguard.core.recipe import parse
+
+runner = CliRunner()
+APP = build_app()
+GOOD = {"model": "zoo:digits-mlp", "data": "digits", "budget": {"max_accuracy_drop": 1.0},
+        "steps": [{"magnitude": {"sparsity": 0.5}}, {"finetune": {"epochs": 1}}, "int8-dynamic"]}
+
+
+def test_good_recipe_parses():
+    r = parse(GOOD)
+    assert [s.config_name for s in r.steps] == ["magnitude", "finetune", "int8-dynamic"]
+    assert r.steps[0].sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"modle": "x"}, "recipe: unknown key 'modle'; allowed:"),
+        ({"steps": [{"magnitude": {"sparsity": 1.5}}]}, "recipe.steps[0].magnitude: sparsity: 1.5 is out of range"),
+        ({"steps": [{"magnitude": {"sparsity": "lots"}}]}, "recipe.steps[0].magnitude.sparsity: expected a number"),
+        ({"steps": [{"magnitude": {"level": 2}}]}, "recipe.steps[0].magnitude: unknown key 'level'"),
+        ({"steps": [{"shrink": {}}]}, "recipe.steps[0]: unknown step 'shrink'; allowed:"),
+        ({"steps": []}, "recipe.steps: expected a non-empty list"),
+        ({"budget": {"max_accuracy_drop": -1}}, "max_accuracy_drop: -1 is out of range"),
+        ({"task": "regression"}, "recipe.task: 'regression' is not allowed"),
+        ({"steps": [{"finetune": {"epochs": 1.5}}]}, "recipe.steps[0].finetune.epochs: expected an integer"),
+    ],
+)
+def test_bad_recipes_name_the_key(change, message):
+    with pytest.raises(ConfigError) as err:
+        parse({**GOOD, **change})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _write_recipe(tmp_path, body):
+    import yaml
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def _one_line_exit_2(result, message):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_compress_runs_a_recipe(tmp_path):
+    recipe = _write_recipe(tmp_path, GOOD)
+    out = tmp_path / "out"
+    r = runner.invoke(APP, ["compress", "--recipe", str(recipe), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert (out / "model.slim").is_file() and (out / "metrics.json").is_file()
+    assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"] / 3
+    assert result["budget"]["ok"]
+
+
+def test_cli_bad_recipe_writes_nothing(tmp_path):
+    recipe = _write_recipe(tmp_path, {**GOOD, "steps": [{"magnitude": {"sparsity": 2}}]})
+    out = tmp_path / "out"
+    r = runner.invoke(APP, ["compress", "--recipe", str(recipe), "--out", str(out)])
+    _one_line_exit_2(r, "sparsity: 2.0 is out of range")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "zoo:nope"], "unknown zoo model 'nope'"),
+        (["evaluate", "zoo:digits-mlp", "--data", "nodata"], "unknown data set 'nodata'"),
+        (["evaluate", "zoo:digits-mlp", "--data", "digits32"], "but the model expects (1, 8, 8)"),
+        (["evaluate", "missing.slim"], "artifact not found: missing.slim"),
+        (["inspect", "missing.slim"], "artifact not found"),
+        (["compress", "--recipe", "missing.yaml", "--out", "o"], "recipe file not found: missing.yaml"),
+    ],
+)
+def test_cli_user_errors(args, message):
+    _one_line_exit_2(runner.invoke(APP, args), message)
+
+
+def test_cli_refuses_damaged_artifacts(tmp_path, zoo_model):
+    from slimguard.core.artifact import save
+
+    good = save(zoo_model("digits-mlp"), tmp_path / "m.slim")
+    truncated = tmp_path / "t.slim"
+    truncated.write_bytes(good.read_bytes()[:500])
+    _one_line_exit_2(runner.invoke(APP, ["evaluate", str(truncated)]), "may be truncated")
+    flipped = tmp_path / "f.slim"
+    blob = bytearray(good.read_bytes())
+    blob[len(blob) // 3] ^= 0x10
+    flipped.write_bytes(bytes(blob))
+    r = runner.invoke(APP, ["evaluate", str(flipped)])
+    assert r.exit_code == 2 and "error: " in r.output and "Traceback" not in r.output
+
+
+def test_cli_inspect_and_evaluate(tmp_path, zoo_model):
+    from slimguard.core.artifact import save
+    from slimguard.prune.magnitude import MagnitudePruning
+    from slimguard.transforms import prune_
+
+    m = zoo_model("digits-mlp")
+    prune_(m, MagnitudePruning(sparsity=0.9))
+    p = save(m, tmp_path / "m.slim")
+    r = runner.invoke(APP, ["inspect", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["tensor"]: row for row in json.loads(r.output)["tensors"]}
+    weights = [rows[f"{i}.weight"] for i in (2, 4, 6)]
+    assert all(w["codec"] == "sparse" for w in weights)
+    kept = sum(w["nonzero"] for w in weights) / sum(w["params"] for w in weights)
+    assert kept == pytest.approx(0.1, abs=1e-4)  # global 90% sparsity
+    r = runner.invoke(APP, ["evaluate", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    from slimguard import data as sgdata
+    from slimguard.evaluate import predict
+
+    test = sgdata.load("digits").test
+    expected = float((predict(m, test.x).argmax(-1) == test.y).float().mean())
+    assert json.loads(r.output)["accuracy"] == pytest.approx(expected)  # the artifact scores as the model did
+
+
+def test_cli_demo_json(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(APP, ["demo", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.output)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    for side in ("baseline", "compressed"):
+        assert set(metrics[side]) >= {"accuracy", "params", "nonzero_params", "size_bytes", "latency_ms_p50"}
+    assert metrics["baseline"]["size_bytes"] / metrics["compressed"]["size_bytes"] >= 4
+    assert metrics["baseline"]["accuracy"] - metrics["compressed"]["accuracy"] <= 0.01

@@ -4,7 +4,8 @@ Each corruption is a function ``fn(x, severity, gen, meta) -> x'`` registered fo
 applies to. Images: ``gaussian_noise``, ``salt_pepper``, ``blur``, ``contrast``, ``brightness``,
 ``occlusion``. Tabular: ``feature_noise``, ``missing_values`` (set to the training mean, the usual
 imputation). Text: ``typos`` (character-level swaps, deletions, insertions, substitutions). Outputs stay
-in the data's valid range; everything is seeded.
+in the data's valid range; everything is seeded, with the same random draw at every severity, so a
+stronger level extends the milder one (same noise scaled up, nested masks, a larger patch).
 
 Example:
     >>> x_c = corrupt(data.test.x, "gaussian_noise", severity=3, meta=data.meta)
@@ -90,7 +91,8 @@ def corrupt(x: Any, name: str, severity: int, meta: DataMeta, seed: int = 0) -> 
     if meta.kind not in c.kinds:
         raise DataError(f"corruption {name!r} is for {', '.join(c.kinds)} data, not {meta.kind}; "
                         f"use one of: {', '.join(names_for(meta.kind))}")
-    gen = torch.Generator().manual_seed(seed * 1000 + severity)
+    # the same draw at every severity: a stronger level extends the milder one (nested masks, scaled noise)
+    gen = torch.Generator().manual_seed(seed)
     if meta.kind == "text":
         return c.fn(list(x), severity, gen, meta)
     out = c.fn(x.detach().float().cpu().clone(), severity, gen, meta)
@@ -167,7 +169,7 @@ def occlusion(x: torch.Tensor, severity: int, gen: torch.Generator, meta: DataMe
     inside = ((rows >= top[:, None, None]) & (rows < top[:, None, None] + side)
               & (cols >= left[:, None, None]) & (cols < left[:, None, None] + side))
     inside = inside.view(len(x), *[1] * (x.ndim - 3), h, w).expand_as(x)
-    return torch.where(inside, low.expand_as(x) if low.ndim else torch.full_like(x, float(low)), x)
+    return torch.where(inside, low.expand_as(x), x)
 
 
 # ---- tabular ------------------------------------------------------------------------------------------

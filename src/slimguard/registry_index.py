@@ -14,11 +14,8 @@ _MODULES = [
     "slimguard.train.loop",
     "slimguard.prune.magnitude",
     "slimguard.quantize.dynamic",
-    # guard (issue 8): OOD data sets, configs
+    # guard (issue 8): OOD data sets
     "slimguard.data.ood",
-    "slimguard.guard.faults",
-    "slimguard.guard.protect",
-    "slimguard.guard.monitor",
     # distill + lowrank + regularize (issue 5)
     "slimguard.distill.core",
     "slimguard.distill.students",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimguard.core.config import Config, check_choice, check_range, register_config
+from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError
 
 # integer view used to flip bits of each storage dtype
@@ -166,7 +166,6 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-@register_config("fault-campaign")
 @dataclasses.dataclass
 class FaultCampaign(Config):
     """A bit-flip campaign.

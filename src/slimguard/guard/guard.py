@@ -119,7 +119,7 @@ class Guard:
         violations = self.contract.check(x) if self.contract is not None else basic_check(x)
         if violations:
             if self.monitor is not None:
-                self.monitor.record_rejected(len(x) if hasattr(x, "__len__") else 1)
+                self.monitor.record_rejected(max(1, len(x)) if hasattr(x, "__len__") else 1)
             raise ContractViolation(violations)
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)

@@ -35,14 +35,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.config import Config, check_range
 from slimguard.core.errors import ConfigError, DataError, NotFittedError
 from slimguard.runtime.measure import percentile
 
 STATES = ("ok", "warn", "alert")
 
 
-@register_config("monitor")
 @dataclasses.dataclass
 class MonitorConfig(Config):
     """Window sizes and thresholds (``*_warn`` < ``*_alert``; a metric beyond a threshold takes its state).

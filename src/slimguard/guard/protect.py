@@ -27,14 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimguard.core.config import Config, check_choice, check_range, register_config
+from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ArtifactError, DataError, NotFittedError
 
 DEFAULT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh)
 
 
 # ---- range restriction ---------------------------------------------------------------------------------
-@register_config("range-restriction")
 @dataclasses.dataclass
 class RangeRestrictionConfig(Config):
     """Args:

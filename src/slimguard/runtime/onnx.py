@@ -130,6 +130,8 @@ class OrtModel(nn.Module):
         num_threads: intra-op threads (default: ORT's choice).
         optimization: ``all`` (default), ``extended``, ``basic`` or ``disable``.
         keep_optimized: also write the graph ORT optimized (for :func:`check_int8_kernels`; default True).
+        spinning: let idle ORT threads spin between calls (default False: spinning threads steal the
+            cores from whatever runs next, e.g. the PyTorch model it is compared with).
 
     Shape:
         Whatever the exported model takes; tensors in, tensors out (one output -> a tensor).
@@ -140,7 +142,7 @@ class OrtModel(nn.Module):
     """
 
     def __init__(self, model: PathLike | bytes, num_threads: int | None = None, optimization: str = "all",
-                 keep_optimized: bool = True) -> None:
+                 keep_optimized: bool = True, spinning: bool = False) -> None:
         super().__init__()
         ort = require("onnxruntime", "onnx")
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -152,6 +154,7 @@ class OrtModel(nn.Module):
         so = ort.SessionOptions()
         so.graph_optimization_level = levels[optimization]
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if num_threads:
             so.intra_op_num_threads = num_threads
             so.inter_op_num_threads = 1

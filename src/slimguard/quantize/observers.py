@@ -1,0 +1,294 @@
+"""Observers: stream over calibration data and choose quantization parameters.
+
+An observer sees tensors one batch at a time (``observer(x)``; nothing is kept but running
+statistics) and then gives ``(scale, zero_point)`` for a :class:`QScheme` via :meth:`Observer.qparams`.
+
+| name             | range chosen from                                        | granularity              |
+|------------------|----------------------------------------------------------|--------------------------|
+| ``minmax``       | running min / max                                        | per tensor or per channel|
+| ``moving-average``| exponential moving average of batch min / max           | per tensor or per channel|
+| ``percentile``   | the 99.99th percentile of |x| (or of x at both ends)    | per tensor (histogram)   |
+| ``entropy``      | the clip range minimising KL(P || Q) (TensorRT's method) | per tensor (histogram)   |
+| ``mse``          | the clip range minimising the quantization MSE           | per tensor (histogram)   |
+
+Histogram observers keep 2048 bins over a range that grows as data arrives (old counts are re-binned).
+
+Example:
+    >>> obs = make_observer("percentile")
+    >>> for xb in batches: obs(xb)
+    >>> scale, zp = obs.qparams(QScheme(bits=8, symmetric=False))
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from slimguard.core.errors import ConfigError, NotFittedError
+
+
+@dataclasses.dataclass(frozen=True)
+class QScheme:
+    """How values map to integers.
+
+    Args:
+        bits: 2..8 (default 8).
+        symmetric: zero point 0 and range ``[-(2^(b-1)-1), 2^(b-1)-1]`` (default True), else asymmetric
+            unsigned ``[0, 2^b - 1]``.
+        axis: channel axis for per-channel parameters, None for per tensor (default None).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits: {self.bits} is not supported; allowed: 2..8")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` covering ``[lo, hi]`` (the range is widened to include 0)."""
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if scheme.symmetric:
+        scale = torch.maximum(hi, -lo) / scheme.qmax
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (scheme.qmax - scheme.qmin)
+        zp = (scheme.qmin - torch.round(lo / scale.clamp_min(1e-12))).clamp(scheme.qmin, scheme.qmax).to(torch.int32)
+    return scale.clamp_min(1e-8), zp
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    """Integer codes (as int32) of ``x``; ``scale``/``zero_point`` broadcast along ``scheme.axis``."""
+    s, z = _bcast(scale, x, scheme.axis), _bcast(zero_point, x, scheme.axis)
+    return torch.clamp(torch.round(x / s) + z, scheme.qmin, scheme.qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    return (q.float() - _bcast(zero_point, q, axis).float()) * _bcast(scale, q, axis)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    """``dequantize(quantize(x))`` with a straight-through gradient (identity inside the range, zero
+    outside), via PyTorch's fake-quant ops (which export to ONNX QuantizeLinear/DequantizeLinear)."""
+    if scheme.axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zero_point.reshape(()).int(),
+                                                     scheme.qmin, scheme.qmax)
+    axis = scheme.axis % x.dim()
+    return torch.fake_quantize_per_channel_affine(x, scale.float(), zero_point.int(), axis, scheme.qmin, scheme.qmax)
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * like.dim()
+    shape[axis % like.dim()] = -1
+    return t.reshape(shape)
+
+
+def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``."""
+    noise = (reference.float() - approx.float()).pow(2).sum().item()
+    signal = reference.float().pow(2).sum().item()
+    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+# ---- observers ----------------------------------------------------------------------------------------
+class Observer(abc.ABC):
+    """Base: ``__call__(x)`` folds a batch into running statistics; ``qparams(scheme)`` gives parameters.
+
+    Args:
+        axis: channel axis for per-channel statistics (None: per tensor).
+    """
+
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis
+        self.count = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float()
+        if x.numel() == 0:
+            return x
+        self.update(x)
+        self.count += 1
+        return x
+
+    @abc.abstractmethod
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one batch (float, detached) into the statistics."""
+
+    @abc.abstractmethod
+    def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(lo, hi)`` range to cover (tensors; per channel when ``axis`` is set)."""
+
+    def qparams(self, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count == 0:
+            raise NotFittedError(f"{type(self).__name__} has seen no data; run calibration batches through it first")
+        lo, hi = self.value_range()
+        return qparams_from_range(lo, hi, scheme)
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.axis is None:
+            return x.min(), x.max()
+        flat = x.transpose(0, self.axis % x.dim()).reshape(x.shape[self.axis], -1)
+        return flat.min(1).values, flat.max(1).values
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum (exact; sensitive to outliers)."""
+
+    def __init__(self, axis: int | None = None) -> None:
+        super().__init__(axis)
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self._reduce(x)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo, self.hi  # type: ignore[return-value]
+
+
+class MovingAverageObserver(MinMaxObserver):
+    """Exponential moving average of per-batch min / max (``momentum`` weight on the new batch; QAT default)."""
+
+    def __init__(self, axis: int | None = None, momentum: float = 0.1) -> None:
+        super().__init__(axis)
+        self.momentum = momentum
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self._reduce(x)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            m = self.momentum
+            self.lo = (1 - m) * self.lo + m * lo
+            self.hi = (1 - m) * self.hi + m * hi
+
+
+class HistogramObserver(Observer):
+    """A streaming histogram of values (``bins`` over ``[lo, hi]``, widened and re-binned as needed);
+    subclasses choose the clip range from it. Per tensor only."""
+
+    def __init__(self, axis: int | None = None, bins: int = 2048) -> None:
+        if axis is not None:
+            raise ConfigError("histogram observers (percentile, entropy, mse) are per tensor; use minmax per channel")
+        super().__init__(None)
+        self.bins = bins
+        self.hist = torch.zeros(bins, dtype=torch.float64)
+        self.lo = self.hi = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        if self.count == 0 or lo < self.lo or hi > self.hi:
+            new_lo, new_hi = min(lo, self.lo), max(hi, self.hi)
+            if new_hi - new_lo <= 0:
+                new_hi = new_lo + 1e-8
+            if self.count:  # re-bin old counts at their bin centres
+                centres = self.lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.hi - self.lo) / self.bins
+                idx = ((centres - new_lo) / (new_hi - new_lo) * self.bins).long().clamp(0, self.bins - 1)
+                self.hist = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
+            self.lo, self.hi = new_lo, new_hi
+        self.hist += torch.histc(x.double(), self.bins, self.lo, self.hi)
+
+    def _edges(self) -> torch.Tensor:
+        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
+
+    def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.choose_range()
+        return torch.tensor(lo), torch.tensor(hi)
+
+    def choose_range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+    def _candidates(self, n: int = 64) -> list[tuple[float, float]]:
+        """Clip ranges shrinking the observed range toward zero (keeping its asymmetry)."""
+        return [(self.lo * f, self.hi * f) for f in torch.linspace(0.05, 1.0, n).tolist()]
+
+
+class PercentileObserver(HistogramObserver):
+    """Clip at the ``percentile`` of the value distribution on each side (default 99.99)."""
+
+    def __init__(self, axis: int | None = None, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__(axis, bins)
+        self.percentile = percentile
+
+    def choose_range(self) -> tuple[float, float]:
+        cdf = self.hist.cumsum(0) / self.hist.sum().clamp_min(1)
+        edges = self._edges()
+        tail = 1 - self.percentile / 100
+        lo_i = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
+        hi_i = int(torch.searchsorted(cdf, torch.tensor(1 - tail, dtype=torch.float64)))
+        lo = float(edges[lo_i]) if self.lo < 0 else 0.0
+        return min(lo, 0.0), max(float(edges[min(hi_i + 1, self.bins)]), 0.0)
+
+
+class MSEObserver(HistogramObserver):
+    """Clip range minimising the expected squared quantization error over the histogram."""
+
+    def __init__(self, axis: int | None = None, bins: int = 2048, scheme: QScheme | None = None) -> None:
+        super().__init__(axis, bins)
+        self.scheme = scheme or QScheme(8, symmetric=False)
+
+    def _err(self, lo: float, hi: float) -> float:
+        centres = (self._edges()[:-1] + self._edges()[1:]) / 2
+        s, z = qparams_from_range(torch.tensor(lo), torch.tensor(hi), self.scheme)
+        q = torch.clamp(torch.round(centres / s.double()) + z, self.scheme.qmin, self.scheme.qmax)
+        return float((((q - z) * s.double() - centres) ** 2 * self.hist).sum())
+
+    def choose_range(self) -> tuple[float, float]:
+        return min(self._candidates(), key=lambda r: self._err(*r))
+
+
+class EntropyObserver(HistogramObserver):
+    """Clip range minimising KL divergence between the clipped histogram and its 8-bit quantization
+    (Migacz, "8-bit Inference with TensorRT", GTC 2017)."""
+
+    def _kl(self, lo: float, hi: float, levels: int = 255) -> float:
+        edges = self._edges()
+        inside = (edges[:-1] >= lo) & (edges[1:] <= hi)
+        p = self.hist[inside].clone()
+        if p.numel() < levels or p.sum() == 0:
+            return float("inf")
+        p[0] += self.hist[: int(inside.nonzero()[0])].sum()
+        p[-1] += self.hist[int(inside.nonzero()[-1]) + 1:].sum()
+        chunks = torch.tensor_split(p, levels)
+        q = torch.cat([torch.where(c > 0, c.sum() / (c > 0).sum().clamp_min(1), torch.zeros_like(c)) for c in chunks])
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        return float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
+
+    def choose_range(self) -> tuple[float, float]:
+        return min(self._candidates(), key=lambda r: self._kl(*r))
+
+
+OBSERVERS: dict[str, Callable[..., Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving-average": MovingAverageObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(name: str, axis: int | None = None) -> Observer:
+    """An observer by name (see the table in the module docstring)."""
+    if name not in OBSERVERS:
+        raise ConfigError(f"calibration {name!r} is not allowed; allowed: {', '.join(OBSERVERS)}")
+    return OBSERVERS[name](axis=axis)

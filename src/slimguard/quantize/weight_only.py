@@ -1,0 +1,381 @@
+"""Weight-only quantization: int8 / int4 (2..8 bits) weights with one scale per group of ``group_size``
+input weights, activations stay float. Int4 (and lower) codes are packed two per byte on disk and in memory.
+
+Padding (documented behaviour): when ``group_size`` does not divide a layer's input dimension, the
+weight rows are padded with zeros up to the next multiple (and, for packing, to an even length);
+the padding is never used in the product. ``group_size=0`` means one group per output row.
+
+GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023) quantizes the columns of each Linear weight one at a time and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
+``H = 2 X^T X`` of the layer's calibration inputs. Inputs are collected for all layers in one streamed
+pass over the float model.
+
+Example:
+    >>> sg.quantize_(model, sg.WeightOnly(bits=4, group_size=64))
+    >>> sg.quantize_(model, sg.GPTQ(bits=4, group_size=64), calib=data.calib)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import ConfigError
+from slimguard.core.modules import register_module
+from slimguard.core.registry import register_handler
+from slimguard.data.core import Split
+from slimguard.quantize.fuse import set_submodule
+from slimguard.quantize.static import calibration_split, check_input_shape, ignored, run_calibration
+
+
+def _validate_bits_group(bits: int, group_size: int) -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ConfigError(f"bits: {bits} is not supported; allowed: 2, 3, 4, 8")
+    check_range("group_size", group_size, 0)
+    if group_size and group_size % 2:
+        raise ConfigError(f"group_size: {group_size} must be even (two 4-bit codes per byte) or 0 (one per row)")
+
+
+@register_config("weight-only")
+@dataclasses.dataclass
+class WeightOnly(Config):
+    """Weight-only quantization of Linear (and Conv2d) layers, round to nearest.
+
+    Args:
+        bits: 8, 4, 3 or 2 (default 4). Codes of 4 bits and fewer are packed two per byte.
+        group_size: input weights sharing one scale (default 64; 0 = one group per row). Rows are
+            zero-padded when it does not divide the input dimension (see the module docstring).
+        symmetric: symmetric codes without zero points (default True), else asymmetric with a zero point
+            per group.
+        ignore: qualified layer names (or prefixes) to keep in float.
+        conv: also quantize Conv2d weights (flattened per output channel; default False).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    conv: bool = False
+
+    def validate(self) -> None:
+        _validate_bits_group(self.bits, self.group_size)
+
+
+@register_config("gptq")
+@dataclasses.dataclass
+class GPTQ(Config):
+    """GPTQ weight quantization of Linear layers with calibration data (see the module docstring).
+
+    Args:
+        bits: 8, 4, 3 or 2 (default 4).
+        group_size: input weights per scale (default 64; 0 = one group per row).
+        damp: dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01).
+        block_size: columns processed together (default 128).
+        ignore: layer names to keep in float.
+        batch_size, max_batches: calibration streaming (defaults 64 and 0 = whole split).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    damp: float = 0.01
+    block_size: int = 128
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    batch_size: int = 64
+    max_batches: int = 0
+
+    def validate(self) -> None:
+        _validate_bits_group(self.bits, self.group_size)
+        check_range("damp", self.damp, 0.0, 1.0)
+        check_range("block_size", self.block_size, 1)
+
+
+# ---- packing ------------------------------------------------------------------------------------------
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``(rows, cols)`` (cols even when ``bits <= 4``) -> uint8; two codes per byte for <= 4 bits."""
+    codes = codes.to(torch.uint8)
+    if bits > 4:
+        return codes
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` (returns uint8 codes)."""
+    if bits > 4:
+        return packed
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group: int, symmetric: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round ``w (rows, cols)`` to ``bits`` per group of ``group`` columns (``cols % group == 0``).
+
+    Returns unsigned codes ``(rows, cols)``, scales and zero points ``(rows, cols // group)``;
+    ``w ~= (codes - zero) * scale``.
+    """
+    rows, cols = w.shape
+    g = w.detach().float().reshape(rows, cols // group, group)
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1) - 1 if bits > 1 else 1
+        scale = (g.abs().amax(-1) / max(half, 1)).clamp_min(1e-10)
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)
+        scale = ((hi - lo) / levels).clamp_min(1e-10)
+        zero = torch.round(-lo / scale)
+    codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, levels)
+    return codes.reshape(rows, cols).to(torch.uint8), scale, zero
+
+
+def _padded(cols: int, group: int, bits: int) -> tuple[int, int]:
+    """(padded column count, effective group size)."""
+    group = group or cols + (cols % 2 if bits <= 4 else 0)
+    return math.ceil(cols / group) * group, group
+
+
+class _WeightOnlyMixin:
+    def _init_wo(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool) -> None:
+        if bits not in (2, 3, 4, 8):
+            raise ConfigError(f"bits: {bits} is not supported; allowed: 2, 3, 4, 8")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.cols_padded, self.group = _padded(cols, group_size, bits)
+        packed_cols = self.cols_padded // 2 if bits <= 4 else self.cols_padded
+        ngroups = self.cols_padded // self.group
+        self.register_buffer("qweight", torch.zeros(rows, packed_cols, dtype=torch.uint8))  # type: ignore[attr-defined]
+        self.register_buffer("scales", torch.ones(rows, ngroups))  # type: ignore[attr-defined]
+        self.register_buffer("zeros", torch.zeros(rows, ngroups))  # type: ignore[attr-defined]
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    def set_weight(self, w2d: torch.Tensor, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                   zeros: torch.Tensor | None = None) -> None:
+        """Quantize and store a float ``(rows, cols)`` weight (or store given codes / scales / zeros)."""
+        rows, cols = w2d.shape
+        if codes is None:
+            pad = torch.zeros(rows, self.cols_padded, dtype=torch.float32, device=w2d.device)
+            pad[:, :cols] = w2d.detach().float()
+            codes, scales, zeros = quantize_groups(pad, self.bits, self.group, self.symmetric)
+        self.qweight.copy_(pack_codes(codes, self.bits))
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+        self._cache = None
+
+    def weight_2d(self) -> torch.Tensor:
+        """The dequantized float weight ``(rows, cols)`` (cached until the buffers change)."""
+        key = (self.qweight._version, self.scales._version, self.zeros._version, self.qweight.data_ptr())
+        if self._cache is None or self._cache[0] != key or torch.jit.is_tracing():
+            codes = unpack_codes(self.qweight, self.bits).float()
+            rows = codes.shape[0]
+            g = codes.reshape(rows, -1, self.group)
+            w = ((g - self.zeros[..., None]) * self.scales[..., None]).reshape(rows, -1)
+            self._cache = (key, w[:, : self._cols()])
+        return self._cache[1]
+
+
+@register_module("slimguard.WeightOnlyLinear")
+class WeightOnlyLinear(nn.Module, _WeightOnlyMixin):
+    """Linear with 2..8-bit group-wise weights (packed), float activations.
+
+    Shape:
+        Input ``(*, in_features)``, output ``(*, out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int = 64, symmetric: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_wo(out_features, in_features, bits, group_size, symmetric)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def _cols(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True) -> WeightOnlyLinear:
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, symmetric)
+        m.to(linear.weight.device).set_weight(linear.weight)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_2d().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def fake_quant_twin(self) -> nn.Module:
+        """A float ``nn.Linear`` holding the dequantized weight (weights are constants, so it is exact)."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_2d())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin.requires_grad_(False).to(self.scales.device)
+
+    def slimguard_init_kwargs(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group}"
+
+
+@register_module("slimguard.WeightOnlyConv2d")
+class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
+    """Conv2d with 2..8-bit group-wise weights over each flattened filter (packed), float activations."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, bits: int = 4, group_size: int = 64,
+                 symmetric: bool = True) -> None:
+        super().__init__()
+        from slimguard.quantize.qmodules import _pair
+
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._init_wo(out_channels, self._cols(), bits, group_size, symmetric)
+        self.bias = nn.Parameter(torch.zeros(out_channels), requires_grad=False) if bias else None
+
+    def _cols(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int, group_size: int, symmetric: bool = True) -> WeightOnlyConv2d:
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, bits, group_size, symmetric)
+        m.to(conv.weight.device).set_weight(conv.weight.reshape(conv.out_channels, -1))
+        if conv.bias is not None:
+            m.bias.data.copy_(conv.bias.detach())
+        return m
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_2d().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                        self.stride, self.padding, self.dilation, self.groups)
+
+    def fake_quant_twin(self) -> nn.Module:
+        """A float ``nn.Conv2d`` holding the dequantized weight (exact)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.requires_grad_(False).to(self.scales.device)
+
+    def slimguard_init_kwargs(self) -> dict[str, Any]:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
+                    stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                    groups=self.groups, bias=self.bias is not None, bits=self.bits, group_size=self.group_size,
+                    symmetric=self.symmetric)
+
+
+def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str], list[dict[str, str]]]:
+    targets, kept = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d)):
+            if ignored(name, ignore):
+                kept.append({"layer": name, "reason": "ignored by config"})
+            elif isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+                kept.append({"layer": name, "reason": f"padding mode {mod.padding_mode!r} is not supported"})
+            else:
+                targets.append(name)
+        elif isinstance(mod, nn.Conv2d) and not conv:
+            kept.append({"layer": name, "reason": "Conv2d (set conv=True to quantize it)"})
+    return targets, kept
+
+
+@register_handler("quantize", WeightOnly)
+def _weight_only(model: nn.Module, config: WeightOnly, **_: Any) -> dict[str, Any]:
+    targets, kept = _targets(model, list(config.ignore), config.conv)
+    for name in targets:
+        mod = model.get_submodule(name)
+        cls = WeightOnlyConv2d if isinstance(mod, nn.Conv2d) else WeightOnlyLinear
+        set_submodule(model, name, cls.from_float(mod, config.bits, config.group_size, config.symmetric))
+    return {"quantized": targets, "kept_float": kept, "bits": config.bits}
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01,
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ on one weight ``(rows, cols)`` (``cols % group == 0``) with Hessian ``(cols, cols)``.
+
+    Returns codes ``(rows, cols)``, scales and zeros ``(rows, cols // group)`` (symmetric codes).
+    """
+    w = w.detach().float().clone()
+    rows, cols = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += torch.eye(cols, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    scales = torch.zeros(rows, cols // group)
+    zeros = torch.zeros(rows, cols // group)
+    block_size = max(group, block_size // group * group)  # groups never straddle blocks
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0)
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group == 0:  # fix this group's scale from the (error-updated) weights
+                _, s, z = quantize_groups(wb[:, j:j + group], bits, group)
+                scales[:, col // group], zeros[:, col // group] = s[:, 0], z[:, 0]
+            s, z = scales[:, col // group], zeros[:, col // group]
+            q = torch.clamp(torch.round(wb[:, j] / s) + z, 0, 2**bits - 1)
+            codes[:, col] = q.to(torch.uint8)
+            deq = (q - z) * s
+            e = (wb[:, j] - deq) / hinv[col, col]
+            wb[:, j:] -= e[:, None] * hinv[col, col:b1][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return codes, scales, zeros
+
+
+@register_handler("quantize", GPTQ)
+def _gptq(model: nn.Module, config: GPTQ, *, calib: Split | None = None, data: Any = None, progress: bool = True,
+          **_: Any) -> dict[str, Any]:
+    split = calibration_split(calib, data, "GPTQ")
+    check_input_shape(model, split, "GPTQ")
+    targets, kept = _targets(model, list(config.ignore), conv=False)
+    hess: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name: str):
+        def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            hess[name] = hess.get(name, 0) + 2 * x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    for name in targets:
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        run_calibration(model, split, config.batch_size, config.max_batches, "GPTQ", progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name in targets:
+        lin = model.get_submodule(name)
+        m = WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, config.bits, config.group_size)
+        cols = m.cols_padded
+        w = torch.zeros(lin.out_features, cols)
+        w[:, : lin.in_features] = lin.weight.detach().float().cpu()
+        h = torch.zeros(cols, cols, dtype=torch.float64)
+        h[: lin.in_features, : lin.in_features] = hess[name].double().cpu() / max(1, counts[name])
+        codes, scales, zeros = gptq_quantize(w, h, config.bits, m.group, config.damp, config.block_size)
+        m.set_weight(w, codes, scales, zeros)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.detach().cpu())
+        set_submodule(model, name, m.to(lin.weight.device))
+    return {"quantized": targets, "kept_float": kept, "bits": config.bits}

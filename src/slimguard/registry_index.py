@@ -14,6 +14,15 @@ _MODULES = [
     "slimguard.train.loop",
     "slimguard.prune.magnitude",
     "slimguard.quantize.dynamic",
+    # quantize (issue 4): fusion, static int8, weight-only / GPTQ, QAT, SmoothQuant, half, mixed precision
+    "slimguard.quantize.fuse",
+    "slimguard.quantize.qmodules",
+    "slimguard.quantize.static",
+    "slimguard.quantize.weight_only",
+    "slimguard.quantize.qat",
+    "slimguard.quantize.smooth",
+    "slimguard.quantize.cast",
+    "slimguard.quantize.mixed",
     # guard (issue 8): OOD data sets
     "slimguard.data.ood",
     # distill + lowrank + regularize (issue 5)

@@ -1,6 +1,9 @@
 """Dynamic int8 for Linear layers: int8 weights (per output channel, symmetric), activations quantized
 per batch at run time, executed by PyTorch's x86/fbgemm int8 kernels.
 
+``quantized::linear_dynamic`` is registered with PyTorch's FLOP counter, so MACs of quantized layers are
+counted by :func:`slimguard.runtime.measure.count_macs`.
+
 Example:
     >>> sg.quantize_(model, sg.Int8Dynamic())
 """
@@ -98,8 +101,42 @@ class DynamicInt8Linear(nn.Module):
                 pass
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def fake_quant_twin(self) -> nn.Module:
+        """A differentiable float module emulating this layer: the input is fake-quantized per batch
+        (asymmetric, 7-bit range as fbgemm's ``reduce_range``) with a straight-through gradient, and
+        multiplied by the dequantized int8 weight."""
+        return _DynamicTwin(self.dequantized_weight(), None if self.bias is None else self.bias.detach().clone())
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class _DynamicTwin(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = torch.clamp(x.detach().min(), max=0.0)
+        hi = torch.clamp(x.detach().max(), min=0.0)
+        scale = ((hi - lo) / 127).clamp_min(1e-8)
+        zp = torch.round(-lo / scale).clamp(0, 127).int()
+        xq = torch.fake_quantize_per_tensor_affine(x, scale.float(), zp, 0, 127)
+        return F.linear(xq, self.weight, self.bias)
+
+
+def _register_flops() -> None:
+    """Count ``quantized::linear_dynamic`` as ``2 * tokens * in * out`` FLOPs (MACs = FLOPs / 2)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.quantized.linear_dynamic, get_raw=True)
+    def _linear_dynamic_flop(x: torch.Tensor, packed: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        w, _ = torch.ops.quantized.linear_unpack(packed)
+        return 2 * (x.numel() // x.shape[-1]) * w.shape[0] * w.shape[1]
+
+
+_register_flops()
 
 
 def _ignored(name: str, ignore: Sequence[str]) -> bool:

@@ -1,0 +1,131 @@
+"""SmoothQuant-style activation smoothing (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training
+Quantization for Large Language Models", ICML 2023).
+
+Activations of transformers have a few channels with large values, which makes per-tensor int8
+activations coarse. Smoothing divides each input channel ``j`` of a LayerNorm's output by
+``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (folded into the LayerNorm's weight and bias) and
+multiplies column ``j`` of every Linear that reads that output by ``s_j``. The float model computes the
+same function; its activations become easier and its weights a little harder to quantize.
+
+LayerNorm -> Linear pairs are found by running calibration batches: a Linear whose input *is* a
+LayerNorm's output tensor reads it directly.
+
+Example:
+    >>> sg.quantize_(model, sg.SmoothQuant(alpha=0.5), calib=data.calib)   # then Int8Dynamic or ONNX int8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import DataError
+from slimguard.core.registry import register_handler
+from slimguard.data.core import Split
+
+
+@register_config("smoothquant")
+@dataclasses.dataclass
+class SmoothQuant(Config):
+    """Migrate activation outliers into weights (see the module docstring).
+
+    Args:
+        alpha: migration strength in [0, 1] (default 0.5).
+        batch_size: calibration batch size (default 32).
+        max_batches: calibration batches; 0 = the whole split (default 8).
+    """
+
+    alpha: float = 0.5
+    batch_size: int = 32
+    max_batches: int = 8
+
+    def validate(self) -> None:
+        check_range("alpha", self.alpha, 0.0, 1.0)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("max_batches", self.max_batches, 0)
+
+
+def model_batches(model: nn.Module, split: Split, batch_size: int, max_batches: int = 0) -> Iterator[Any]:
+    """Calibration inputs ready for ``model(...)``: tensors, or tokenized texts for embedders."""
+    if len(split) == 0:
+        raise DataError(f"the calibration split {split.name!r} is empty; give it at least one example")
+    n = 0
+    for i in range(0, len(split), batch_size):
+        x = split.x[i:i + batch_size]
+        if isinstance(x, list):
+            if not hasattr(model, "tokenize"):
+                raise DataError("calibration data is text but the model has no tokenize(); give tensors")
+            x = model.tokenize(x)
+        yield x
+        n += 1
+        if max_batches and n >= max_batches:
+            return
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+@torch.no_grad()
+def smooth_(model: nn.Module, batches: Any, alpha: float = 0.5) -> list[dict[str, Any]]:
+    """Smooth every LayerNorm -> Linear(s) group found while running ``batches``; returns the groups."""
+    lns = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine}
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    last_out: dict[int, str] = {}
+    readers: dict[str, set[str]] = {}
+    amax: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def ln_hook(name: str):
+        def fn(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            last_out[id(out)] = name
+            a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        return fn
+
+    def lin_hook(name: str):
+        def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            src = last_out.get(id(inputs[0]))
+            if src is not None:
+                readers.setdefault(src, set()).add(name)
+        return fn
+
+    hooks += [m.register_forward_hook(ln_hook(n)) for n, m in lns.items()]
+    hooks += [m.register_forward_pre_hook(lin_hook(n)) for n, m in lins.items()]
+    was = model.training
+    model.eval()
+    try:
+        for x in batches:
+            _call(model, x)
+            last_out.clear()
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    groups = []
+    for ln_name, names in sorted(readers.items()):
+        ln, layers = lns[ln_name], [lins[n] for n in sorted(names)]
+        wmax = torch.stack([lay.weight.abs().amax(0) for lay in layers]).amax(0).float().clamp_min(1e-5)
+        s = (amax[ln_name].clamp_min(1e-5).pow(alpha) / wmax.pow(1 - alpha)).clamp_min(1e-5)
+        ln.weight.div_(s.to(ln.weight.dtype))
+        if ln.bias is not None:
+            ln.bias.div_(s.to(ln.bias.dtype))
+        for lay in layers:
+            lay.weight.mul_(s.to(lay.weight.dtype)[None, :])
+        groups.append({"norm": ln_name, "linears": sorted(names), "max_scale": float(s.max())})
+    return groups
+
+
+@register_handler("quantize", SmoothQuant)
+def _smooth(model: nn.Module, config: SmoothQuant, *, calib: Split | None = None, data: Any = None,
+            **_: Any) -> dict[str, Any]:
+    split = calib if calib is not None else getattr(data, "calib", None)
+    if split is None:
+        raise DataError("SmoothQuant needs calibration data; pass calib=<a Split>")
+    groups = smooth_(model, model_batches(model, split, config.batch_size, config.max_batches), config.alpha)
+    return {"smoothed": groups, "kept_float": []}

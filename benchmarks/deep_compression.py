@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import tempfile
@@ -39,21 +40,19 @@ from slimguard.train.loop import accuracy
 OUT = Path(__file__).parent / "results" / "deep_compression.json"
 SEED = 0
 
-# final sparsity per layer (by module name), pruning schedule (fractions of the final sparsity), training
+# final sparsity per layer (by module name), pruning steps, fine-tuning epochs per step, sharing bits
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits-mlp": {
         "sparsity": {"2": 0.94, "4": 0.97, "6": 0.5},
-        "schedule": [0.5, 0.7, 0.85, 0.95, 1.0],
-        "epochs": 25, "lr": 1e-3,
-        "sharing": {"bits": 4, "bias_bits": 4},
-        "centroid_epochs": 25, "centroid_lr": 3e-4,
+        "prune_steps": 8, "epochs": 30, "lr": 1e-3,
+        "sharing": {"bits": 3, "bias_bits": 4},
+        "centroid_epochs": 30, "centroid_lr": 3e-4,
     },
     "digits-lenet5": {
-        "sparsity": {"1": 0.4, "4": 0.88, "8": 0.95, "10": 0.8},
-        "schedule": [0.5, 0.75, 0.9, 1.0],
-        "epochs": 6, "lr": 1e-3,
+        "sparsity": {"1": 0.4, "4": 0.85, "8": 0.925, "10": 0.7},
+        "prune_steps": 8, "epochs": 8, "lr": 3e-4,
         "sharing": {"bits": 5, "bits_by_type": {"conv": 6, "linear": 4}, "bias_bits": 5},
-        "centroid_epochs": 6, "centroid_lr": 3e-4,
+        "centroid_epochs": 10, "centroid_lr": 2e-5,
     },
 }
 
@@ -125,12 +124,17 @@ def run(name: str, workdir: Path) -> dict[str, Any]:
     model = copy.deepcopy(original)
     stages = []
     t0 = time.time()
-    for frac in cfg["schedule"]:
-        overrides = {layer: s * frac for layer, s in cfg["sparsity"].items()}
+    steps = cfg["prune_steps"]
+    for k in range(1, steps + 1):
+        # iterative pruning, each step removing the same fraction of the remaining weights (density
+        # falls geometrically to its target), with fine-tuning in between (Han et al. 2015)
+        overrides = {layer: round(1 - (1 - s) ** (k / steps), 6) for layer, s in cfg["sparsity"].items()}
         sg.prune_(model, sg.MagnitudePruning(sparsity=0.0, scope="layer", overrides=overrides))
         sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["epochs"], lr=cfg["lr"], patience=0, seed=SEED),
                     loss_fn=loss, progress=False)
-        stages.append({"stage": f"prune {frac:.2f} of target", "test_accuracy": accuracy(model, data.test)})
+        stages.append({"stage": f"prune step {k}/{steps}", "sparsity": overrides,
+                       "test_accuracy": accuracy(model, data.test)})
+        logging.info("%s: %s", name, stages[-1])
     pruned_acc = accuracy(model, data.test)
     sg.cluster_(model, sg.WeightSharing(**cfg["sharing"]))
     stages.append({"stage": "weight sharing", "test_accuracy": accuracy(model, data.test)})
@@ -165,6 +169,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:

@@ -40,22 +40,22 @@ def inspect_model(source: str | nn.Module) -> dict[str, Any]:
             "sparsity": 1 - nnz / max(1, t.numel()), "codec": meta["codec"],
             "bits_per_weight": round(8 * enc.nbytes() / max(1, t.numel()), 3), "stored_bytes": enc.nbytes(),
             **({"bits": meta["bits"]} if "bits" in meta else {}),
-            **_described(codec(meta["codec"]), enc, t.numel()),
+            **_described(codec(meta["codec"]), enc, t.numel(), nnz),
         })
     totals = {"params": sum(r["params"] for r in rows), "nonzero": sum(r["nonzero"] for r in rows),
               "stored_bytes": sum(r["stored_bytes"] for r in rows), "file_bytes": file_bytes}
     return {"tensors": rows, "totals": totals}
 
 
-def _described(c: Any, enc: Any, numel: int) -> dict[str, Any]:
-    """Extra columns from a codec's ``describe`` (if it has one), per weight and per kept weight."""
+def _described(c: Any, enc: Any, numel: int, nonzero: int) -> dict[str, Any]:
+    """Extra columns from a codec's ``describe`` (if it has one); per-kept-weight bits count nonzeros."""
     describe = getattr(c, "describe", None)
     if describe is None:
         return {}
     d = describe(enc)
-    kept = max(1, d.get("kept", numel))
+    kept = max(1, nonzero)
     return {
-        "kept_percent": round(100 * d.get("kept", numel) / max(1, numel), 2), "bits": d.get("bits"),
+        "kept_percent": round(100 * nonzero / max(1, numel), 2), "bits": d.get("bits"),
         "clusters": d.get("clusters"), "layout": d.get("layout"), "gap_bits": d.get("gap_bits"),
         "index_bits_per_weight": round(d.get("index_bits_total", 0) / kept, 3),
         "position_bits_per_weight": round(d.get("position_bits_total", 0) / kept, 3),

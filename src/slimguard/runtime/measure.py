@@ -14,9 +14,13 @@ import torch.nn as nn
 
 def _weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     yield from model.parameters()
-    for name, b in model.named_buffers():
-        # quantized weights and coded payloads are integer buffers; counters and statistics are not weights
-        if not b.is_floating_point() and b.dtype != torch.bool and not name.endswith("num_batches_tracked"):
+    for module in model.modules():
+        for bname, b in module._buffers.items():
+            # quantized weights and coded payloads are integer buffers; counters and statistics are not
+            # weights, nor are non-persistent buffers (masks, cluster indices, hash indices: never stored)
+            if (b is None or b.is_floating_point() or b.dtype == torch.bool or bname == "num_batches_tracked"
+                    or bname in module._non_persistent_buffers_set):
+                continue
             yield b
 
 

@@ -13,6 +13,10 @@ _MODULES = [
     "slimguard.models.zoo",
     "slimguard.train.loop",
     "slimguard.prune.magnitude",
+    # prune (issue 3): structured, N:M, gradual (AGP)
+    "slimguard.prune.structured",
+    "slimguard.prune.nm",
+    "slimguard.prune.gradual",
     "slimguard.quantize.dynamic",
     # quantize (issue 4): fusion, static int8, weight-only / GPTQ, QAT, SmoothQuant, half, mixed precision
     "slimguard.quantize.fuse",

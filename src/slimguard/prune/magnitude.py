@@ -1,7 +1,10 @@
-"""Unstructured magnitude pruning with a global (or per-layer) threshold.
+"""Unstructured pruning with a global (or per-layer) threshold on an importance score.
+
+Paper: Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS 2015.
 
 Example:
     >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.9, scope="layer", importance="taylor"), data=data)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import register_handler
+from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
 from slimguard.prune.masks import get_mask, set_mask
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -30,15 +34,23 @@ class MagnitudePruning(Config):
         scope: ``global`` (one threshold over all layers, the default) or ``layer`` (each layer alone).
         ignore: qualified names of modules to leave dense.
         overrides: per-layer sparsity ``{module_name: sparsity}`` (layers named here are pruned alone).
+        importance: how weights are ranked: ``l1`` (magnitude, default), ``l2``, ``taylor`` (needs data),
+            ``bn`` (magnitude for single weights), ``random``. See :mod:`slimguard.prune.importance`.
+
+    Already-pruned weights stay pruned (their masks only grow).
     """
 
     sparsity: float = 0.5
     scope: Literal["global", "layer"] = "global"
     ignore: list[str] = dataclasses.field(default_factory=list)
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    importance: str = "l1"
 
     def validate(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_inclusive=False)
+        if self.importance not in importance_names():
+            raise ConfigError(f"importance: {self.importance!r} is not allowed; "
+                              f"allowed: {', '.join(importance_names())}")
         for name, s in self.overrides.items():
             check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
 
@@ -54,14 +66,14 @@ def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) 
             and not any(n.startswith(i + ".") for i in ignore)}
 
 
-def _scores(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach().abs()
+def _scores(module: nn.Module, imp: Importance | None = None) -> torch.Tensor:
+    w = module.weight.detach().abs().float() if imp is None else imp.score(module, "weight")
     old = get_mask(module, "weight")
     return w if old is None else w.masked_fill(~old, -1.0)  # already-pruned stay pruned
 
 
 def _layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    k = int(round(sparsity * score.numel()))
+    k = round(sparsity * score.numel())
     if k >= score.numel():
         raise ConfigError(f"sparsity {sparsity} would empty a layer of {score.numel()} weights; lower it")
     if k == 0:
@@ -77,7 +89,15 @@ def _layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 @register_handler("prune", MagnitudePruning)
-def _magnitude(model: nn.Module, config: MagnitudePruning, **_: Any) -> dict[str, Any]:
+def _magnitude(model: nn.Module, config: MagnitudePruning, **context: Any) -> dict[str, Any]:
+    imp = get_importance(config.importance)
+    prepare_importance(imp, model, context)
+    return prune_unstructured(model, config, imp)
+
+
+def prune_unstructured(model: nn.Module, config: MagnitudePruning, imp: Importance | None = None) -> dict[str, Any]:
+    """Apply ``config`` with a ready importance (default L1); returns ``{"sparsity_by_layer": ...}``."""
+    imp = imp or get_importance("l1")
     layers = prunable_layers(model, config.ignore)
     for name in config.overrides:
         if name not in layers:
@@ -87,9 +107,9 @@ def _magnitude(model: nn.Module, config: MagnitudePruning, **_: Any) -> dict[str
     global_layers = {n: m for n, m in layers.items() if n not in per_layer}
     for name, m in per_layer.items():
         s = config.overrides.get(name, config.sparsity)
-        set_mask(m, "weight", _layer_mask(_scores(m), s))
+        set_mask(m, "weight", _layer_mask(_scores(m, imp), s))
     if global_layers:
-        scores = {n: _scores(m) for n, m in global_layers.items()}
+        scores = {n: _scores(m, imp) for n, m in global_layers.items()}
         flat = torch.cat([s.flatten() for s in scores.values()])
         gmask = _layer_mask(flat, config.sparsity)
         offset = 0

@@ -1,0 +1,236 @@
+"""Importance scores: small objects with one job, saying how much each weight or channel matters.
+
+Every importance answers two questions about one module:
+
+* :meth:`Importance.score` -> a tensor shaped like ``module.weight`` (unstructured pruning ranks these);
+* :meth:`Importance.channel_score` -> one value per slice along ``dim`` (structured pruning sums these
+  over every module a channel touches), or ``None`` when the module has nothing to say.
+
+Built-in importances, by name (``importance: l1`` in a recipe):
+
+| name     | class                  | idea                                                               |
+|----------|------------------------|--------------------------------------------------------------------|
+| ``l1``   | ``MagnitudeImportance(p=1)`` | absolute weight (Han et al. 2015; L1 filter norm, Li et al. 2017) |
+| ``l2``   | ``MagnitudeImportance(p=2)`` | squared weight / L2 filter norm                              |
+| ``taylor`` | ``TaylorImportance``   | first-order Taylor ``|w * dL/dw|`` (Molchanov et al. 2017/2019)    |
+| ``bn``   | ``BNScaleImportance``  | ``|gamma|`` of the BatchNorm after a channel (network slimming, Liu et al. 2017) |
+| ``random`` | ``RandomImportance`` | seeded random scores, the control                                   |
+
+Example:
+    >>> imp = sg.TaylorImportance()
+    >>> imp.prepare(model, batches)          # accumulates gradients over a few batches
+    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8, importance="taylor"), data=data)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimguard.core.errors import ConfigError, DataError
+
+_IMPORTANCES: dict[str, Callable[[], Importance]] = {}
+
+
+def register_importance(name: str) -> Callable[[Callable[[], Importance]], Callable[[], Importance]]:
+    """Make an importance factory known under ``name``; a second registration is refused."""
+
+    def deco(factory: Callable[[], Importance]) -> Callable[[], Importance]:
+        if name in _IMPORTANCES:
+            raise ValueError(f"importance {name!r} is already registered")
+        _IMPORTANCES[name] = factory
+        return factory
+
+    return deco
+
+
+def importance_names() -> list[str]:
+    return sorted(_IMPORTANCES)
+
+
+def get_importance(name: str | Importance) -> Importance:
+    """An importance object from its name (``l1``, ``l2``, ``taylor``, ``bn``, ``random``)."""
+    if isinstance(name, Importance):
+        return name
+    if name not in _IMPORTANCES:
+        raise ConfigError(f"importance: {name!r} is not allowed; allowed: {', '.join(importance_names())}")
+    return _IMPORTANCES[name]()
+
+
+def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dims) if dims else t
+
+
+class Importance(abc.ABC):
+    """Base: override :meth:`score` (per weight); :meth:`channel_score` sums it over a slice by default.
+
+    ``needs_data`` importances are given batches through :meth:`prepare` before scoring.
+    """
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+
+    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],  # noqa: B027 (optional hook)
+                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
+        """Collect what the score needs from data (default: nothing)."""
+
+    @abc.abstractmethod
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        """One score per entry of ``module.<name>`` (same shape); higher means keep."""
+
+    def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
+        """One score per index of ``dim`` of ``module.<name>`` (``None``: nothing to say)."""
+        w = getattr(module, name, None)
+        if not torch.is_tensor(w):
+            return None
+        return _reduce(self.score(module, name), dim)
+
+
+class MagnitudeImportance(Importance):
+    """``|w|^p`` per weight; per channel the sum, i.e. the L1 (p=1) or squared L2 (p=2) norm.
+
+    Args:
+        p: 1 or 2 (default 1).
+    """
+
+    name = "l1"
+
+    def __init__(self, p: int = 1) -> None:
+        if p not in (1, 2):
+            raise ConfigError(f"p: {p!r} is not allowed; allowed: 1, 2")
+        self.p = p
+
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        return getattr(module, name).detach().abs().pow(self.p).float()
+
+
+class TaylorImportance(Importance):
+    """First-order Taylor importance ``|w * g|`` with ``g`` the gradient of the loss summed over batches.
+
+    Paper: Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
+    Without :meth:`prepare` it uses the gradients already in ``.grad`` (e.g. after a backward pass).
+
+    Args:
+        max_batches: batches used by :meth:`prepare` (default 8).
+    """
+
+    name = "taylor"
+    needs_data = True
+
+    def __init__(self, max_batches: int = 8) -> None:
+        self.max_batches = max_batches
+        self._grads: dict[int, torch.Tensor] = {}
+
+    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
+                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
+        was = model.training
+        flags = {p: p.requires_grad for p in model.parameters()}
+        model.eval()
+        grads: dict[int, torch.Tensor] = {}
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for i, (x, y) in enumerate(batches):
+                if i >= self.max_batches:
+                    break
+                if loss_fn is None:
+                    if y is None:
+                        raise DataError("taylor importance needs labelled data (or a loss_fn); use l1 instead")
+                    loss = F.cross_entropy(model(x), y)
+                else:
+                    loss = loss_fn(model, x, y)
+                g = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, gp in zip(params, g, strict=True):
+                    if gp is not None:
+                        grads[id(p)] = grads.get(id(p), 0) + gp.detach()
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            model.train(was)
+        self._grads = grads
+
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        w = getattr(module, name)
+        g = self._grads.get(id(w))
+        if g is None:
+            g = w.grad
+        if g is None:
+            raise DataError("taylor importance has no gradients; call prepare(model, batches) or pass data")
+        return (w.detach() * g).abs().float()
+
+    def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
+        w = getattr(module, name, None)
+        if not torch.is_tensor(w):
+            return None
+        if id(w) not in self._grads and w.grad is None:
+            return None
+        return _reduce(self.score(module, name), dim)
+
+
+class BNScaleImportance(Importance):
+    """Channel importance ``|gamma|`` from normalisation layers (network slimming).
+
+    Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017.
+    Only BatchNorm/LayerNorm scales count for channels; a group with none falls back to L1 magnitude.
+    For single weights (unstructured) it is plain magnitude.
+    """
+
+    name = "bn"
+    _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        return getattr(module, name).detach().abs().float()
+
+    def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
+        if isinstance(module, self._NORMS) and torch.is_tensor(getattr(module, "weight", None)):
+            return module.weight.detach().abs().float()
+        return None
+
+
+class RandomImportance(Importance):
+    """Seeded random scores: the control every importance should beat.
+
+    Args:
+        seed: generator seed (default 0).
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        w = getattr(module, name)
+        return torch.rand(w.shape, generator=self.gen)
+
+    def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
+        w = getattr(module, name, None)
+        if not torch.is_tensor(w):
+            return None
+        return torch.rand(w.shape[dim], generator=self.gen)
+
+
+register_importance("l1")(lambda: MagnitudeImportance(1))
+register_importance("l2")(lambda: MagnitudeImportance(2))
+register_importance("taylor")(TaylorImportance)
+register_importance("bn")(BNScaleImportance)
+register_importance("random")(RandomImportance)
+
+
+def prepare_importance(imp: Importance, model: nn.Module, context: dict[str, Any],
+                       batch_size: int = 64) -> None:
+    """Give a data-hungry importance batches from ``context['data']`` (calib, else train split)."""
+    if not imp.needs_data:
+        return
+    data = context.get("data")
+    if data is None:
+        raise DataError(f"importance {imp.name!r} needs data; pass data=... (or use l1)")
+    split = data.calib if getattr(data, "calib", None) is not None and len(data.calib) else data.train
+    imp.prepare(model, split.batches(batch_size))

@@ -1,0 +1,248 @@
+"""Structured pruning that removes the work: channels, attention heads and FFN neurons go for real.
+
+``ChannelPruning`` scores coupled channel groups found by :class:`~slimguard.prune.graph.DependencyGraph`
+and physically shrinks every module they touch (Conv, BatchNorm, Linear, LayerNorm, grouped/depthwise
+convolutions), and cuts attention heads and FFN neurons inside transformer blocks
+(:mod:`slimguard.prune.blocks`). Output shapes never change. The model keeps its module classes, so
+an artifact stores only the new sizes and loads back.
+
+Example:
+    >>> model = sg.zoo.load("digits32-resnet")
+    >>> sg.prune_(model, sg.ChannelPruning(ratio=0.5, round_to=8), example_inputs=torch.rand(1, 1, 32, 32))
+    >>> sg.finetune(model, sg.data.load("digits32"), sg.FinetuneConfig(epochs=5))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.errors import ConfigError
+from slimguard.core.registry import register_handler
+from slimguard.prune.blocks import block_kind, prune_block
+from slimguard.prune.graph import CONV, DependencyGraph, Group, is_opaque
+from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
+from slimguard.prune.surgery import complement, keep_count, keep_slices
+from slimguard.runtime.measure import count_params
+
+
+@register_config("channel")
+@dataclasses.dataclass
+class ChannelPruning(Config):
+    """Remove whole channels (and transformer heads / FFN neurons), shrinking the modules.
+
+    Args:
+        ratio: fraction of the channels of every prunable group to remove, in [0, 1) (default 0.5).
+        importance: channel score: ``l1`` (filter norm, default), ``l2``, ``taylor`` (needs data),
+            ``bn`` (BatchNorm scale, network slimming), ``random``.
+        round_to: kept channel counts are rounded to a multiple of this (default 1; 8 suits SIMD/GPUs).
+        ignore: qualified names of modules to keep whole (their channels are fixed).
+        ratios: per-module ratio ``{name: ratio}``: a Conv/Linear name sets the ratio of the group of its
+            output channels; a transformer block name sets its head and FFN ratios. Typically from
+            :func:`slimguard.prune.sensitivity.ratios_from_sensitivity`.
+        head_ratio: fraction of attention heads to remove per block (default: ``ratio``).
+        ffn_ratio: fraction of FFN neurons to remove per block (default: ``ratio``).
+
+    Context: ``example_inputs`` (a batch for tracing; the recipe passes the data's example) and, for
+    ``taylor``, ``data``.
+    """
+
+    ratio: float = 0.5
+    importance: str = "l1"
+    round_to: int = 1
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    head_ratio: float | None = None
+    ffn_ratio: float | None = None
+
+    def validate(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
+        check_range("round_to", self.round_to, 1, 4096)
+        for name, r in self.ratios.items():
+            check_range(f"ratios.{name}", r, 0.0, 1.0, high_inclusive=False)
+        for key in ("head_ratio", "ffn_ratio"):
+            v = getattr(self, key)
+            if v is not None:
+                check_range(key, v, 0.0, 1.0, high_inclusive=False)
+        if self.importance not in importance_names():
+            raise ConfigError(f"importance: {self.importance!r} is not allowed; "
+                              f"allowed: {', '.join(importance_names())}")
+
+
+_WEIGHT_DIM = {"out": 0, "in": 1, "feat": 0}
+
+
+def _unit_scores(model: nn.Module, group: Group, imp: Importance) -> tuple[list[int], torch.Tensor]:
+    cache: dict[tuple[str, str], torch.Tensor | None] = {}
+
+    def channel(module: str, role: str, importance: Importance) -> torch.Tensor | None:
+        key = (module, role + importance.name)
+        if key not in cache:
+            m = model.get_submodule(module)
+            dim = _WEIGHT_DIM.get(role)
+            ok = dim is not None and torch.is_tensor(getattr(m, "weight", None))
+            cache[key] = importance.channel_score(m, dim) if ok else None
+        return cache[key]
+
+    units = list(group.units)
+    by_key: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for i, u in enumerate(units):
+        for t in group.units[u]:
+            pos, idx = by_key.setdefault((t.module, t.role), ([], []))
+            pos.append(t.position)
+            idx.append(i)
+
+    def total(importance: Importance) -> tuple[torch.Tensor, bool]:
+        out = torch.zeros(len(units), dtype=torch.float64)
+        said = False
+        for (module, role), (pos, idx) in by_key.items():
+            s = channel(module, role, importance)
+            if s is not None:
+                out.index_add_(0, torch.tensor(idx), s.detach().double().cpu()[torch.tensor(pos)])
+                said = True
+        return out, said
+
+    scores, said = total(imp)
+    if not said:
+        scores, _ = total(get_importance("l1"))
+    return units, scores
+
+
+@torch.no_grad()
+def _cut(model: nn.Module, removed: dict[tuple[str, str], set[int]]) -> None:
+    """Shrink each touched module given the positions to remove per (module, role)."""
+    by_module: dict[str, dict[str, set[int]]] = {}
+    for (name, role), pos in removed.items():
+        by_module.setdefault(name, {})[role] = pos
+    for name, roles in by_module.items():
+        m = model.get_submodule(name)
+        if isinstance(m, CONV):
+            bo = m.out_channels // m.groups
+            bi = m.in_channels // m.groups
+            if "out" in roles:
+                keep = complement(m.out_channels, torch.tensor(sorted(roles["out"]), dtype=torch.long))
+                keep_slices(m, ("weight", "bias"), 0, keep)
+                m.out_channels = len(keep)
+            if "in" in roles:
+                keep = complement(m.in_channels, torch.tensor(sorted(roles["in"]), dtype=torch.long))
+                keep_slices(m, ("weight",), 1, keep)
+                m.in_channels = len(keep)
+            if "gin" in roles:
+                m.in_channels -= len(roles["gin"])
+                m.groups = m.in_channels // bi
+                if m.out_channels != m.groups * bo:
+                    raise ConfigError(f"grouped convolution {name!r} lost a partial group; "
+                                      f"add ignore=[{name!r}]")
+        elif isinstance(m, nn.Linear):
+            if "out" in roles:
+                keep = complement(m.out_features, torch.tensor(sorted(roles["out"]), dtype=torch.long))
+                keep_slices(m, ("weight", "bias"), 0, keep)
+                m.out_features = len(keep)
+            if "in" in roles:
+                keep = complement(m.in_features, torch.tensor(sorted(roles["in"]), dtype=torch.long))
+                keep_slices(m, ("weight",), 1, keep)
+                m.in_features = len(keep)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            keep = complement(m.num_features, torch.tensor(sorted(roles["feat"]), dtype=torch.long))
+            keep_slices(m, ("weight", "bias", "running_mean", "running_var"), 0, keep)
+            m.num_features = len(keep)
+        elif isinstance(m, nn.LayerNorm):
+            keep = complement(m.normalized_shape[0], torch.tensor(sorted(roles["feat"]), dtype=torch.long))
+            keep_slices(m, ("weight", "bias"), 0, keep)
+            m.normalized_shape = (len(keep),)
+
+
+def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, model: nn.Module) -> list[int]:
+    """The ``remove`` lowest-scoring units, skipping any whose removal would empty a module's output."""
+    left: dict[str, int] = {}
+    for name in group.modules:
+        m = model.get_submodule(name)
+        left[name] = int(getattr(m, "out_channels", getattr(m, "out_features", 0)))
+    chosen: list[int] = []
+    order = torch.argsort(scores, stable=True).tolist() if remove else []
+    for idx in order:
+        if len(chosen) == remove:
+            break
+        hits: dict[str, int] = {}
+        for t in group.units[units[idx]]:
+            if t.role == "out":
+                hits[t.module] = hits.get(t.module, 0) + 1
+        if any(left[n] - k < 1 for n, k in hits.items()):
+            continue
+        for n, k in hits.items():
+            left[n] -= k
+        chosen.append(units[idx])
+    return chosen
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def prune_channels(model: nn.Module, config: ChannelPruning, example_inputs: Any = None,
+                   importance: Importance | None = None) -> dict[str, Any]:
+    """Apply :class:`ChannelPruning` in place; returns what changed.
+
+    Returns:
+        ``{"params_before", "params_after", "groups": [{"modules", "channels": [before, after]}],
+        "blocks": {name: {"heads": [before, after], "ffn": [before, after]}}}``.
+    """
+    imp = importance or get_importance(config.importance)
+    names = dict(model.named_modules())
+    for key in (*config.ignore, *config.ratios):
+        if key not in names:
+            raise ConfigError(f"{key!r} names no module; modules are e.g. {', '.join(list(names)[1:6])}")
+    params_before = count_params(model)
+    used: set[str] = set()
+    blocks: dict[str, Any] = {}
+    for name, m in list(names.items()):
+        if not name or _inside(name, list(config.ignore)) or block_kind(m) is None:
+            continue
+        r = config.ratios.get(name)
+        used.add(name) if r is not None else None
+        hr = r if r is not None else (config.head_ratio if config.head_ratio is not None else config.ratio)
+        fr = r if r is not None else (config.ffn_ratio if config.ffn_ratio is not None else config.ratio)
+        blocks[name] = prune_block(m, hr, fr, imp, config.round_to)
+    groups_out: list[dict[str, Any]] = []
+    whole = [*config.ignore, *blocks, *(n for n, m in names.items() if n and is_opaque(m))]
+    graph_needed = not is_opaque(model) and any(isinstance(m, (*CONV, nn.Linear)) and not _inside(n, whole)
+                                                for n, m in names.items())
+    if graph_needed and (config.ratio > 0 or set(config.ratios) - used):
+        if example_inputs is None:
+            raise ConfigError("ChannelPruning needs example_inputs (a batch for tracing the model)")
+        graph = DependencyGraph(model, example_inputs, ignore=list(config.ignore))
+        removed: dict[tuple[str, str], set[int]] = {}
+        for group in graph.groups:
+            named = [config.ratios[n] for n in group.modules if n in config.ratios]
+            used.update(n for n in group.modules if n in config.ratios)
+            ratio = max(named) if named else config.ratio
+            n_free = len(group.units)
+            total = n_free + group.fixed
+            if n_free == 0 or ratio <= 0:
+                continue
+            keep_total = keep_count(total, ratio, config.round_to, f"the group of {group.modules[0]!r}")
+            remove = min(n_free, total - keep_total)
+            units, scores = _unit_scores(model, group, imp)
+            chosen = _select(group, units, scores, remove, model)
+            for u in chosen:
+                for t in group.units[u]:
+                    removed.setdefault((t.module, t.role), set()).add(t.position)
+            groups_out.append({"modules": group.modules, "channels": [total, total - len(chosen)]})
+        _cut(model, removed)
+    unused = sorted(set(config.ratios) - used)
+    if unused:
+        raise ConfigError(f"ratios: {unused[0]!r} is not a prunable layer or transformer block "
+                          "(its channels are fixed or it is ignored); remove it from ratios")
+    return {"params_before": params_before, "params_after": count_params(model), "groups": groups_out,
+            "blocks": blocks}
+
+
+@register_handler("prune", ChannelPruning)
+def _channel(model: nn.Module, config: ChannelPruning, *, example_inputs: Any = None, **context: Any) -> dict[str, Any]:
+    imp = get_importance(config.importance)
+    prepare_importance(imp, model, context)
+    return prune_channels(model, config, example_inputs, imp)

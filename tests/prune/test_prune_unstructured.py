@@ -1,0 +1,158 @@
+"""Unstructured, N:M and gradual (AGP) pruning: exact patterns, importances, schedule, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimguard.core.config import Config
+from slimguard.core.errors import ConfigError, ModelError
+from slimguard.prune.gradual import AGPCallback, GradualPruning, agp_sparsity
+from slimguard.prune.importance import (
+    BNScaleImportance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+    get_importance,
+)
+from slimguard.prune.magnitude import MagnitudePruning
+from slimguard.prune.masks import get_mask, sparsity
+from slimguard.prune.nm import NMSparsity, has_nm_pattern, nm_mask
+from slimguard.transforms import prune_
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_exact_sparsity(importance, scope):
+    model = _mlp()
+    prune_(model, MagnitudePruning(sparsity=0.75, scope=scope, importance=importance))
+    n = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    zeros = sum(int((m.weight == 0).sum()) for m in model if isinstance(m, nn.Linear))
+    assert zeros == round(0.75 * n) if scope == "global" else abs(zeros - 0.75 * n) <= 3
+    for m in model:
+        if isinstance(m, nn.Linear):
+            assert torch.equal(get_mask(m, "weight"), m.weight != 0)
+
+
+def test_magnitude_removes_the_smallest():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, -5.0, 0.3, 2.0], [-0.2, 0.05, 4.0, -1.0]]))
+    prune_(lin_model := nn.Sequential(lin), MagnitudePruning(sparsity=0.5, scope="layer"))
+    assert lin_model[0].weight.ne(0).tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+def test_demo_recipe_form_still_validates():
+    cfg = Config.from_dict({"_type": "magnitude", "_data": {"sparsity": 0.8, "scope": "global"}})
+    assert isinstance(cfg, MagnitudePruning) and cfg.importance == "l1"
+
+
+def test_taylor_uses_gradients(digits):
+    from slimguard.models import zoo
+
+    model = zoo.create("digits-mlp")
+    prune_(model, MagnitudePruning(sparsity=0.5, importance="taylor"), data=digits)
+    assert abs(sparsity(model) - 0.5) < 0.01
+
+
+def test_importance_objects():
+    lin = nn.Linear(3, 2)
+    assert MagnitudeImportance(2).channel_score(lin, 0).shape == (2,)
+    assert BNScaleImportance().channel_score(lin, 0) is None
+    bn = nn.BatchNorm1d(3)
+    assert torch.equal(BNScaleImportance().channel_score(bn, 0), torch.ones(3))
+    a, b = RandomImportance(seed=1).score(lin), RandomImportance(seed=1).score(lin)
+    assert torch.equal(a, b)
+    with pytest.raises(Exception, match="no gradients"):
+        TaylorImportance().score(lin)
+    with pytest.raises(ConfigError, match="allowed"):
+        get_importance("bogus")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 2)])
+def test_nm_pattern_exact(n, m):
+    model = _mlp()
+    prune_(model, NMSparsity(n=n, m=m))
+    for layer in (model[0], model[2], model[4]):
+        w = layer.weight
+        blocks = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert bool((blocks == n).all())
+        assert has_nm_pattern(w, n, m)
+
+
+def test_nm_mask_keeps_largest_and_skips_odd_layers():
+    s = torch.tensor([[1.0, 4.0, 2.0, 3.0, 8.0, 7.0, 6.0, 5.0]])
+    assert nm_mask(s, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
+    result = prune_(model, NMSparsity(n=2, m=4))
+    assert result["pruned"] == ["1"] and "0" in result["skipped"]
+    with pytest.raises(ModelError, match="no layer fits"):
+        prune_(nn.Sequential(nn.Linear(6, 2)), NMSparsity(n=2, m=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse kernels need CUDA")
+def test_semi_structured_on_gpu():  # pragma: no cover - needs a GPU
+    from slimguard.prune.nm import to_semi_structured
+
+    model = nn.Sequential(nn.Linear(128, 128)).half().cuda()
+    prune_(model, NMSparsity(n=2, m=4))
+    x = torch.rand(64, 128, device="cuda", dtype=torch.half)
+    ref = model(x)
+    assert to_semi_structured(model) == ["0"]
+    torch.testing.assert_close(model(x), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (MagnitudePruning, {"sparsity": 1.0}, "sparsity"),
+    (MagnitudePruning, {"importance": "x"}, "importance"),
+    (NMSparsity, {"n": 4, "m": 4}, "n"),
+    (NMSparsity, {"n": 0}, "n"),
+    (NMSparsity, {"m": 1}, "m"),
+    (GradualPruning, {"sparsity": 1.2}, "sparsity"),
+    (GradualPruning, {"start": 0.5, "end": 0.4}, "end"),
+    (GradualPruning, {"frequency": 0}, "frequency"),
+])
+def test_bad_configs(cls, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        cls(**kwargs)
+
+
+def test_bad_names_and_emptying():
+    with pytest.raises(ConfigError, match="names no module"):
+        prune_(_mlp(), MagnitudePruning(sparsity=0.5, ignore=["nope"]))
+    with pytest.raises(ConfigError, match="would empty"):
+        prune_(nn.Sequential(nn.Linear(1, 1)), MagnitudePruning(sparsity=0.9, scope="layer"))
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (25, 0.9 * (1 - (1 - 25 / 75) ** 3)), (75, 0.9), (100, 0.9)])
+def test_agp_schedule(step, expected):
+    assert agp_sparsity(step, 100, 0.9, 0.0, 0.0, 0.75) == pytest.approx(expected)
+
+
+def test_agp_step_reaches_target_and_grows_monotonically(digits):
+    from slimguard.models import zoo
+    from slimguard.train.loop import FinetuneConfig
+
+    model = zoo.create("digits-mlp")
+    cfg = GradualPruning(sparsity=0.9, frequency=3, scope="layer",
+                         finetune=FinetuneConfig(epochs=1, patience=0, max_steps=12))
+    result = prune_(model, cfg, data=digits, progress=False)
+    levels = [s for _, s in result["schedule"]]
+    assert levels == sorted(levels) and levels[-1] == pytest.approx(0.9)
+    assert sparsity(model) == pytest.approx(0.9, abs=0.002)
+
+
+def test_agp_callback_blocks_best_tracking_until_done():
+    cb = AGPCallback(MagnitudePruning(sparsity=0.5), end=0.5, frequency=1)
+    model = _mlp()
+    cb.on_train_begin(model, 10)
+    cb.on_step_end(model, 2, 10)
+    assert not cb.best_tracking_allowed(0) and 0 < sparsity(model) < 0.5
+    cb.on_step_end(model, 5, 10)
+    assert cb.best_tracking_allowed(1) and sparsity(model) == pytest.approx(0.5, abs=0.01)

@@ -102,7 +102,7 @@ def test_bad_config_names_the_field(kwargs, field) -> None:
 
 
 def test_recipe_fields_are_validated() -> None:
-    with pytest.raises(ConfigError, match="distill.targets"):
+    with pytest.raises(ConfigError, match=r"distill\.targets"):
         DistillConfig.from_fields({"targets": "medium"}, where="distill")
     cfg = DistillConfig.from_fields({"temperature": 2, "features": {"3": "3"}}, where="distill")
     assert cfg.temperature == 2.0 and cfg.features == {"3": "3"}

@@ -94,4 +94,8 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
               "budget": budget_check(recipe.budget, baseline, after), "steps": steps,
               "artifact": str(path)}
     write_json_atomic(out / "metrics.json", result)
+    from slimguard.report import write_report
+
+    write_report(result, out / "report.html", title=f"slimguard: {recipe.name or recipe.model}")
+    result["report"] = str(out / "report.html")
     return result

@@ -68,6 +68,8 @@ def test_cli_compress_runs_a_recipe(tmp_path):
     assert (out / "model.slim").is_file() and (out / "metrics.json").is_file()
     assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"] / 3
     assert result["budget"]["ok"]
+    page = (out / "report.html").read_text()
+    assert "<td>file bytes</td>" in page and page.count("data:image/png;base64,") >= 3  # size, latency, accuracy
 
 
 def test_cli_bad_recipe_writes_nothing(tmp_path):

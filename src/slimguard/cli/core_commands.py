@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         elif not quiet:
             before_after_table("slimguard demo: digits-lenet5 on digits32 (test split)", result["baseline"],
                                result["compressed"])
-            typer.echo(f"artifact: {result['artifact']}  metrics: {out / 'metrics.json'}")
+            typer.echo(f"artifact: {result['artifact']}  metrics: {out / 'metrics.json'}  report: {result['report']}")
 
     @app.command()
     @handle_errors

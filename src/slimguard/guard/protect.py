@@ -37,12 +37,14 @@ DEFAULT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sig
 @dataclasses.dataclass
 class RangeRestrictionConfig(Config):
     """Args:
-    granularity: ``layer`` (one bound pair per module, as in Ranger) or ``channel`` (per channel).
+    granularity: ``channel`` (default: one bound pair per output channel / feature, tighter) or
+        ``layer`` (one pair per module, as in Ranger). On digits32-resnet, weight exponent-bit flips:
+        24x fewer silent corruptions per channel vs 6x per layer (``benchmarks/faults.py``).
     margin: widen each profiled range by this fraction of its width (default 0: the profiled maximum).
     layers: module names to restrict; default every activation module (ReLU, GELU, ...).
     """
 
-    granularity: str = "layer"
+    granularity: str = "channel"
     margin: float = 0.0
     layers: list[str] = dataclasses.field(default_factory=list)
 

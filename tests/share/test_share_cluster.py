@@ -243,3 +243,34 @@ def test_hashing_bad_config(kwargs, key):
 def test_hashing_unknown_layer_is_refused(zoo_model):
     with pytest.raises(ConfigError, match="not a Linear"):
         sg.cluster_(zoo_model("digits-mlp"), sg.Hashing(ignore=["nope"]))
+
+
+# ---- recipe, inspect, counters ---------------------------------------------------------------------------
+def test_shipped_recipe_is_valid_and_ends_with_sharing_and_coding():
+    from importlib import resources
+
+    path = resources.files("slimguard") / "recipes" / "deep-compression.yaml"
+    recipe = sg.load_recipe(str(path))
+    names = [s.config_name for s in recipe.steps]
+    assert names[0] == "magnitude" and names[-3:] == ["weight-sharing", "finetune", "huffman-coding"]
+    assert isinstance(recipe.steps[-3], sg.WeightSharing) and recipe.steps[-3].bits == 4
+
+
+def test_inspect_shows_the_paper_columns(coded):
+    _, path, _, _ = coded
+    rows = {r["tensor"]: r for r in sg.inspect_model(str(path))["tensors"]}
+    fc2 = rows["4.weight"]
+    assert fc2["codec"] == "huffman" and 1 <= fc2["bits"] <= 5 and fc2["layout"] == "sparse"  # bits of the codebook in use
+    assert fc2["kept_percent"] == pytest.approx(100 * fc2["nonzero"] / fc2["params"], abs=0.01)
+    assert fc2["index_bits_per_weight"] <= 5.0  # Huffman never needs more than the fixed-width bits
+    assert fc2["position_bits_per_weight"] > 0 and fc2["compression"] > 20
+    assert rows["0.mean"]["codec"] == "dense" and "kept_percent" not in rows["0.mean"]
+
+
+def test_cluster_indices_are_not_counted_as_weights(zoo_model):
+    from slimguard.runtime.measure import count_params
+
+    model = zoo_model("digits-mlp")
+    before = count_params(model)
+    sg.cluster_(model, sg.WeightSharing(bits=4, bias_bits=4))
+    assert count_params(model) == before

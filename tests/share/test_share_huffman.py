@@ -182,3 +182,16 @@ def test_block_for_another_shape_is_refused():
     _, enc = _block()
     with pytest.raises(ArtifactError, match="elements"):
         HUFF.decode({"shape": [7], "dtype": "float32"}, enc.parts)
+
+
+@pytest.mark.parametrize(("count_delta", "bits_delta", "message"), [
+    (+1, 0, "ends after"),          # asks for one symbol more than the stream holds
+    (-1, 0, "length mismatch"),     # leaves bits unused
+    (0, +8, "bytes"),               # header bit count disagrees with the data length
+])
+def test_stream_length_checks(count_delta, bits_delta, message):
+    symbols = np.array([0, 1, 1, 2, 2, 2, 2, 3] * 10)
+    lengths = code_lengths(np.bincount(symbols))
+    data, nbits = encode_symbols(symbols, lengths)
+    with pytest.raises(ArtifactError, match=message):
+        decode_symbols(data, nbits + bits_delta, symbols.size + count_delta, lengths)

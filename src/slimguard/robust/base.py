@@ -257,6 +257,10 @@ class Attack(abc.ABC):
         if len(x) != len(y) or (target is not None and len(target) != len(y)):
             raise DataError(f"{self.name}: {len(x)} inputs but {len(y)} labels"
                             + ("" if target is None else f" and {len(target)} targets"))
+        from slimguard.robust.twin import is_quantized
+
+        if is_quantized(model):  # integer kernels: no (or zero) gradients; the twin carries them
+            raise ModelError(NO_GRAD_HINT)
         low, high = resolve_bounds(model, bounds)
         self._check_eps(low, high, int(x[0].numel()) if len(x) else 1)
         if len(x) == 0:

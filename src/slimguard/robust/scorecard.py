@@ -144,15 +144,22 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def attack_accuracy(model: nn.Module, attack: Attack | tuple[APGD, APGD], x: torch.Tensor, y: torch.Tensor,
-                    bounds: Any) -> dict[str, Any]:
+                    bounds: Any, twin: nn.Module | None = None) -> dict[str, Any]:
     """Accuracy under one attack; quantized models through their twin (both numbers returned).
+
+    Args:
+        model: the model scored.
+        attack: an attack, or a group whose per-example worst case counts (``apgd``: CE and DLR).
+        x, y: raw inputs and labels.
+        bounds: the valid input range.
+        twin: the fake-quant twin of a quantized ``model`` (built here when not given).
 
     Returns:
         ``accuracy`` (on the model itself), and for quantized models ``twin_accuracy`` (the fake-quant
         twin on its own examples) with ``white_box: "fake-quant twin"``.
     """
     quantized = is_quantized(model)
-    target = fake_quant_twin(model) if quantized else model
+    target = (twin if twin is not None else fake_quant_twin(model)) if quantized else model
     attacks = attack if isinstance(attack, tuple) else (attack,)
     ok_model = torch.ones(len(x), dtype=torch.bool)
     ok_twin = torch.ones(len(x), dtype=torch.bool)
@@ -161,9 +168,9 @@ def attack_accuracy(model: nn.Module, attack: Attack | tuple[APGD, APGD], x: tor
         ok_model &= _correct(model, x_adv, y)
         if quantized:
             ok_twin &= _correct(target, x_adv, y)
-    out: dict[str, Any] = {"accuracy": float(ok_model.float().mean())}
+    out: dict[str, Any] = {"accuracy": int(ok_model.sum()) / len(x)}
     if quantized:
-        out["twin_accuracy"] = float(ok_twin.float().mean())
+        out["twin_accuracy"] = int(ok_twin.sum()) / len(x)
         out["white_box"] = "fake-quant twin (examples transferred to the integer model)"
     return out
 
@@ -265,8 +272,9 @@ def scorecard(
                                  "clean_accuracy_attack_subset": accuracy_on(m, x, y),
                                  "quantized": is_quantized(m), "attacks": {}, "corruptions": {}}
             bar.advance(1, info=name)
+            twin = fake_quant_twin(m) if r["quantized"] else None
             for a in attack_list:
-                r["attacks"][_label(a)] = attack_accuracy(m, a, x, y, bounds)
+                r["attacks"][_label(a)] = attack_accuracy(m, a, x, y, bounds, twin)
                 bar.advance(1, info=f"{name}: {_label(a)}")
             cx, cy = csub.tensors
             for c in corr_names:

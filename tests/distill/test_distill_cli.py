@@ -18,7 +18,7 @@ def app():
 def test_distill_width_student(app, zoo_model, tmp_path) -> None:
     zoo_model("digits-mlp")  # trained and cached before the CLI loads it
     out = tmp_path / "student.slim"
-    res = CliRunner().invoke(app, ["distill", "zoo:digits-mlp", "--width", "0.5", "--epochs", "4", "--lr", "5e-3",
+    res = CliRunner().invoke(app, ["distill", "zoo:digits-mlp", "--width", "0.5", "--epochs", "3", "--lr", "5e-3",
                                    "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)

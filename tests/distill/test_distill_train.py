@@ -45,7 +45,7 @@ def _cnn(width: int) -> nn.Module:
 
 def test_attention_transfer_between_conv_nets(digits) -> None:
     teacher, student = _cnn(16), _cnn(4)
-    cfg = DistillConfig(epochs=4, lr=5e-3, patience=0, alpha=1.0, attention={"1": "1", "3": "3"},
+    cfg = DistillConfig(epochs=3, lr=5e-3, patience=0, alpha=1.0, attention={"1": "1", "3": "3"},
                         features={"3": "3"})
     history = distill(teacher, student, digits, cfg, progress=False)
     losses = [e["train_loss"] for e in history["epochs"]]

@@ -1,4 +1,13 @@
-"""Knowledge distillation: losses, teachers (ensembles), students built from teachers, and ``distill``."""
+"""Knowledge distillation: losses, teachers (ensembles), students built from teachers, and ``distill``.
+
+``sg.distill`` names both this package and the verb: once the package is imported, Python binds the
+attribute ``slimguard.distill`` to it, so the package itself is callable and forwards to
+:func:`slimguard.distill.core.distill`. ``sg.distill(teacher, student, data, cfg)`` therefore works
+whatever was imported first.
+"""
+
+import sys
+import types
 
 from slimguard.distill.core import DistillConfig, distill
 from slimguard.distill.losses import (
@@ -17,3 +26,13 @@ __all__ = [
     "DistillConfig", "DropLayers", "Ensemble", "attention_kl", "attention_transfer", "distill", "drop_layers_",
     "embedding_loss", "feature_loss", "hard_ce", "kd_loss", "pruned_student", "soft_kl", "width_student",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as :func:`distill`."""
+
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

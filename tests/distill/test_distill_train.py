@@ -129,3 +129,14 @@ def test_recipe_distill_step_without_teacher_is_a_user_error(zoo_model, digits) 
 
     with pytest.raises(ConfigError, match="no teacher"):
         run_step(zoo_model("digits-mlp"), DistillConfig(epochs=1), digits, progress=False)
+
+
+def test_student_from_structured_pruning_recovers(zoo_model, digits) -> None:
+    from slimguard.prune.structured import ChannelPruning
+    from slimguard.runtime.measure import count_params
+
+    teacher = zoo_model("digits-mlp")
+    student = pruned_student(teacher, ChannelPruning(ratio=0.75, ignore=["6"]), example_inputs=digits.example)
+    assert count_params(student) < 0.3 * count_params(teacher)
+    distill(teacher, student, digits, DistillConfig(epochs=3, lr=3e-3, patience=0), progress=False)
+    assert accuracy(student, digits.test) > 0.9

@@ -225,3 +225,50 @@ def test_apgd_checkpoints_follow_the_paper():
     ck = apgd_checkpoints(100)
     assert ck[:3] == [22, 41, 57]  # p = 0.22, 0.41, 0.57, ...
     assert ck == sorted(ck) and ck[-1] < 100
+
+
+class _ToyInt8(nn.Module):
+    """A stand-in quantized layer: rounds its output without a gradient, and knows its float twin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.lin(x.flatten(1)).round()
+
+    def fake_quant_twin(self) -> nn.Module:
+        import copy
+
+        return nn.Sequential(nn.Flatten(), copy.deepcopy(self.lin))
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.detach().flatten(1))
+
+
+def test_fake_quant_twin_swaps_every_module_that_has_one(digits):
+    inner = nn.Sequential(nn.Identity(), _ToyInt8())
+    model = nn.Sequential(inner)
+    twin = fake_quant_twin(model)
+    assert isinstance(twin[0][1], nn.Sequential) and isinstance(model[0][1], _ToyInt8)  # original untouched
+    assert is_quantized(model) and not is_quantized(twin)
+    assert isinstance(fake_quant_twin(_ToyInt8()), nn.Sequential)  # a quantized root is swapped whole
+    x, y = digits.test.x[:32], digits.test.y[:32]
+    x_adv = PGD(0.1, steps=3)(twin, x, y, bounds=digits.meta.bounds())
+    assert float((x_adv - x).abs().max()) > 0
+    with pytest.raises(ModelError, match="fake-quant twin"):
+        PGD(0.1)(model, x, y, bounds=digits.meta.bounds())
+
+
+def test_a_model_that_cuts_the_gradient_is_a_clear_error(digits):
+    with pytest.raises(ModelError, match="no gradient path") as info:
+        FGSM(0.1)(_Detached(), digits.test.x[:8], digits.test.y[:8], bounds=digits.meta.bounds())
+    assert "\n" not in str(info.value)

@@ -106,3 +106,12 @@ def test_recipe_fields_are_validated() -> None:
         DistillConfig.from_fields({"targets": "medium"}, where="distill")
     cfg = DistillConfig.from_fields({"temperature": 2, "features": {"3": "3"}}, where="distill")
     assert cfg.temperature == 2.0 and cfg.features == {"3": "3"}
+
+
+def test_failed_setup_leaves_no_hooks() -> None:
+    from slimguard.distill.teachers import Taps
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.raises(ConfigError, match="'nope' does not exist"):
+        Taps(model, ["0", "nope"], "student feature")
+    assert not model[0]._forward_hooks

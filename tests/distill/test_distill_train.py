@@ -72,6 +72,7 @@ def test_missing_layers_fail_before_training(zoo_model, digits, field, pairs, ma
     student = width_student(teacher, 0.5)
     with pytest.raises(ConfigError, match=match):
         distill(teacher, student, digits, DistillConfig(epochs=1, **{field: pairs}), progress=False)
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])  # nothing left behind
 
 
 def test_ensemble_averages_and_teaches(zoo_model, digits) -> None:

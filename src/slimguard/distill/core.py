@@ -255,11 +255,14 @@ def distill(
     val_in = _prepare(data.val, owner, cfg.max_length) if len(data.val) else None
 
     online = bool(cfg.features or cfg.attention) or not cfg.cache_teacher
-    s_taps = Taps(student, list(cfg.features), "student feature")
-    t_taps = Taps(teacher, list(cfg.features.values()), "teacher feature")
-    s_att = Taps(student, list(cfg.attention), "student attention", keep_tuple=True)
-    t_att = Taps(teacher, list(cfg.attention.values()), "teacher attention", keep_tuple=True)
+    taps: list[Taps] = []
     try:
+        for model, names, role, whole in ((student, list(cfg.features), "student feature", False),
+                                          (teacher, list(cfg.features.values()), "teacher feature", False),
+                                          (student, list(cfg.attention), "student attention", True),
+                                          (teacher, list(cfg.attention.values()), "teacher attention", True)):
+            taps.append(Taps(model, names, role, keep_tuple=whole))
+        s_taps, t_taps, s_att, t_att = taps
         with _evaluating(teacher, frozen=True), _eager_attention([teacher, student], bool(cfg.attention)):
             probe = _model_inputs(_slice(train_in, 0, 2))
             with _evaluating(student, frozen=False), torch.no_grad():
@@ -335,8 +338,8 @@ def distill(
                                extra_parameters=list(projections.parameters()), score_fn=score_fn,
                                progress=progress, description="distilling")
     finally:
-        for taps in (s_taps, t_taps, s_att, t_att):
-            taps.remove()
+        for tap in taps:
+            tap.remove()
     history["teacher_cached"] = cached_train is not None
     history["projections"] = sum(1 for p in projections.values() if not isinstance(p, nn.Identity))
     return history

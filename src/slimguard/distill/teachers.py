@@ -78,8 +78,8 @@ class Taps:
     def __init__(self, model: nn.Module, names: Sequence[str], role: str, keep_tuple: bool = False) -> None:
         self.outputs: dict[str, Any] = {}
         self._handles = []
-        for name in names:
-            module = resolve_module(model, name, role)
+        modules = [(name, resolve_module(model, name, role)) for name in names]  # all checked before any hook
+        for name, module in modules:
             self._handles.append(module.register_forward_hook(self._hook(name, keep_tuple)))
 
     def _hook(self, name: str, keep_tuple: bool):

@@ -67,14 +67,15 @@ class Scorecard:
             twins = [m["attacks"].get(label, {}).get("twin_accuracy") for m in self.models.values()]
             if any(t is not None for t in twins):
                 metrics.append((f"{label} (fake-quant twin)", twins))
-        sev = self.settings.get("severities", [])
+        sev = self.settings.get("severities", []) if first.get("corruptions") else []
         for i, s in enumerate(sev):  # mean over the corruption kinds, per severity (details in the JSON)
             metrics.append((f"corruptions severity {s}", [_mean([c[i] for c in m.get("corruptions", {}).values()])
                                                           for m in self.models.values()]))
         for name in first.get("corruptions", {}):
             metrics.append((f"{name} (mean of severities)", [_mean(m["corruptions"][name])
                                                              for m in self.models.values()]))
-        metrics.append((f"corruption mean {key}", [m.get("corruption_mean") for m in self.models.values()]))
+        if first.get("corruptions"):
+            metrics.append((f"corruption mean {key}", [m.get("corruption_mean") for m in self.models.values()]))
         rows = []
         for label, values in metrics:
             change = (f"{(values[-1] - values[0]) * 100:+.1f} pts" if len(values) > 1 and None not in values

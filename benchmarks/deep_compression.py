@@ -49,9 +49,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "centroid_epochs": 30, "centroid_lr": 3e-4,
     },
     "digits-lenet5": {
-        "sparsity": {"1": 0.4, "4": 0.85, "8": 0.925, "10": 0.7},
-        "prune_steps": 8, "epochs": 8, "lr": 3e-4,
-        "sharing": {"bits": 5, "bits_by_type": {"conv": 6, "linear": 4}, "bias_bits": 5},
+        "sparsity": {"1": 0.4, "4": 0.85, "8": 0.915, "10": 0.7},
+        "prune_steps": 10, "epochs": 8, "lr": 3e-4,
+        "sharing": {"bits": 5, "bits_by_type": {"conv": 6, "linear": 3}, "bias_bits": 5},
         "centroid_epochs": 10, "centroid_lr": 2e-5,
     },
 }

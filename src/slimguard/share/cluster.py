@@ -183,6 +183,9 @@ def _hook_params(module: nn.Module, args: Any) -> None:
         ref = _HOOKED.get(id(p))
         if ref is None or ref() is not p:
             p.register_hook(lambda g, m=weakref.ref(module), n=pname: _gather_grad(m, n, g))
+            if len(_HOOKED) > 4096:  # forget parameters that no longer exist
+                for key in [k for k, r in _HOOKED.items() if r() is None]:
+                    del _HOOKED[key]
             _HOOKED[id(p)] = weakref.ref(p)
 
 

@@ -263,13 +263,19 @@ class EntropyObserver(HistogramObserver):
     def _kl(self, lo: float, hi: float, levels: int = 255) -> float:
         edges = self._edges()
         inside = (edges[:-1] >= lo) & (edges[1:] <= hi)
-        p = self.hist[inside].clone()
-        if p.numel() < levels or p.sum() == 0:
+        raw = self.hist[inside].clone()
+        if raw.numel() < levels or raw.sum() == 0:
             return float("inf")
-        p[0] += self.hist[: int(inside.nonzero()[0])].sum()
-        p[-1] += self.hist[int(inside.nonzero()[-1]) + 1:].sum()
-        chunks = torch.tensor_split(p, levels)
-        q = torch.cat([torch.where(c > 0, c.sum() / (c > 0).sum().clamp_min(1), torch.zeros_like(c)) for c in chunks])
+        p = raw.clone()  # reference: clipped outliers folded into the edge bins
+        first, last = int(inside.nonzero()[0]), int(inside.nonzero()[-1])
+        p[0] += self.hist[:first].sum()
+        p[-1] += self.hist[last + 1:].sum()
+        # candidate: the in-range histogram merged into `levels` bins, spread over its non-empty bins
+        n = raw.numel()
+        idx = torch.arange(n) * levels // n
+        sums = torch.zeros(levels, dtype=raw.dtype).index_add_(0, idx, raw)
+        nonzero = torch.zeros(levels, dtype=raw.dtype).index_add_(0, idx, (raw > 0).to(raw.dtype))
+        q = torch.where(raw > 0, sums[idx] / nonzero[idx].clamp_min(1), torch.zeros_like(raw))
         p, q = p / p.sum(), q / q.sum()
         mask = p > 0
         return float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())

@@ -66,19 +66,27 @@ class _FakeQuantMixin:
             self.register_buffer(f"{n}_scale", torch.ones(1))  # type: ignore[attr-defined]
             self.register_buffer(f"{n}_zero_point", torch.zeros(1, dtype=torch.int32))  # type: ignore[attr-defined]
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))  # type: ignore[attr-defined]
+        self._stale: set[str] = set()  # observers with data not yet copied into the buffers
 
     def _observe(self, obs: Observer, t: torch.Tensor, which: str) -> None:
-        if self.training or not self.fake_quant_enabled:  # type: ignore[attr-defined]
-            if not self.observers_frozen:
-                obs(t)
-                s, z = obs.qparams(ACT)
-                getattr(self, f"{which}_scale").copy_(s.reshape(1))
-                getattr(self, f"{which}_zero_point").copy_(z.reshape(1))
-                self.observed.fill_(True)
+        if (self.training or not self.fake_quant_enabled) and not self.observers_frozen:  # type: ignore[attr-defined]
+            obs(t)
+            self._stale.add(which)
+            self.observed.fill_(True)
+
+    def sync_qparams(self) -> None:
+        """Copy the observers' current ranges into the ``input_*`` / ``output_*`` buffers."""
+        for which in sorted(self._stale):
+            s, z = (self.obs_in if which == "input" else self.obs_out).qparams(ACT)
+            getattr(self, f"{which}_scale").copy_(s.reshape(1))
+            getattr(self, f"{which}_zero_point").copy_(z.reshape(1))
+        self._stale.clear()
 
     def _fq_act(self, t: torch.Tensor, which: str) -> torch.Tensor:
         if not self.fake_quant_enabled or not bool(self.observed):
             return t
+        if which in self._stale:
+            self.sync_qparams()
         return fake_quantize(t, getattr(self, f"{which}_scale"), getattr(self, f"{which}_zero_point"), ACT)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -204,6 +212,7 @@ class _QuantMixin:
         return fake_quantize(y, self.output_scale, self.output_zero_point, ACT)
 
     def _load_from(self, fq: nn.Module) -> None:
+        fq.sync_qparams()
         w, b = fq.folded()
         w = w.detach()
         s, _ = weight_qparams(w, self.weight_bits)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from slimguard.core.config import Config, check_range, register_config
+from slimguard.core.config import Config, check_choice, check_range, register_config
 from slimguard.core.errors import DataError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
@@ -62,6 +62,7 @@ class Int8Static(Config):
     max_batches: int = 0
 
     def validate(self) -> None:
+        check_choice("calibration", self.calibration, ("percentile", "minmax", "entropy", "mse", "moving-average"))
         check_range("weight_bits", self.weight_bits, 2, 8)
         check_range("batch_size", self.batch_size, 1)
         check_range("max_batches", self.max_batches, 0)

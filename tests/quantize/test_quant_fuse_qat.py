@@ -1,0 +1,102 @@
+"""BN folding is exact; QAT recovers accuracy that PTQ loses; freezing; fake-quant twins."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimguard as sg
+from slimguard.quantize.qat import QATFreezer
+from slimguard.quantize.qmodules import FakeQuantConv2d, QuantLinear
+from slimguard.train.loop import accuracy
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+def conv_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.Flatten(),
+                         nn.Linear(8 * 3 * 3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("factory", [conv_bn_net, lambda: sg.zoo.create("digits32-resnet", widths=(8, 16, 16))])
+def test_fuse_bn_is_exact(factory):
+    model = randomize_bn(factory())
+    size = 8 if isinstance(model, nn.Sequential) else 32
+    x = torch.rand(4, 1, size, size)
+    ref = model(x).detach()
+    report = sg.fuse_(model, sg.FuseBN())
+    assert report["fused"] and report["not_fused"] == []
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)  # float rounding only
+
+
+def test_fused_model_saves_and_loads(tmp_path):
+    model = randomize_bn(sg.zoo.create("digits32-resnet", widths=(8, 16, 16)))
+    sg.fuse_(model, sg.FuseBN())
+    back = sg.load(sg.save(model, tmp_path / "f.slim"))
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(model(x), back(x))
+
+
+def test_qat_recovers_what_ptq_loses(zoo_model, digits):
+    # 2-bit weights: round-to-nearest PTQ loses a lot; a short QAT run (2 epochs) wins it back
+    base = zoo_model("digits-mlp")
+    ptq = copy.deepcopy(base)
+    sg.quantize_(ptq, sg.Int8Static(weight_bits=2, calibration="minmax"), calib=digits.calib, progress=False)
+    qat = copy.deepcopy(base)
+    sg.prepare_qat_(qat, sg.QAT(weight_bits=2), calib=digits.calib, progress=False)
+    sg.finetune(qat, digits, sg.FinetuneConfig(epochs=2, lr=1e-3, patience=0), callbacks=[QATFreezer(1, 1)],
+                progress=False)
+    converted = sg.convert_(qat)
+    assert len(converted) == 3 and all(isinstance(qat.get_submodule(n), QuantLinear) for n in converted)
+    acc_ptq, acc_qat = accuracy(ptq, digits.test), accuracy(qat, digits.test)
+    assert acc_qat >= acc_ptq + 0.05, (acc_ptq, acc_qat)
+
+
+def test_qat_freezer_freezes_bn_then_observers():
+    model = randomize_bn(conv_bn_net())
+    from slimguard.quantize.static import insert_fake_quant
+
+    insert_fake_quant(model, ignore=[], weight_bits=8, observer="moving-average", fuse_bn=True, keep_bn=True)
+    fq = [m for m in model.modules() if isinstance(m, FakeQuantConv2d)]
+    assert fq and all(m.bn is not None for m in fq)  # BN carried, folded with running stats
+    cb = QATFreezer(bn_epoch=1, observer_epoch=2)
+    cb.on_train_begin(model, 10)
+    assert not fq[0].bn_frozen and not fq[0].observers_frozen and not cb.best_tracking_allowed(0)
+    cb.on_epoch_end(model, 0, None)
+    assert fq[0].bn_frozen and not fq[0].observers_frozen
+    cb.on_epoch_end(model, 1, None)
+    assert fq[0].observers_frozen and cb.best_tracking_allowed(1)
+    model.train()
+    mean_before = fq[0].bn.running_mean.clone()
+    model(torch.rand(4, 1, 8, 8))
+    assert torch.equal(fq[0].bn.running_mean, mean_before)  # frozen statistics do not move
+
+
+def test_fake_quant_twins_match_and_are_differentiable(zoo_model, digits):
+    for cfg in [sg.Int8Static(), sg.Int8Dynamic(), sg.WeightOnly(bits=4, group_size=32), sg.HalfPrecision()]:
+        m = zoo_model("digits-mlp")
+        sg.quantize_(m, cfg, calib=digits.calib, progress=False)
+        layer = m[2]
+        twin = layer.fake_quant_twin()
+        x = (torch.rand(8, 64) * 3).requires_grad_(True)
+        # static / weight-only / half twins are exact; the dynamic twin matches fbgemm to int8 rounding
+        tol = 0.05 if isinstance(cfg, sg.Int8Dynamic) else 1e-4
+        torch.testing.assert_close(twin(x), layer(x.detach()), atol=tol, rtol=0.02)
+        twin(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0

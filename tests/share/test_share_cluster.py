@@ -253,7 +253,7 @@ def test_shipped_recipe_is_valid_and_ends_with_sharing_and_coding():
     recipe = sg.load_recipe(str(path))
     names = [s.config_name for s in recipe.steps]
     assert names[0] == "magnitude" and names[-3:] == ["weight-sharing", "finetune", "huffman-coding"]
-    assert isinstance(recipe.steps[-3], sg.WeightSharing) and recipe.steps[-3].bits == 4
+    assert isinstance(recipe.steps[-3], sg.WeightSharing) and recipe.steps[-3].bits == 3
 
 
 def test_inspect_shows_the_paper_columns(coded):

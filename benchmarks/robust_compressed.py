@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=100, help="test examples attacked (seeded subset)")
     ap.add_argument("--corruption-examples", type=int, default=200, help="test examples corrupted")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--adv-epochs", type=int, default=2, help="epochs of adversarial training")
-    ap.add_argument("--adv-ft-epochs", type=int, default=4, help="epochs of adversarial fine-tuning after pruning")
+    ap.add_argument("--adv-epochs", type=int, default=4, help="epochs of adversarial training")
+    ap.add_argument("--adv-ft-epochs", type=int, default=3, help="epochs of adversarial fine-tuning after pruning")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,7 +154,9 @@ def main() -> None:
         "prune": prune_cfg, "quantize": quant_cfg, "adversarial_training": adv_cfg.to_dict(),
         "robust_compression_finetune": ft_cfg.to_dict(),
         "note": f"attacks on a seeded subset of {args.examples} of {len(data.test)} test examples; corruptions "
-                f"on {args.corruption_examples}; robust accuracy is PGD-10 (L-inf) at the middle eps",
+                f"on {args.corruption_examples}; robust accuracy is PGD-10 (L-inf) at the middle eps; "
+                f"adv-trained: {args.adv_epochs} epochs of PGD-AT from the original; robust-compressed: that "
+                f"model, pruned, then {args.adv_ft_epochs} epochs of PGD-AT fine-tuning",
     })
     timings["total"] = round(time.perf_counter() - t_start, 1)
     out = {"summary": summary, "models": results, "settings": settings, "timings_s": timings,

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
-from slimguard.core.errors import DataError, ModelError
+from slimguard.core.errors import ConfigError, DataError, ModelError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import DataBundle
 from slimguard.robust.attacks import PGD
@@ -138,8 +138,6 @@ class AdversarialFinetune(Config):
         check_range("clean_weight", self.clean_weight, 0.0, 1.0)
         check_range("val_examples", self.val_examples, 1, None)
         if self.relative and self.method == "trades":
-            from slimguard.core.errors import ConfigError
-
             raise ConfigError("relative: true is supported for method pgd-at only; use pgd-at or raw eps")
 
     def attack(self, seed: int = 0) -> PGD:

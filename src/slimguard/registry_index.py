@@ -38,9 +38,8 @@ _MODULES = [
     "slimguard.codec.huffman",
     "slimguard.share.cluster",
     "slimguard.share.hashing",
-    # robust (issue 7): adv-finetune step, fake-quant twin module
+    # robust (issue 7): adv-finetune step
     "slimguard.robust.training",
-    "slimguard.robust.twin",
 ]
 
 for _name in _MODULES:

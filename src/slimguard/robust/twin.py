@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from slimguard.core.modules import register_module
 
 _TWINS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {}
 
@@ -76,56 +71,3 @@ def fake_quant_twin(model: nn.Module) -> nn.Module:
                 new.train(child.training)
                 setattr(parent, cname, new)
     return twin
-
-
-# ---- twin of the foundation's DynamicInt8Linear (used until the class grows its own method) -------------
-def fake_quant_dynamic(x: torch.Tensor, reduce_range: bool = True) -> torch.Tensor:
-    """Per-tensor asymmetric uint8 fake quantization of activations, as the fbgemm dynamic kernel does
-    (``reduce_range``: 7 bits), with a straight-through gradient."""
-    qmax = 127 if reduce_range else 255
-    lo = x.detach().min().clamp(max=0.0)
-    hi = x.detach().max().clamp(min=0.0)
-    scale = ((hi - lo) / qmax).clamp_min(1e-12)
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    q = (torch.round(x.detach() / scale) + zero).clamp(0, qmax)
-    return x + ((q - zero) * scale - x.detach())
-
-
-@register_module("slimguard.robust.FakeQuantDynamicLinear")
-class FakeQuantDynamicLinear(nn.Module):
-    """Differentiable twin of an int8 dynamic Linear: dequantized float weight, fake-quantized activations.
-
-    Shape:
-        Input ``(*, in_features)``, output ``(*, out_features)``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-
-    def slimguard_init_kwargs(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_dynamic(x), self.weight, self.bias)
-
-
-def _register_builtin_twins() -> None:
-    from slimguard.quantize.dynamic import DynamicInt8Linear
-
-    if hasattr(DynamicInt8Linear, "fake_quant_twin"):
-        return
-
-    @register_twin(DynamicInt8Linear)
-    def _dynamic_int8_twin(module: nn.Module) -> nn.Module:
-        twin = FakeQuantDynamicLinear(module.in_features, module.out_features, module.bias is not None)
-        with torch.no_grad():
-            twin.weight.copy_(module.dequantized_weight())
-            if module.bias is not None:
-                twin.bias.copy_(module.bias)
-        return twin.to(module.weight_scale.device)
-
-
-_register_builtin_twins()

@@ -14,23 +14,27 @@ For ``digits-lenet5`` and ``digits32-resnet`` (fp32, test split of ``digits32``)
   multi-bit bursts, each checked against CRC-32 checksums taken from the saved ``.slim`` artifact, then
   repaired from it. Target 100% (RADAR anchor: 96%).
 * **Overhead**: latency of each protection relative to the bare model, batch 1 and 64, 1 thread;
-  baseline and candidates alternated in each round, 5 warm-up calls, median of 30 calls per round,
-  ratio = median over 7 rounds. The cascade (dynamic-int8 copy first, fp32 original below 0.9
+  each protection on its own copy of the model (same weights), timed call by call interleaved with the
+  bare model (order flipped every pair), 5 warm-up calls, 30 calls each per round, ratio of medians,
+  reported ratio = median over 7 rounds (per-round ratios in the JSON). The cascade (dynamic-int8 copy first, fp32 original below 0.9
   confidence) is reported with its accuracy, fallback rate and latency relative to each model alone.
 
 Seeded (seed 0). Writes ``benchmarks/results/faults.json``.
 
-Run: ``python benchmarks/faults.py [--models digits-lenet5 digits32-resnet] [--trials-all 6000]``
+Run: ``python benchmarks/faults.py [--models digits-lenet5 digits32-resnet] [--trials-all 6000]
+[--sections overhead cascade]`` (``--sections`` re-measures only those, keeping the rest of the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +54,11 @@ from slimguard.guard.ood import make_detector  # noqa: E402
 from slimguard.guard.protect import Cascade, RangeRestriction, RangeRestrictionConfig, WeightChecksums  # noqa: E402
 from slimguard.models import zoo  # noqa: E402
 from slimguard.pipeline import write_json_atomic  # noqa: E402
-from slimguard.runtime.measure import time_fn  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "faults.json"
 SEED = 0
 TARGET_REDUCTION = 5.0
+SECTIONS = ("sdc", "int8", "checksums", "overhead", "cascade")
 
 
 def accuracy(model: torch.nn.Module, split: Any) -> float:
@@ -108,15 +112,15 @@ def sdc_section(model: torch.nn.Module, data: Any, trials: dict[str, int]) -> di
 def int8_section(model: torch.nn.Module, data: Any, trials: int) -> dict[str, Any]:
     q = copy.deepcopy(model)
     sg.quantize_(q, sg.Int8Dynamic())
-    rr = RangeRestriction().profile(q, data.train.x)
+    rr = RangeRestriction(RangeRestrictionConfig(granularity="channel")).profile(q, data.train.x)
     cfg = FaultCampaign(trials=trials, bits="all", seed=SEED, layers=[n for n, m in q.named_modules()
                                                                      if hasattr(m, "weight_int8")])
     rows = {"clean_accuracy": accuracy(q, data.test), "unprotected": campaign_row(run_campaign(q, data.test.x, cfg))}
     rr.attach(q)
-    rows["clean_accuracy_range_layer"] = accuracy(q, data.test)
-    rows["range_layer"] = campaign_row(run_campaign(q, data.test.x, cfg))
+    rows["clean_accuracy_range_channel"] = accuracy(q, data.test)
+    rows["range_channel"] = campaign_row(run_campaign(q, data.test.x, cfg))
     rr.detach()
-    rows["reduction"] = reduction(rows["unprotected"], rows["range_layer"])
+    rows["reduction"] = reduction(rows["unprotected"], rows["range_channel"])
     rows["note"] = "flips in the int8 storage of the Linear layers (conv layers stay fp32)"
     return rows
 
@@ -156,49 +160,68 @@ def checksum_section(model: torch.nn.Module, single: int, bursts: int) -> dict[s
             "target": 1.0, "met": detected_single == single and detected_burst == bursts}
 
 
+def paired_ratio(base: Any, cand: Any, rounds: int, calls: int = 30, warmup: int = 5) -> tuple[list[float], list[float]]:
+    """Latency ratio cand/base: in each round, ``calls`` single calls of each, interleaved one by one
+    (order flipped every pair), ratio of the two medians; returns (per-round ratios, base medians in ms).
+    Interleaving call by call cancels the slow swings of a shared machine's load."""
+    for _ in range(warmup):
+        base()
+        cand()
+    ratios, base_ms = [], []
+    for _ in range(rounds):
+        tb, tc = [], []
+        for i in range(calls):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                (base if which == 0 else cand)()
+                (tb if which == 0 else tc).append(time.perf_counter() - t0)
+        ratios.append(statistics.median(tc) / statistics.median(tb))
+        base_ms.append(statistics.median(tb) * 1e3)
+    return ratios, base_ms
+
+
 def overhead_section(model: torch.nn.Module, data: Any, rounds: int = 7) -> dict[str, Any]:
-    rr = RangeRestriction().profile(model, data.train.x)
-    sums = WeightChecksums.from_model(model)
+    """Each protection on its own copy of the model (same weights), timed against the bare model."""
+    def protected(attach: Any) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        attach(m)
+        return m
+
+    rr = RangeRestriction(RangeRestrictionConfig(granularity="channel")).profile(model, data.train.x)
+    m_rr = protected(rr.attach)
+    m_sum_all = protected(lambda m: WeightChecksums.from_model(m).attach(m))
+    m_sum_rr = protected(lambda m: WeightChecksums.from_model(m).attach(m, tensors_per_call=1))
     contract = Contract.infer(data.train)
-    det = make_detector("energy", model).fit(data.train).calibrate(data.val)
-    monitor = Monitor.from_model(model, data.val)
-    guard = Guard(model, contract=contract, detector=det, monitor=monitor)
+    m_guard = copy.deepcopy(model)
+    det = make_detector("energy", m_guard).fit(data.train).calibrate(data.val)
+    guard = Guard(m_guard, contract=contract, detector=det, monitor=Monitor.from_model(m_guard, data.val))
     out: dict[str, Any] = {}
     for batch in (1, 64):
         x = data.test.x[:batch]
 
-        def bare(x: torch.Tensor = x) -> Any:
+        def call(m: torch.nn.Module, x: torch.Tensor = x) -> Any:
             with torch.no_grad():
-                return model(x)
+                return m(x)
 
         def with_contract(x: torch.Tensor = x) -> Any:
             contract.validate(x)
-            return bare(x)
+            return call(model, x)
 
-        def guarded(x: torch.Tensor = x) -> Any:
-            return guard(x)
-
-        variants: dict[str, tuple[Any, Any, Any]] = {
-            "range_restriction": (bare, lambda: rr.attach(model), rr.detach),
-            "checksums_every_call_all_tensors": (bare, lambda: sums.attach(model), sums.detach),
-            "checksums_round_robin_1_tensor": (bare, lambda: sums.attach(model, tensors_per_call=1), sums.detach),
-            "contract_check": (with_contract, lambda: None, lambda: None),
-            "guard_contract_energy_monitor": (guarded, lambda: None, lambda: None),
+        variants: dict[str, Any] = {
+            "range_restriction_channel": lambda: call(m_rr),
+            "checksums_every_call_all_tensors": lambda: call(m_sum_all),
+            "checksums_round_robin_1_tensor": lambda: call(m_sum_rr),
+            "contract_check": with_contract,
+            "guard_contract_energy_monitor": lambda x=x: guard(x),
         }
-        ratios: dict[str, list[float]] = {k: [] for k in variants}
-        base_ms: list[float] = []
-        for _ in range(rounds):
-            b = statistics.median(time_fn(bare, warmup=5, repeats=30))
-            base_ms.append(b)
-            for name, (fn, on, off) in variants.items():
-                on()
-                try:
-                    t = statistics.median(time_fn(fn, warmup=5, repeats=30))
-                finally:
-                    off()
-                ratios[name].append(t / b)
-        out[f"batch_{batch}"] = {"bare_ms_median": statistics.median(base_ms),
-                                 **{k: {"latency_ratio": statistics.median(v), "rounds": v} for k, v in ratios.items()}}
+        row: dict[str, Any] = {}
+        base_all: list[float] = []
+        for name, fn in variants.items():
+            ratios, base_ms = paired_ratio(lambda: call(model), fn, rounds)
+            base_all += base_ms
+            row[name] = {"latency_ratio": statistics.median(ratios), "rounds": ratios,
+                         "spread": max(ratios) / min(ratios)}  # > 1.5: too noisy to quote
+        out[f"batch_{batch}"] = {"bare_ms_median": statistics.median(base_all), **row}
     return out
 
 
@@ -217,13 +240,8 @@ def cascade_section(model: torch.nn.Module, data: Any, threshold: float = 0.9, r
         with torch.no_grad():
             return m(x)
 
-    vs_small, vs_large = [], []
-    for _ in range(rounds):
-        t_small = statistics.median(time_fn(lambda: run(small), warmup=5, repeats=30))
-        t_large = statistics.median(time_fn(lambda: run(model), warmup=5, repeats=30))
-        t_cas = statistics.median(time_fn(lambda: run(cas), warmup=5, repeats=30))
-        vs_small.append(t_cas / t_small)
-        vs_large.append(t_cas / t_large)
+    vs_small, _ = paired_ratio(lambda: run(small), lambda: run(cas), rounds)
+    vs_large, _ = paired_ratio(lambda: run(model), lambda: run(cas), rounds)
     return {"threshold": threshold, "accuracy": acc, "fallback_rate_batch_64": cas.fallback_rate,
             "latency_ratio_vs_small": statistics.median(vs_small), "latency_ratio_vs_large": statistics.median(vs_large),
             "batch": 64}
@@ -236,22 +254,34 @@ def main() -> None:
     ap.add_argument("--trials-exponent", type=int, default=3000)
     ap.add_argument("--trials-activations", type=int, default=2000)
     ap.add_argument("--checksum-flips", type=int, default=2000)
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                    help="measure only these (the others are kept from the existing JSON)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
     trials = {"all": args.trials_all, "exponent": args.trials_exponent, "activations": args.trials_activations}
     results: dict[str, Any] = {"seed": SEED, "threads": 1, "torch": torch.__version__, "machine": platform.machine(),
                                "trials": trials, "models": {}}
+    partial = set(args.sections) != set(SECTIONS)
+    if partial and OUT.exists():  # re-measure some sections, keep the others from the last full run
+        previous = json.loads(OUT.read_text())
+        results["models"] = previous.get("models", {})
+        results["trials"] = previous.get("trials", trials)
     for name in args.models:
         model = zoo.load(name, seed=SEED, progress=False).eval()
         data = sgdata.load(zoo.ZOO[name].data, seed=SEED)
-        r: dict[str, Any] = {"data": data.name, "params": sum(p.numel() for p in model.parameters())}
-        r["sdc"] = sdc_section(model, data, trials)
-        if name == "digits-lenet5":
+        r: dict[str, Any] = results["models"].get(name, {})
+        r.update({"data": data.name, "params": sum(p.numel() for p in model.parameters())})
+        if "sdc" in args.sections:
+            r["sdc"] = sdc_section(model, data, trials)
+        if "int8" in args.sections and name == "digits-lenet5":
             r["int8_weights"] = int8_section(model, data, args.trials_all)
-        r["checksums"] = checksum_section(model, args.checksum_flips, args.checksum_flips // 4)
-        r["overhead"] = overhead_section(model, data)
-        r["cascade"] = cascade_section(model, data)
+        if "checksums" in args.sections:
+            r["checksums"] = checksum_section(model, args.checksum_flips, args.checksum_flips // 4)
+        if "overhead" in args.sections:
+            r["overhead"] = overhead_section(model, data)
+        if "cascade" in args.sections:
+            r["cascade"] = cascade_section(model, data)
         results["models"][name] = r
         write_json_atomic(OUT, results)  # partial results survive an interruption
     write_json_atomic(OUT, results)
@@ -268,7 +298,7 @@ def main() -> None:
                       f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}] {red:>7s}")
         if "int8_weights" in r:
             q = r["int8_weights"]
-            print(f"  int8 storage, all bits: {q['unprotected']['sdc']} -> {q['range_layer']['sdc']} SDC "
+            print(f"  int8 storage, all bits: {q['unprotected']['sdc']} -> {q['range_channel']['sdc']} SDC "
                   f"of {q['unprotected']['trials']}")
         c = r["checksums"]
         print(f"  checksums: {c['single_detected']}/{c['single_bit_flips']} single flips, "

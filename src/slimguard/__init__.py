@@ -48,6 +48,7 @@ _LAZY: dict[str, str] = {
     # prune
     "MagnitudePruning": "slimguard.prune.magnitude",
     "AGPCallback": "slimguard.prune.gradual",
+    "ActivationImportance": "slimguard.prune.importance",
     "BNScaleImportance": "slimguard.prune.importance",
     "ChannelPruning": "slimguard.prune.structured",
     "DependencyGraph": "slimguard.prune.graph",

@@ -210,6 +210,9 @@ class WithCustom(nn.Module):
 
 
 def test_unsupported_module_is_named_and_ignore_works():
+    norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 3))
+    with pytest.raises(ModelError, match=r"GroupNorm in module '1'.*ignore=\['1'\]"):
+        prune_channels(norm, ChannelPruning(ratio=0.5), torch.rand(1, 3, 8, 8))
     model = WithCustom()
     with pytest.raises(ModelError, match=r"'odd'.*ignore=\['odd'\]"):
         prune_channels(model, ChannelPruning(ratio=0.5), torch.rand(1, 4))
@@ -240,7 +243,7 @@ def test_bad_names_and_emptying():
         prune_channels(copy.deepcopy(model), ChannelPruning(ratio=0.5, ignore=["odd"]))
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random", "taylor"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random", "taylor", "wanda"])
 def test_importances_prune_resnet(importance, digits32):
     from slimguard.transforms import prune_
 
@@ -268,3 +271,15 @@ def test_recipe_steps_parse_and_run(digits32):
     assert model[1].out_channels == 12 and result["params_after"] < result["params_before"] / 2
     with pytest.raises(ConfigError, match="ratio"):
         parse({"model": "zoo:digits-lenet5", "data": "digits32", "steps": [{"channel": {"ratio": 1.5}}]}, "x")
+
+
+def test_shipped_prune_recipe_validates():
+    from importlib import resources
+
+    import yaml
+
+    from slimguard.core.recipe import parse
+
+    raw = yaml.safe_load(resources.files("slimguard.recipes").joinpath("prune-resnet.yaml").read_text())
+    recipe = parse(raw, "prune-resnet.yaml")
+    assert isinstance(recipe.steps[0], ChannelPruning) and recipe.steps[0].round_to == 8

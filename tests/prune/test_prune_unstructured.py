@@ -53,12 +53,28 @@ def test_demo_recipe_form_still_validates():
     assert isinstance(cfg, MagnitudePruning) and cfg.importance == "l1"
 
 
-def test_taylor_uses_gradients(digits):
+@pytest.mark.parametrize("importance", ["taylor", "wanda"])
+def test_data_driven_importances(importance, digits):
     from slimguard.models import zoo
 
     model = zoo.create("digits-mlp")
-    prune_(model, MagnitudePruning(sparsity=0.5, importance="taylor"), data=digits)
+    prune_(model, MagnitudePruning(sparsity=0.5, importance=importance), data=digits)
     assert abs(sparsity(model) - 0.5) < 0.01
+    with pytest.raises(Exception, match="needs data"):
+        prune_(zoo.create("digits-mlp"), MagnitudePruning(sparsity=0.5, importance=importance))
+
+
+def test_wanda_weights_by_input_norm():
+    from slimguard.prune.importance import ActivationImportance
+
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    imp = ActivationImportance()
+    x = torch.tensor([[3.0, 0.0], [4.0, 1.0]])  # column norms 5 and 1
+    imp.prepare(nn.Sequential(lin), [(x, None)])
+    assert imp.score(lin).tolist() == [[5.0, 1.0]]
+    assert imp.channel_score(lin, 1).tolist() == [5.0, 1.0]
 
 
 def test_importance_objects():

@@ -68,7 +68,15 @@ def prune_block(m: nn.Module, head_ratio: float, ffn_ratio: float, imp: Importan
 
 
 def _channel(imp: Importance, mods: list[tuple[nn.Module, int]], n: int) -> torch.Tensor:
-    """Sum of channel scores over (module, dim) pairs; L1 magnitude if the importance says nothing."""
+    """Sum of channel scores over (module, dim) pairs; L1 magnitude if the importance says nothing.
+
+    ``mods`` ends with the output-side projection. A data-driven importance (``wanda``, ``taylor``) scores
+    a head or neuron only by what it writes into the residual stream (that projection's columns times
+    the measured activations), which is what removing it takes away; weight-only importances also count
+    the input-side rows.
+    """
+    if imp.needs_data:
+        mods = mods[-1:]
     total = torch.zeros(n)
     said = False
     for mod, dim in mods:

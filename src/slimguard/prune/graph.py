@@ -259,7 +259,8 @@ class DependencyGraph:
         turns out prunable (checked once every union is known)."""
         ids = [i for lab in labs if lab is not None for i in lab.ids]
         if ids:
-            self._pending.append((_module_path(node) or node.name, what, ids))
+            where = str(node.target) if node.op == "call_module" else (_module_path(node) or node.name)
+            self._pending.append((where, what, ids))
 
     def _fixed_roots(self) -> set[int]:
         return {self.uf.find(i) for i in self.fixed}

@@ -15,6 +15,7 @@ Built-in importances, by name (``importance: l1`` in a recipe):
 | ``taylor`` | ``TaylorImportance``   | first-order Taylor ``|w * dL/dw|`` (Molchanov et al. 2017/2019)    |
 | ``bn``   | ``BNScaleImportance``  | ``|gamma|`` of the BatchNorm after a channel (network slimming, Liu et al. 2017) |
 | ``random`` | ``RandomImportance`` | seeded random scores, the control                                   |
+| ``wanda``  | ``ActivationImportance`` | ``|w_ij| * ||x_j||``: weight times input activation norm (Sun et al. 2024) |
 
 Example:
     >>> imp = sg.TaylorImportance()
@@ -217,11 +218,84 @@ class RandomImportance(Importance):
         return torch.rand(w.shape[dim], generator=self.gen)
 
 
+def run_batch(model: nn.Module, x: Any) -> Any:
+    """Call ``model`` on a batch: tensors positionally, dicts as keywords, text through its tokenizer."""
+    if isinstance(x, list) and hasattr(model, "tokenize"):
+        x = model.tokenize(x)
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+class ActivationImportance(Importance):
+    """Weight magnitude times the L2 norm of the input feature it multiplies, over calibration data.
+
+    Per weight ``|w_ij| * ||x_j||``; per output channel the row sum; per input channel the column sum,
+    i.e. how much signal actually flows through it. Needs only forward passes (no labels), so it suits
+    embedding models and transformer heads / FFN neurons.
+
+    Paper: Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda),
+    ICLR 2024.
+
+    Args:
+        max_batches: calibration batches used by :meth:`prepare` (default 8).
+    """
+
+    name = "wanda"
+    needs_data = True
+
+    def __init__(self, max_batches: int = 8) -> None:
+        self.max_batches = max_batches
+        self._norms: dict[int, torch.Tensor] = {}
+
+    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
+                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
+        sq: dict[int, torch.Tensor] = {}
+        hooks = []
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            x = args[0].detach().float()
+            if isinstance(mod, nn.Linear):
+                v = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == 1:
+                v = x.transpose(0, 1).reshape(x.shape[1], -1).pow(2).sum(1)
+            else:
+                return
+            sq[id(mod.weight)] = sq.get(id(mod.weight), 0) + v
+
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                hooks.append(mod.register_forward_hook(hook))
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i, (x, _) in enumerate(batches):
+                    if i >= self.max_batches:
+                        break
+                    run_batch(model, x)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was)
+        self._norms = {k: v.sqrt() for k, v in sq.items()}
+
+    def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        w = getattr(module, name).detach().abs().float()
+        norm = self._norms.get(id(getattr(module, name)))
+        if norm is None:
+            return w
+        shape = [1] * w.dim()
+        shape[1] = -1
+        if w.dim() > 2:  # conv: (out, in, k...) -> the input norm applies along dim 1
+            return w * norm.reshape(shape)
+        return w * norm.reshape(1, -1)
+
+
 register_importance("l1")(lambda: MagnitudeImportance(1))
 register_importance("l2")(lambda: MagnitudeImportance(2))
 register_importance("taylor")(TaylorImportance)
 register_importance("bn")(BNScaleImportance)
 register_importance("random")(RandomImportance)
+register_importance("wanda")(ActivationImportance)
 
 
 def prepare_importance(imp: Importance, model: nn.Module, context: dict[str, Any],

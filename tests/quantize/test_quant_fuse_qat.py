@@ -100,3 +100,18 @@ def test_fake_quant_twins_match_and_are_differentiable(zoo_model, digits):
         torch.testing.assert_close(twin(x), layer(x.detach()), atol=tol, rtol=0.02)
         twin(x).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_static_without_folding_keeps_relu_after_bn(digits):
+    import dataclasses
+
+    from slimguard.quantize.observers import sqnr
+
+    model = randomize_bn(conv_bn_net())
+    x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    calib = dataclasses.replace(digits.calib, x=x, y=torch.zeros(128, dtype=torch.long))
+    ref = model(x).detach()
+    report = sg.quantize_(model, sg.Int8Static(fuse_bn=False), calib=calib, progress=False)
+    assert report["fused_relu"] == [] and report["fused_bn"] == []  # BN stays, so its ReLU stays after it
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2], nn.ReLU)
+    assert sqnr(ref, model(x).detach()) > 20

@@ -148,12 +148,14 @@ def insert_fake_quant(model: nn.Module, *, ignore: list[str], weight_bits: int, 
             kept.append({"layer": c.layer, "reason": reason})
             continue
         bn = model.get_submodule(c.bn) if (keep_bn and c.bn) else None
-        fq = cls.from_float(layer, bn=bn, relu=c.relu is not None, weight_bits=weight_bits, observer=observer)
+        # a ReLU after an unfolded BN cannot move before that BN
+        relu = c.relu is not None and (c.bn is None or bn is not None)
+        fq = cls.from_float(layer, bn=bn, relu=relu, weight_bits=weight_bits, observer=observer)
         set_submodule(model, c.layer, fq)
         if bn is not None:
             set_submodule(model, c.bn, nn.Identity())
             fused.append([c.layer, c.bn])
-        if c.relu:
+        if relu:
             set_submodule(model, c.relu, nn.Identity())
             relus.append([c.layer, c.relu])
         prepared.append(c.layer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from slimguard._version import __version__
+from slimguard._version import __version__ as __version__
 
 # public name -> module that defines it (one line per name; each subsystem keeps its own block)
 _LAZY: dict[str, str] = {

@@ -76,9 +76,11 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
     from slimguard.evaluate import _check_fits
 
     _check_fits(model, data.test)
-    baseline = evaluate(model, data.test, latency_batch=latency_batch)
+    embedding = data.task == "embedding"
+    # embedding models are scored by fidelity to the model as it was before the recipe
+    baseline = evaluate(model, data.test, latency_batch=latency_batch, reference=model if embedding else None)
     steps = []
-    needs_original = any(getattr(step, "needs_original", False) for step in recipe.steps)
+    needs_original = embedding or any(getattr(step, "needs_original", False) for step in recipe.steps)
     original = copy.deepcopy(model) if needs_original else None
     for step in recipe.steps:
         result = run_step(model, step, data, progress=progress, original=original)
@@ -88,7 +90,8 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
     out = Path(out_dir)
     path = save(model, out / "model.slim", recipe=recipe.to_dict())
     reloaded = load_artifact(path)
-    after = evaluate(reloaded, data.test, latency_batch=latency_batch, measure_size=False)
+    after = evaluate(reloaded, data.test, latency_batch=latency_batch, measure_size=False,
+                     reference=original if embedding else None)
     after["size_bytes"] = path.stat().st_size
     result = {"recipe": recipe.to_dict(), "baseline": baseline, "compressed": after,
               "budget": budget_check(recipe.budget, baseline, after), "steps": steps,

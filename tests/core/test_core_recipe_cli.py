@@ -146,3 +146,19 @@ def test_cli_demo_json(tmp_path):
         assert set(metrics[side]) >= {"accuracy", "params", "nonzero_params", "size_bytes", "latency_ms_p50"}
     assert metrics["baseline"]["size_bytes"] / metrics["compressed"]["size_bytes"] >= 4
     assert metrics["baseline"]["accuracy"] - metrics["compressed"]["accuracy"] <= 0.01
+
+
+def test_cli_compress_embedding_recipe_scores_fidelity(tmp_path):
+    pytest.importorskip("transformers")
+    from slimguard import data as sgdata
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(sgdata.load("docs-text").test.x[:30]))
+    recipe = _write_recipe(tmp_path, {"model": "minilm", "data": f"text:{texts}", "task": "embedding",
+                                      "budget": {"min_cosine_mean": 0.9}, "steps": ["int8-dynamic"]})
+    r = runner.invoke(APP, ["compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["baseline"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)  # the original against itself
+    assert 0.9 < result["compressed"]["cosine_mean"] < 0.9999  # int8 is close, but not identical
+    assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"]

@@ -152,6 +152,9 @@ class SentenceEmbedder(nn.Module):
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # slimguard shows its own progress; keep --json output clean
 
 
 @register_builder("hf")

@@ -81,3 +81,12 @@ def test_minilm_embeds_offline():
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     sims = emb @ emb.T
     assert sims[0, 1] > sims[0, 2]  # semantically closer sentences score higher
+
+
+def test_fresh_and_cached_loads_agree(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMGUARD_CACHE", str(tmp_path))
+    monkeypatch.setitem(zoo.ZOO, "tiny-tab", zoo.ZooEntry("tiny-tab", "wine", zoo.tabular_mlp, "test", epochs=2))
+    fresh = zoo.load("tiny-tab", progress=False)
+    cached = zoo.load("tiny-tab", progress=False)
+    assert fresh.training is False and cached.training is False  # same mode whichever path ran
+    assert torch.equal(fresh[1].weight, cached[1].weight)

@@ -206,7 +206,7 @@ def load(name: str, seed: int = 0, *, retrain: bool = False, progress: bool = Tr
     model = train_zoo(name, seed=seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_artifact(model, path)
-    return model
+    return model.eval()  # as a cached load returns it
 
 
 def train_zoo(name: str, seed: int = 0, progress: bool = True) -> nn.Module:

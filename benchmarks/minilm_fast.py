@@ -121,13 +121,15 @@ def main() -> dict:
     quantize_dynamic(str(teacher_onnx), str(stock_int8), weight_type=QuantType.QInt8)
     teacher_fused = sgo.optimize_transformer(teacher_onnx, work / "teacher-fused.onnx", num_heads=heads,
                                              hidden_size=hidden)
+    # the same settings as sgo.embedder_int8: ORT's offline transformer fusion ran slower here, so no
+    # optimize pass before quantizing (the session still applies ORT's own graph optimizations)
     teacher_int8 = sgo.quantize_onnx_dynamic(teacher_onnx, work / "teacher-int8.onnx", num_heads=heads,
-                                             hidden_size=hidden)
+                                             hidden_size=hidden, optimize=False)
     student_onnx = sgo.export_embedder(student, work / "student.onnx")
     student_fused = sgo.optimize_transformer(student_onnx, work / "student-fused.onnx", num_heads=heads,
                                              hidden_size=hidden)
     student_int8 = sgo.quantize_onnx_dynamic(student_onnx, work / "student-int8.onnx", num_heads=heads,
-                                             hidden_size=hidden)
+                                             hidden_size=hidden, optimize=False)
     ao_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(teacher), {torch.nn.Linear}, dtype=torch.qint8)
 
     def ort(path: Path):

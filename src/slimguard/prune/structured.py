@@ -112,6 +112,13 @@ def _unit_scores(model: nn.Module, group: Group, imp: Importance) -> tuple[list[
     return units, scores
 
 
+def _drop(m: nn.Module, removed: set[int], size: int, names: tuple[str, ...], dim: int) -> int:
+    """Remove ``removed`` positions along ``dim`` of ``m.<names>``; returns the new size."""
+    keep = complement(size, torch.tensor(sorted(removed), dtype=torch.long))
+    keep_slices(m, names, dim, keep)
+    return len(keep)
+
+
 @torch.no_grad()
 def _cut(model: nn.Module, removed: dict[tuple[str, str], set[int]]) -> None:
     """Shrink each touched module given the positions to remove per (module, role)."""
@@ -124,13 +131,9 @@ def _cut(model: nn.Module, removed: dict[tuple[str, str], set[int]]) -> None:
             bo = m.out_channels // m.groups
             bi = m.in_channels // m.groups
             if "out" in roles:
-                keep = complement(m.out_channels, torch.tensor(sorted(roles["out"]), dtype=torch.long))
-                keep_slices(m, ("weight", "bias"), 0, keep)
-                m.out_channels = len(keep)
+                m.out_channels = _drop(m, roles["out"], m.out_channels, ("weight", "bias"), 0)
             if "in" in roles:
-                keep = complement(m.in_channels, torch.tensor(sorted(roles["in"]), dtype=torch.long))
-                keep_slices(m, ("weight",), 1, keep)
-                m.in_channels = len(keep)
+                m.in_channels = _drop(m, roles["in"], m.in_channels, ("weight",), 1)
             if "gin" in roles:
                 m.in_channels -= len(roles["gin"])
                 m.groups = m.in_channels // bi
@@ -139,21 +142,14 @@ def _cut(model: nn.Module, removed: dict[tuple[str, str], set[int]]) -> None:
                                       f"add ignore=[{name!r}]")
         elif isinstance(m, nn.Linear):
             if "out" in roles:
-                keep = complement(m.out_features, torch.tensor(sorted(roles["out"]), dtype=torch.long))
-                keep_slices(m, ("weight", "bias"), 0, keep)
-                m.out_features = len(keep)
+                m.out_features = _drop(m, roles["out"], m.out_features, ("weight", "bias"), 0)
             if "in" in roles:
-                keep = complement(m.in_features, torch.tensor(sorted(roles["in"]), dtype=torch.long))
-                keep_slices(m, ("weight",), 1, keep)
-                m.in_features = len(keep)
+                m.in_features = _drop(m, roles["in"], m.in_features, ("weight",), 1)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            keep = complement(m.num_features, torch.tensor(sorted(roles["feat"]), dtype=torch.long))
-            keep_slices(m, ("weight", "bias", "running_mean", "running_var"), 0, keep)
-            m.num_features = len(keep)
+            m.num_features = _drop(m, roles["feat"], m.num_features,
+                                   ("weight", "bias", "running_mean", "running_var"), 0)
         elif isinstance(m, nn.LayerNorm):
-            keep = complement(m.normalized_shape[0], torch.tensor(sorted(roles["feat"]), dtype=torch.long))
-            keep_slices(m, ("weight", "bias"), 0, keep)
-            m.normalized_shape = (len(keep),)
+            m.normalized_shape = (_drop(m, roles["feat"], m.normalized_shape[0], ("weight", "bias"), 0),)
 
 
 def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, model: nn.Module) -> list[int]:

@@ -138,10 +138,8 @@ def _far(base: str, seed: int) -> DataBundle:
     for split in ("train", "val", "test"):
         n_photo = int(FAR_PER_SPLIT * 0.6)
         x = torch.cat([photo_patches(n_photo, size, rng), noise_images(FAR_PER_SPLIT - n_photo, size, rng)])
-        perm = torch.from_numpy(rng.permutation(len(x)))
-        splits[split] = Split(split, x[perm].contiguous(), None, meta)
-    calib = splits["train"].subset(256, seed=seed, name="calib")
-    return DataBundle(meta, splits["train"], splits["val"], splits["test"], calib)
+        splits[split] = x[torch.from_numpy(rng.permutation(len(x)))].contiguous()
+    return _unlabelled_bundle(meta, splits, seed)
 
 
 def _near(base: str, seed: int) -> DataBundle:
@@ -155,9 +153,14 @@ def _near(base: str, seed: int) -> DataBundle:
     splits = {}
     for split in ("train", "val", "test"):
         src = ref.split(split)
-        splits[split] = Split(split, corrupt_digits(src.x, src.y, rng), None, meta)
-    calib = splits["train"].subset(256, seed=seed, name="calib")
-    return DataBundle(meta, splits["train"], splits["val"], splits["test"], calib)
+        splits[split] = corrupt_digits(src.x, src.y, rng)
+    return _unlabelled_bundle(meta, splits, seed)
+
+
+def _unlabelled_bundle(meta: DataMeta, xs: dict[str, torch.Tensor], seed: int) -> DataBundle:
+    """A bundle of label-free train/val/test inputs with a calibration subset drawn from train."""
+    train, val, test = (Split(name, xs[name], None, meta) for name in ("train", "val", "test"))
+    return DataBundle(meta, train, val, test, train.subset(256, seed=seed, name="calib"))
 
 
 @register_dataset("digits-ood", "far-OOD for digits: grey patches of sklearn sample photos and noise, 1x8x8")

@@ -67,14 +67,12 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
     from slimguard import data as sgdata
     from slimguard.core.artifact import load as load_artifact
     from slimguard.core.artifact import save
-    from slimguard.evaluate import evaluate
+    from slimguard.evaluate import _check_fits, evaluate
     from slimguard.models.sources import load_model
 
     torch.manual_seed(recipe.seed)
     data = sgdata.load(recipe.data, seed=recipe.seed)
     model = load_model(recipe.model, seed=recipe.seed, progress=progress)
-    from slimguard.evaluate import _check_fits
-
     _check_fits(model, data.test)
     embedding = data.task == "embedding"
     # embedding models are scored by fidelity to the model as it was before the recipe

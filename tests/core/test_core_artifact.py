@@ -222,3 +222,10 @@ def test_file_size_is_the_bytes_on_disk(zoo_model, tmp_path):
     assert artifact.file_size(m) == artifact.save(m, tmp_path / "a.slim").stat().st_size
 
 
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "../escape.bin", "/abs.bin", "a/../../b"])
+def test_unsafe_extra_entry_names_are_refused(zoo_model, tmp_path, name):
+    with pytest.raises(ArtifactError, match="reserved or unsafe"):
+        artifact.save(zoo_model("digits-mlp"), tmp_path / "m.slim", extra_entries={name: b"x"})
+    assert not (tmp_path / "m.slim").exists()

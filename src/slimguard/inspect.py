@@ -7,12 +7,17 @@ columns of the Deep Compression tables: kept weights, cluster bits, index and po
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
+if TYPE_CHECKING:
+    from slimguard.core.artifact import LoadPolicy
 
-def inspect_model(source: str | nn.Module) -> dict[str, Any]:
+
+def inspect_model(source: str | nn.Module, *, policy: LoadPolicy | None = None) -> dict[str, Any]:
+    """Per-tensor rows and totals of a model, a model source, or a ``.slim`` file (loaded under ``policy``:
+    see :class:`~slimguard.core.artifact.LoadPolicy`; a python-source artifact needs ``trust_code``)."""
     from slimguard.codec.base import codec
     from slimguard.core.artifact import encode_state
     from slimguard.models.sources import load_model
@@ -21,7 +26,7 @@ def inspect_model(source: str | nn.Module) -> dict[str, Any]:
     if isinstance(source, nn.Module):
         model = source
     else:
-        model = load_model(source, progress=False)
+        model = load_model(source, progress=False, policy=policy)
         if str(source).endswith(".slim"):
             file_bytes = Path(source).stat().st_size
     modules = dict(model.named_modules())

@@ -1,22 +1,38 @@
-"""Running recipes: baseline -> steps -> evaluation -> artifact -> metrics, with the budget checked."""
+"""Running recipes: baseline -> steps -> evaluation -> artifact -> metrics, with the budget checked.
+
+A run that misses its budget (or fails) never replaces the files of an earlier good run: its artifact,
+metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.json`` and
+``report.rejected.html`` beside them, and the result says where (``accepted``, ``artifact``,
+``metrics_file``, ``report``).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from slimguard.core.config import Config
+from slimguard.core.outputs import check_output_dir, check_output_file, write_json_atomic
 from slimguard.core.recipe import Recipe
 from slimguard.core.registry import apply, verb_of
 from slimguard.data.core import DataBundle
 from slimguard.models.spec import record
+
+if TYPE_CHECKING:
+    from slimguard.core.artifact import LoadPolicy
+
+OUTPUT_NAMES = {
+    True: {"artifact": "model.slim", "metrics": "metrics.json", "report": "report.html"},
+    False: {"artifact": "model.rejected.slim", "metrics": "metrics.rejected.json",
+            "report": "report.rejected.html"},
+}
+"""File names in the output folder of a run that met its budget (``True``) or missed it (``False``)."""
 
 
 def run_step(model: nn.Module, step: Config, data: DataBundle, *, progress: bool = True, **context: Any) -> Any:
@@ -30,19 +46,6 @@ def run_step(model: nn.Module, step: Config, data: DataBundle, *, progress: bool
                    **context)
     record(model, {"verb": verb, "config": step.to_dict()})
     return result
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -61,18 +64,85 @@ def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], afte
     return checks
 
 
+def budget_misses(checks: dict[str, Any]) -> list[str]:
+    """The budget items a run missed, as short phrases (empty when the budget holds).
+
+    Example:
+        >>> budget_misses({"accuracy_drop_points": 3.2, "max_accuracy_drop": {"limit": 1.0, "ok": False}})
+        ['accuracy drop 3.20 points > 1 allowed']
+    """
+    out = []
+    for key, item in checks.items():
+        if not isinstance(item, dict) or item.get("ok", True):
+            continue
+        if key == "max_accuracy_drop":
+            out.append(f"accuracy drop {checks.get('accuracy_drop_points', float('nan')):.2f} points "
+                       f"> {item['limit']:g} allowed")
+        else:
+            value = item.get("value", float("nan"))
+            out.append(f"{key.removeprefix('min_')} {value:.4f} < {item['limit']:g} required")
+    return out
+
+
+def rejection_message(result: dict[str, Any]) -> str:
+    """One line for a run that missed its budget: what missed, and where its files went instead.
+
+    Example:
+        budget missed (accuracy drop 3.20 points > 1 allowed); artifact written to out/model.rejected.slim,
+        metrics to out/metrics.rejected.json; out/model.slim was not replaced
+    """
+    misses = "; ".join(budget_misses(result["budget"])) or "see the budget in the metrics"
+    good = Path(result["artifact"]).with_name(OUTPUT_NAMES[True]["artifact"])
+    return (f"budget missed ({misses}); artifact written to {result['artifact']}, metrics to "
+            f"{result['metrics_file']}; {good} was not replaced")
+
+
+def output_paths(out_dir: str | Path, accepted: bool) -> dict[str, Path]:
+    """Where a run writes its artifact, metrics and report (see :data:`OUTPUT_NAMES`)."""
+    return {kind: Path(out_dir) / name for kind, name in OUTPUT_NAMES[accepted].items()}
+
+
+def check_compress_output(out_dir: str | Path) -> Path:
+    """Refuse an output folder :func:`compress` could not write (a file, not writable, or a folder where
+    one of its files goes) with an :class:`~slimguard.core.errors.OutputError`, before any work."""
+    out = check_output_dir(out_dir)
+    for accepted in (True, False):
+        for path in output_paths(out, accepted).values():
+            check_output_file(path)
+    return out
+
+
 def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
-             latency_batch: int = 1) -> dict[str, Any]:
-    """Run a recipe end to end; write ``model.slim`` and ``metrics.json`` to ``out_dir``."""
+             latency_batch: int = 1, policy: LoadPolicy | None = None) -> dict[str, Any]:
+    """Run a recipe end to end and write its artifact, ``metrics.json`` and ``report.html`` to ``out_dir``.
+
+    The output folder is checked before any work. The artifact is saved under a temporary name,
+    reloaded and scored; only a run that meets ``recipe.budget`` takes the names ``model.slim``,
+    ``metrics.json`` and ``report.html``. A run that misses it writes ``model.rejected.slim``,
+    ``metrics.rejected.json`` and ``report.rejected.html`` instead, so an earlier good artifact is never
+    replaced; a run that fails leaves the folder as it was.
+
+    Returns:
+        The metrics: ``baseline``, ``compressed``, ``budget``, ``steps``, ``recipe``, ``accepted`` (the
+        budget held), and the paths ``artifact``, ``metrics_file`` and ``report``.
+
+    ``policy`` says how a ``.slim`` named as the recipe's model is loaded (see
+    :class:`~slimguard.core.artifact.LoadPolicy`).
+
+    Raises:
+        OutputError: ``out_dir`` cannot be written (before any work starts).
+    """
     from slimguard import data as sgdata
+    from slimguard.core.artifact import code_file, save
     from slimguard.core.artifact import load as load_artifact
-    from slimguard.core.artifact import save
     from slimguard.evaluate import _check_fits, evaluate
     from slimguard.models.sources import load_model
+    from slimguard.report import write_report
 
+    out = check_compress_output(out_dir)
     torch.manual_seed(recipe.seed)
     data = sgdata.load(recipe.data, seed=recipe.seed)
-    model = load_model(recipe.model, seed=recipe.seed, progress=progress)
+    model = load_model(recipe.model, seed=recipe.seed, progress=progress, policy=policy)
     _check_fits(model, data.test)
     embedding = data.task == "embedding"
     # embedding models are scored by fidelity to the model as it was before the recipe
@@ -85,18 +155,23 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
         steps.append({"step": step.config_name, "config": step.to_dict()["_data"],
                       "result": result if isinstance(result, dict) and len(json.dumps(result, default=str)) < 20000
                       else None})
-    out = Path(out_dir)
-    path = save(model, out / "model.slim", recipe=recipe.to_dict())
-    reloaded = load_artifact(path)
-    after = evaluate(reloaded, data.test, latency_batch=latency_batch, measure_size=False,
-                     reference=original if embedding else None)
-    after["size_bytes"] = path.stat().st_size
-    result = {"recipe": recipe.to_dict(), "baseline": baseline, "compressed": after,
-              "budget": budget_check(recipe.budget, baseline, after), "steps": steps,
-              "artifact": str(path)}
-    write_json_atomic(out / "metrics.json", result)
-    from slimguard.report import write_report
-
-    write_report(result, out / "report.html", title=f"slimguard: {recipe.name or recipe.model}")
-    result["report"] = str(out / "report.html")
+    # saved under a name no finished run uses; renamed once the budget is known
+    pending = save(model, out / f".model.{os.getpid()}.pending.slim", recipe=recipe.to_dict())
+    try:
+        reloaded = load_artifact(pending, trust_code=code_file(model))  # a python model's own file
+        after = evaluate(reloaded, data.test, latency_batch=latency_batch, measure_size=False,
+                         reference=original if embedding else None)
+        after["size_bytes"] = pending.stat().st_size
+        budget = budget_check(recipe.budget, baseline, after)
+        files = output_paths(out, bool(budget["ok"]))
+        os.replace(pending, files["artifact"])
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    result = {"recipe": recipe.to_dict(), "baseline": baseline, "compressed": after, "budget": budget,
+              "steps": steps, "accepted": bool(budget["ok"]), "artifact": str(files["artifact"]),
+              "metrics_file": str(files["metrics"]), "report": str(files["report"])}
+    write_json_atomic(files["metrics"], result)
+    title = f"slimguard: {recipe.name or recipe.model}" + ("" if result["accepted"] else " (budget missed)")
+    write_report(result, files["report"], title=title)
     return result

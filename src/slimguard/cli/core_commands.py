@@ -10,8 +10,13 @@ import typer
 
 from slimguard.cli.common import (
     JSON_OPT,
+    KEY_ENV_OPT,
     QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
     handle_errors,
+    load_policy,
+    load_source,
     print_json,
     print_table,
     ratio,
@@ -48,23 +53,27 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Compress LeNet-5 on digits end to end: evaluate, prune 80% + fine-tune, int8, save, reload, evaluate."""
-        from slimguard.core.recipe import parse
-        from slimguard.pipeline import compress, write_json_atomic
+        from slimguard.core.recipe import loads
+        from slimguard.pipeline import check_compress_output, compress, rejection_message, write_json_atomic
 
         set_output(json_out, quiet)
-        import yaml
-
-        raw = yaml.safe_load(resources.files("slimguard.recipes").joinpath("demo.yaml").read_text())
-        result = compress(parse(raw, "demo.yaml"), out, progress=not (json_out or quiet))
+        check_compress_output(out)  # before any work
+        recipe = loads(resources.files("slimguard.recipes").joinpath("demo.yaml").read_text(), "demo.yaml")
+        result = compress(recipe, out, progress=not (json_out or quiet))
         metrics = {"baseline": _summary(result["baseline"]), "compressed": _summary(result["compressed"]),
-                   "budget": result["budget"], "recipe": result["recipe"], "artifact": result["artifact"]}
-        write_json_atomic(out / "metrics.json", metrics)
+                   "budget": result["budget"], "recipe": result["recipe"], "artifact": result["artifact"],
+                   "accepted": result["accepted"]}
+        write_json_atomic(result["metrics_file"], metrics)
         if json_out:
             print_json(metrics)
         elif not quiet:
             before_after_table("slimguard demo: digits-lenet5 on digits32 (test split)", result["baseline"],
                                result["compressed"])
-            typer.echo(f"artifact: {result['artifact']}  metrics: {out / 'metrics.json'}  report: {result['report']}")
+            typer.echo(f"artifact: {result['artifact']}  metrics: {result['metrics_file']}  "
+                       f"report: {result['report']}")
+        if not result["accepted"]:
+            typer.echo(rejection_message(result), err=True)
+            raise typer.Exit(code=1)
 
     @app.command()
     @handle_errors
@@ -79,10 +88,13 @@ def register(app: typer.Typer) -> None:
         """Train a zoo model on its built-in data (cached for later use)."""
         from slimguard import data as sgdata
         from slimguard.core.artifact import save
+        from slimguard.core.outputs import check_output_file
         from slimguard.evaluate import evaluate
         from slimguard.models import zoo
 
         set_output(json_out, quiet)
+        if out is not None:
+            check_output_file(out, "--out")  # before training
         name = model.removeprefix("zoo:")
         m = zoo.load(name, seed=seed, retrain=retrain, progress=not (json_out or quiet))
         data = sgdata.load(zoo.ZOO[name].data, seed=seed)
@@ -104,17 +116,20 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", help="Split to score: train, val, test."),
         latency_batch: int = typer.Option(1, help="Batch size of the latency measurement."),
         threads: int | None = typer.Option(None, help="Torch threads during the latency measurement."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Accuracy, parameters, nonzeros, file bytes, MACs and latency of a model."""
         from slimguard import data as sgdata
         from slimguard.evaluate import evaluate as run_eval
-        from slimguard.models.sources import load_model
         from slimguard.models.spec import info
 
         set_output(json_out, quiet)
-        m = load_model(model, progress=not (json_out or quiet))
+        policy = load_policy(trust_code, require_signature, key_env)
+        m = load_source(model, policy, progress=not (json_out or quiet))
         name = data or info(m).data.get("name")
         if not name:
             raise typer.BadParameter("this model records no data set; pass --data")
@@ -129,6 +144,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def inspect(
         model: str = typer.Argument(..., help="A .slim file or a model source."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -136,7 +154,7 @@ def register(app: typer.Typer) -> None:
         from slimguard.inspect import inspect_model
 
         set_output(json_out, quiet)
-        report = inspect_model(model)
+        report = inspect_model(model, policy=load_policy(trust_code, require_signature, key_env))
         if json_out:
             print_json(report)
             return
@@ -161,21 +179,27 @@ def register(app: typer.Typer) -> None:
     def compress(
         recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.slim, metrics.json)."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Run a recipe: baseline, ordered steps, evaluation, artifact, budget check."""
         from slimguard.core.recipe import load as load_recipe
+        from slimguard.pipeline import check_compress_output, rejection_message
         from slimguard.pipeline import compress as run
 
         set_output(json_out, quiet)
         r = load_recipe(recipe)  # validated completely before any work starts
-        result = run(r, out, progress=not (json_out or quiet))
+        check_compress_output(out)  # so is the output folder
+        result = run(r, out, progress=not (json_out or quiet),
+                     policy=load_policy(trust_code, require_signature, key_env))
         if json_out:
             print_json(result)
         elif not quiet:
             before_after_table(f"{r.name or recipe.name}: {r.model} on {r.data}", result["baseline"],
                                result["compressed"])
-        if not result["budget"].get("ok", True):
-            typer.echo(f"budget missed: {result['budget']}", err=True)
+        if not result["accepted"]:  # not a user error: exit 1, one line saying where the files went
+            typer.echo(rejection_message(result), err=True)
             raise typer.Exit(code=1)

@@ -6,7 +6,19 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    KEY_ENV_OPT,
+    QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
+    handle_errors,
+    load_policy,
+    load_source,
+    print_json,
+    print_table,
+    set_output,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +39,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, help="Examples per step."),
         max_length: int = typer.Option(128, help="Token limit for text data."),
         seed: int = typer.Option(0, help="Seed."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -36,10 +51,10 @@ def register(app: typer.Typer) -> None:
         from slimguard import data as sgdata
         from slimguard.core.artifact import save
         from slimguard.core.errors import ConfigError
+        from slimguard.core.outputs import check_output_file
         from slimguard.distill import DistillConfig, drop_layers_, width_student
         from slimguard.distill import distill as run_distill
         from slimguard.evaluate import evaluate
-        from slimguard.models.sources import load_model
         from slimguard.models.spec import info
 
         set_output(json_out, quiet)
@@ -47,16 +62,18 @@ def register(app: typer.Typer) -> None:
         chosen = [x for x in (student, width, keep_layers) if x is not None]
         if len(chosen) != 1:
             raise ConfigError("give exactly one of --student, --width or --keep-layers")
+        check_output_file(out, "--out")  # before any work
         cfg = DistillConfig.from_fields(
-            {"temperature": temperature, "alpha": alpha, "targets": targets, "epochs": epochs, "lr": lr,
-             "batch_size": batch_size, "max_length": max_length, "seed": seed}, where="distill")
-        t = load_model(teacher, progress=show)
+            {"temperature": temperature, "alpha": alpha, "targets": targets, "max_length": max_length,
+             "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}}, where="distill")
+        policy = load_policy(trust_code, require_signature, key_env)
+        t = load_source(teacher, policy, progress=show)
         name = data or info(t).data.get("name") or ("docs-text" if info(t).task == "embedding" else None)
         if not name:
             raise ConfigError("the teacher records no data set; pass --data")
         bundle = sgdata.load(name, seed=seed)
         if student is not None:
-            s = load_model(student, progress=show)
+            s = load_source(student, policy, progress=show)
         elif width is not None:
             s = width_student(t, width, seed=seed)
         else:

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    KEY_ENV_OPT,
+    QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
+    handle_errors,
+    load_policy,
+    load_source,
+    print_json,
+    print_table,
+    set_output,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +33,9 @@ def register(app: typer.Typer) -> None:
                                               "dynamic) to the exported file."),
         embed_into: Path | None = typer.Option(None, "--embed-into",
                                                help="Also write a copy of the .slim artifact with model.onnx inside."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -28,14 +43,19 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from slimguard.core.errors import ConfigError, DataError
-        from slimguard.models.sources import SentenceEmbedder, load_model
+        from slimguard.core.outputs import check_output_file
+        from slimguard.models.sources import SentenceEmbedder
         from slimguard.models.spec import info
         from slimguard.runtime import onnx as sgonnx
 
         set_output(json_out, quiet)
         if format != "onnx":
             raise ConfigError(f"--format: {format!r} is not supported; allowed: onnx")
-        m = load_model(model, progress=not (json_out or quiet))
+        check_output_file(out, "--out")  # before any work
+        if embed_into is not None:
+            check_output_file(embed_into, "--embed-into")
+        policy = load_policy(trust_code, require_signature, key_env)
+        m = load_source(model, policy, progress=not (json_out or quiet))
         if isinstance(m, SentenceEmbedder):
             path = sgonnx.export_embedder(m, out)
             if int8:

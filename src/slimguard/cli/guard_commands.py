@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    KEY_ENV_OPT,
+    QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
+    handle_errors,
+    load_policy,
+    load_source,
+    print_json,
+    print_table,
+    set_output,
+)
+
+if TYPE_CHECKING:
+    from slimguard.core.artifact import LoadPolicy
 
 
-def _model_and_data(model: str, data: str | None, quiet: bool) -> tuple[Any, Any, str]:
+def _model_and_data(model: str, data: str | None, quiet: bool, policy: LoadPolicy) -> tuple[Any, Any, str]:
     from slimguard import data as sgdata
     from slimguard.core.errors import DataError
-    from slimguard.models.sources import load_model
     from slimguard.models.spec import maybe_info
 
-    m = load_model(model, progress=not quiet)
+    m = load_source(model, policy, progress=not quiet)
     mi = maybe_info(m)
     name = data or (mi.data.get("name") if mi is not None else None)
     if not name:
@@ -36,6 +51,9 @@ def register(app: typer.Typer) -> None:
         ood_sets: list[str] = typer.Option(None, "--ood", help="OOD data set(s); default DATA-ood and DATA-ood-near."),
         detectors: str | None = typer.Option(None, help="Comma-separated detectors (default all)."),
         tpr: float = typer.Option(0.95, help="In-distribution acceptance rate the threshold is set for."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -51,7 +69,8 @@ def register(app: typer.Typer) -> None:
         for n in names or []:
             if n not in detector_names():
                 raise typer.BadParameter(f"unknown detector {n!r}; allowed: {', '.join(detector_names())}")
-        m, bundle, dname = _model_and_data(model, data, json_out or quiet)
+        policy = load_policy(trust_code, require_signature, key_env)
+        m, bundle, dname = _model_and_data(model, data, json_out or quiet, policy)
         _check_fits(m, bundle.test)
         if not ood_sets:
             ood_sets = [s for s in (f"{dname}-ood", f"{dname}-ood-near") if s in sgdata.available()]
@@ -82,12 +101,15 @@ def register(app: typer.Typer) -> None:
         layers: str | None = typer.Option(None, help="Comma-separated tensor prefixes / module names (default all)."),
         protect: str = typer.Option("none", help="none, or range: also run with range restriction and compare."),
         seed: int = typer.Option(0, help="Seed of the fault draws."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Bit-flip campaign: silent-corruption rate (top-1 changes) with 95% intervals, by bit field and layer."""
         from slimguard.core.config import check_choice
-        from slimguard.guard.faults import FaultCampaign, run_campaign
+        from slimguard.guard.faults import FaultCampaignConfig, run_campaign
         from slimguard.guard.protect import RangeRestriction
 
         set_output(json_out, quiet)
@@ -98,8 +120,9 @@ def register(app: typer.Typer) -> None:
                 bit_spec = [int(b) for b in bits.split(",")]
             except ValueError:
                 raise typer.BadParameter(f"bits: {bits!r} is not a list of integers") from None
-        cfg = FaultCampaign(trials=trials, target=target, bits=bit_spec, layers=_split_list(layers) or [], seed=seed)
-        m, bundle, dname = _model_and_data(model, data, json_out or quiet)
+        cfg = FaultCampaignConfig(trials=trials, target=target, bits=bit_spec, layers=_split_list(layers) or [], seed=seed)
+        policy = load_policy(trust_code, require_signature, key_env)
+        m, bundle, dname = _model_and_data(model, data, json_out or quiet, policy)
         x = bundle.test.x
         runs = {"unprotected": run_campaign(m, x, cfg, progress=not (json_out or quiet)).to_dict()}
         if protect == "range":

@@ -6,7 +6,19 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    KEY_ENV_OPT,
+    QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
+    handle_errors,
+    load_policy,
+    load_source,
+    print_json,
+    print_table,
+    set_output,
+)
 
 
 def _parse_sparsities(text: str) -> list[float]:
@@ -32,20 +44,25 @@ def register(app: typer.Typer) -> None:
         max_examples: int = typer.Option(512, help="Validation examples scored per trial."),
         max_drop: float = typer.Option(0.01, help="Allowed score drop for the suggested per-layer ratios."),
         out: Path | None = typer.Option(None, help="Also write the result JSON here."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
         """Prune each layer alone at each sparsity and score it (accuracy, or cosine fidelity for embedders)."""
         from slimguard import data as sgdata
-        from slimguard.models.sources import load_model
+        from slimguard.core.outputs import check_output_file, write_json_atomic
         from slimguard.models.spec import info
-        from slimguard.pipeline import write_json_atomic
         from slimguard.prune.sensitivity import ratios_from_sensitivity
         from slimguard.prune.sensitivity import sensitivity as run
 
         set_output(json_out, quiet)
         values = _parse_sparsities(sparsities)
-        m = load_model(model, progress=not (json_out or quiet))
+        if out is not None:
+            check_output_file(out, "--out")  # before any work
+        policy = load_policy(trust_code, require_signature, key_env)
+        m = load_source(model, policy, progress=not (json_out or quiet))
         mi = info(m)
         name = data or mi.data.get("name") or ("docs-text" if mi.task == "embedding" else None)
         if not name:

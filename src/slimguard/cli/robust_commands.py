@@ -6,7 +6,19 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import JSON_OPT, QUIET_OPT, handle_errors, print_json, print_table, set_output
+from slimguard.cli.common import (
+    JSON_OPT,
+    KEY_ENV_OPT,
+    QUIET_OPT,
+    REQUIRE_SIGNATURE_OPT,
+    TRUST_CODE_OPT,
+    handle_errors,
+    load_policy,
+    load_source,
+    print_json,
+    print_table,
+    set_output,
+)
 from slimguard.core.errors import ConfigError
 
 
@@ -36,6 +48,9 @@ def register(app: typer.Typer) -> None:
         apgd_steps: int = typer.Option(20, help="APGD iterations."),
         seed: int = typer.Option(0, help="Seed of subsets, random starts and corruptions."),
         out: Path | None = typer.Option(None, help="Also write the scorecard JSON to this file."),
+        trust_code: Path | None = TRUST_CODE_OPT,
+        require_signature: bool = REQUIRE_SIGNATURE_OPT,
+        key_env: str | None = KEY_ENV_OPT,
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
@@ -44,14 +59,17 @@ def register(app: typer.Typer) -> None:
         Quantized models are attacked through their fake-quant twin; both numbers are shown.
         """
         from slimguard import data as sgdata
-        from slimguard.models.sources import load_model
+        from slimguard.core.outputs import check_output_file
         from slimguard.models.spec import maybe_info
         from slimguard.robust.scorecard import scorecard
 
         set_output(json_out, quiet)
+        if out is not None:
+            check_output_file(out, "--out")  # before any work
         show = not (json_out or quiet)
-        m = load_model(model, progress=show)
-        ref = load_model(against, progress=show) if against else None
+        policy = load_policy(trust_code, require_signature, key_env)
+        m = load_source(model, policy, progress=show)
+        ref = load_source(against, policy, progress=show) if against else None
         mi = maybe_info(m)
         name = data or (mi.data.get("name") if mi is not None and mi.data else None)
         if not name:

@@ -109,6 +109,26 @@ class Config:
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
+    @classmethod
+    def build(cls: type[C], config: C | None = None, options: dict[str, Any] | None = None,
+              where: str = "") -> C:
+        """The config an object was given: ``config`` itself, or one built from keyword ``options``.
+
+        Classes that take a config also take its options as keywords through this one door, so options
+        are checked in one place: ``PGD(eps=0.1)`` is ``PGD(PGDConfig(eps=0.1))``, and an unknown keyword
+        is named with the allowed ones (see :meth:`from_fields`). Giving both, or another class's config,
+        is refused.
+        """
+        where = where or cls.config_name or cls.__name__
+        if config is None:
+            return cls.from_fields(dict(options or {}), where=where)
+        if options:
+            raise ConfigError(f"{where}: give a {cls.__name__} or keyword options ({', '.join(options)}), "
+                              "not both")
+        if not isinstance(config, cls):
+            raise ConfigError(f"{where}: expected a {cls.__name__}, got {type(config).__name__}")
+        return config
+
 
 def _to_plain(value: Any) -> Any:
     if isinstance(value, Config):

@@ -34,6 +34,10 @@ class ArtifactError(UserError):
     """An artifact that is truncated, corrupted, tampered with, or from a newer format."""
 
 
+class OutputError(UserError):
+    """An output path that cannot be used: a file where a folder belongs (or the reverse), or not writable."""
+
+
 class NotFittedError(UserError, RuntimeError):
     """An object (detector, contract, observer) used before ``fit``."""
 

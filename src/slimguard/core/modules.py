@@ -52,6 +52,10 @@ _TORCH: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]]]] = {
     "torch.nn.Conv2d": (nn.Conv2d, _conv_kwargs),
     "torch.nn.BatchNorm1d": (nn.BatchNorm1d, _bn_kwargs),
     "torch.nn.BatchNorm2d": (nn.BatchNorm2d, _bn_kwargs),
+    "torch.nn.BatchNorm3d": (nn.BatchNorm3d, _bn_kwargs),
+    "torch.nn.Conv3d": (nn.Conv3d, _conv_kwargs),
+    "torch.nn.GroupNorm": (nn.GroupNorm, lambda m: dict(num_groups=m.num_groups, num_channels=m.num_channels,
+                                                        eps=m.eps, affine=m.affine)),
     "torch.nn.LayerNorm": (nn.LayerNorm, lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps,
                                                         elementwise_affine=m.elementwise_affine,
                                                         bias=getattr(m, "bias", None) is not None)),
@@ -86,7 +90,17 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
     )
 
 
+def is_allowlisted(module: nn.Module) -> bool:
+    """True when ``module``'s class can be built from a manifest (so its tensor shapes follow from its
+    constructor arguments)."""
+    cls = type(module)
+    name = getattr(cls, "_slimguard_name", None)
+    return cls in _TORCH_BY_CLASS or (name is not None and _CLASSES.get(name) is cls)
+
+
 def build_module(spec: dict[str, Any]) -> nn.Module:
+    """Construct an allowlisted module from ``{"class": name, "init": kwargs}``; ArtifactError for a
+    class that is not on the allowlist (nothing is imported by name)."""
     import slimguard.registry_index  # noqa: F401  (registers slimguard's own classes)
 
     name = spec.get("class", "")

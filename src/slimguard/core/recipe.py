@@ -28,6 +28,7 @@ from slimguard.core.errors import ConfigError
 
 TOP_KEYS = {"model", "data", "task", "seed", "budget", "steps", "name", "description"}
 BUDGET_KEYS = {"max_accuracy_drop", "min_cosine_mean", "min_cosine_min"}
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB leaves room for comments
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ def parse(raw: Any, where: str = "recipe") -> Recipe:
     """Validate a recipe given as a parsed mapping; raise ConfigError naming the first problem."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with keys model, data, steps")
-    unknown = sorted(set(raw) - TOP_KEYS)
+    unknown = sorted(set(raw) - TOP_KEYS, key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")
     for key in ("model", "data", "steps"):
@@ -102,14 +103,74 @@ def _step_class(name: str, at: str) -> type[Config]:
         raise ConfigError(f"{at}: {exc}") from None
 
 
-def load(path: str | Path) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file not found: {path}; check the path")
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, mark: Any) -> None:
+        super().__init__("anchor or alias")
+        self.mark = mark
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors (``&name``) and aliases (``*name``): a few nested aliases
+    in a kilobyte of YAML can expand to gigabytes, and no recipe or contract needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _AliasRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text safely (plain data only, no anchors or aliases); raise a one-line ConfigError.
+
+    Args:
+        text: the YAML document.
+        where: what to name in errors (a file name).
+    """
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: plain data only
+    except _AliasRefused as exc:
+        raise ConfigError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed "
+                          f"(line {exc.mark.line + 1}); write the values out") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    return parse(raw, where=p.name)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        # PyYAML's scalar constructors (e.g. an explicit ``!!int`` tag on a non-number) raise these
+        raise ConfigError(f"{where}: not valid YAML ({type(exc).__name__}: {str(exc)[:80]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply; "
+                          "recipes and contracts are a few levels deep") from None
+
+
+def read_yaml_file(path: str | Path, what: str, max_bytes: int) -> Any:
+    """Read and parse a small YAML file: it must exist, be at most ``max_bytes`` and be UTF-8 text.
+
+    Raises:
+        ConfigError: one line naming the file and the problem.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {path}; check the path")
+    with open(p, "rb") as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{path}: more than {max_bytes:,} bytes is too large for a {what} file; "
+                          "check that this is the right file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); "
+                          f"a {what} is a YAML text file") from None
+    return load_yaml(text, str(path))
+
+
+def loads(text: str, where: str = "recipe") -> Recipe:
+    """Parse and validate a recipe given as YAML text."""
+    return parse(load_yaml(text, where), where=where)
+
+
+def load(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file (UTF-8 YAML, at most :data:`MAX_RECIPE_BYTES`)."""
+    return parse(read_yaml_file(path, "recipe", MAX_RECIPE_BYTES), where=Path(path).name)

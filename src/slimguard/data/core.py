@@ -223,8 +223,17 @@ def make_bundle(
     seed: int,
     calib_size: int = 256,
 ) -> DataBundle:
-    """Split arrays, compute train statistics and build the bundle."""
-    x = np.asarray(x, dtype=np.float32)
+    """Split arrays, compute train statistics and build the bundle.
+
+    Raises:
+        DataError: ``x`` holds values that are not finite once in float32 (the dtype models see).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise DataError(f"{meta_kwargs.get('name', 'data')}: x holds values that are NaN, infinite or beyond "
+                        f"float32's range (first in row {row}); clean or rescale them")
     y = np.asarray(y, dtype=np.int64)
     tr, va, te = stratified_split(y, seed)
     xt = torch.from_numpy(x)

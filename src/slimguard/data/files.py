@@ -1,13 +1,22 @@
-"""Loaders for user files: ``npz:FILE`` (arrays ``x`` and ``y``) and ``csv:FILE`` (a named label column)."""
+"""Loaders for user files: ``npz:FILE`` (arrays ``x`` and ``y``) and ``csv:FILE`` (a named label column).
+
+Files are checked before their contents are trusted: an ``.npz`` must be a zip archive whose array
+headers promise no more bytes than it holds (and at most :data:`MAX_NPZ_BYTES`), loaded without pickle;
+a CSV must be UTF-8 text. Values must be finite and fit in float32, the dtype models see.
+"""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from slimguard.core.errors import DataError
 from slimguard.data.core import DataBundle, make_bundle, register_prefix
+
+MAX_NPZ_BYTES = 8 << 30  # uncompressed x and y together
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _existing(path: str, what: str) -> Path:
@@ -29,10 +38,16 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: only {len(x)} rows; at least 10 are needed to split train/val/test")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{source}: x has dtype {x.dtype}; it must be numeric")
-    bad = ~np.isfinite(x.astype(np.float64))
+    wide = x.astype(np.float64)
+    bad = ~np.isfinite(wide)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataError(f"{source}: x holds NaN or infinite values (first in row {row}); clean or impute them")
+    huge = np.abs(wide) > _FLOAT32_MAX  # would become inf in float32, the dtype models see
+    if huge.any():
+        first = tuple(np.argwhere(huge)[0])
+        raise DataError(f"{source}: x holds values beyond float32's range of +-3.4e38 (first in row "
+                        f"{int(first[0])}: {wide[first]:.3g}); rescale them")
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
             y = y.astype(np.int64)
@@ -42,17 +57,59 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: labels must be in 0..C-1 but the smallest is {int(y.min())}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _check_npz(p: Path, source: str) -> None:
+    """Before loading: a zip archive holding ``x.npy`` and ``y.npy`` whose headers promise no more bytes
+    than the archive declares for them, together at most :data:`MAX_NPZ_BYTES`."""
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if not magic:
+        raise DataError(f"{source}: the file is empty; save arrays with numpy.savez(path, x=..., y=...)")
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise DataError(f"{source}: not an .npz archive (a zip of .npy arrays); save arrays with "
+                        "numpy.savez(path, x=..., y=...)")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = {info.filename.removesuffix(".npy"): info for info in zf.infolist()}
+            if "x" not in members or "y" not in members:
+                found = ", ".join(sorted(members)) or "nothing"
+                raise DataError(f"{source}: needs arrays named 'x' and 'y'; found {found}")
+            total = 0
+            for key in ("x", "y"):
+                info = members[key]
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh)
+                need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if need > info.file_size:
+                    raise DataError(f"{source}: array {key!r} claims shape {shape} ({need:,} bytes) but "
+                                    f"holds {info.file_size:,} bytes; the file is damaged")
+                total += info.file_size
+            if total > MAX_NPZ_BYTES:
+                raise DataError(f"{source}: arrays of {total:,} bytes exceed the limit of "
+                                f"{MAX_NPZ_BYTES:,} bytes; use a smaller sample")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
+        # zipfile raises RuntimeError (encrypted) and NotImplementedError (unknown method or version)
+        raise DataError(f"{source}: not a readable .npz file ({_one_line(exc)})") from None
+
+
 @register_prefix("npz")
 def load_npz(path: str, seed: int = 0, image: bool | None = None) -> DataBundle:
     """Arrays ``x`` (N, ...) and ``y`` (N,) from a ``.npz`` file (loaded without pickle)."""
     p = _existing(path, "npz")
+    _check_npz(p, f"npz:{path}")
     try:
         with np.load(p, allow_pickle=False) as f:
-            if "x" not in f or "y" not in f:
-                raise DataError(f"npz:{path}: needs arrays named 'x' and 'y'; found {', '.join(f.files)}")
             x, y = f["x"], f["y"]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"npz:{path}: not a readable .npz file ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"npz:{path}: not a readable .npz file ({_one_line(exc)})") from None
     validate_arrays(x, y, f"npz:{path}")
     is_image = x.ndim >= 3 if image is None else image
     x = x.astype(np.float32)
@@ -71,8 +128,14 @@ def load_csv(path: str, seed: int = 0, label: str = "label") -> DataBundle:
     import csv
 
     p = _existing(path, "csv")
-    with open(p, newline="") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"csv:{path}: not UTF-8 text (byte {exc.start}); "
+                        "save the table as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"csv:{path}: not a readable CSV file ({_one_line(exc)})") from None
     if not rows:
         raise DataError(f"csv:{path}: the file is empty")
     header, body = rows[0], rows[1:]

@@ -112,8 +112,13 @@ def load_text(path: str, seed: int = 0) -> DataBundle:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"text file not found: {path}; check the path")
+    raw = p.read_bytes()
+    fix = "give a UTF-8 text file, one text per line"
     try:
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise DataError(f"text:{path}: not UTF-8 text") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text:{path}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    if b"\x00" in raw:  # valid UTF-8 can still be a binary file
+        raise DataError(f"text:{path}: a binary file (NUL byte at {raw.index(0)}), not text; {fix}")
+    lines = [ln.strip() for ln in text.splitlines()]
     return _text_bundle([ln for ln in lines if ln], f"text:{path}", seed, f"lines of {p.name}")

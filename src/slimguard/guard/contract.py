@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,33 @@ import numpy as np
 import torch
 
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.outputs import write_text_atomic
+from slimguard.core.recipe import load_yaml, read_yaml_file
 
 MAX_REPORTED = 20  # range violations listed per check (the worst ones)
+MAX_CONTRACT_BYTES = 32 << 20  # per-feature bounds of a large input still fit
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_margin(margin: Any, what: str) -> None:
+    if not _is_number(margin) or not 0 <= margin < math.inf:
+        raise ConfigError(f"{what}: {_short(margin)} is out of range; allowed: a finite number >= 0")
+
+
+def _bad(field: str, got: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"contract {field}: {_short(got)} is not allowed; allowed: {allowed}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclasses.dataclass
@@ -95,19 +121,50 @@ class Contract:
     margin: float = 0.0
 
     def __post_init__(self) -> None:
-        self.input_shape = tuple(int(d) for d in self.input_shape)
+        shape = self.input_shape
+        if not isinstance(shape, (list, tuple)) or not all(_is_int(d) and d >= 1 for d in shape):
+            raise _bad("input_shape", shape, "positive integers, e.g. [1, 8, 8]")
+        self.input_shape = tuple(int(d) for d in shape)
         n = math.prod(self.input_shape)
-        for name in ("low", "high"):
-            v = getattr(self, name)
-            if isinstance(v, list) and len(v) != n:
-                raise ConfigError(f"contract {name}: {len(v)} bounds given but the input has {n} features")
+        dtypes = self.dtypes
+        if not isinstance(dtypes, list) or not dtypes or not all(isinstance(d, str) for d in dtypes):
+            raise _bad("dtypes", self.dtypes, "a non-empty list of dtype names, e.g. [float32]")
         for d in self.dtypes:
             if not isinstance(getattr(torch, d, None), torch.dtype):
-                raise ConfigError(f"contract dtypes: {d!r} is not a torch dtype; e.g. float32, float64, int64")
-        if self.feature_names and len(self.feature_names) != n:
-            raise ConfigError(f"contract feature_names: {len(self.feature_names)} names for {n} features")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ConfigError(f"contract max_batch: {self.max_batch} is out of range; allowed: >= 1 or null")
+                raise ConfigError(f"contract dtypes: {d!r} is not a torch dtype; e.g. float32, int64")
+        names = self.feature_names
+        if not isinstance(names, list) or not all(isinstance(f, str) for f in names):
+            raise _bad("feature_names", names, "a list of names")
+        if names and len(names) != n:
+            raise ConfigError(f"contract feature_names: {len(names)} names for {n} features")
+        if self.max_batch is not None and (not _is_int(self.max_batch) or self.max_batch < 1):
+            raise _bad("max_batch", self.max_batch, "an integer >= 1, or null")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise _bad("allow_nonfinite", self.allow_nonfinite, "true or false")
+        _check_margin(self.margin, "contract margin")
+        self._check_bounds(n)
+
+    def _check_bounds(self, n: int) -> None:
+        """Bounds are numbers (one, or one per feature), never NaN (NaN compares false, so it would bound
+        nothing), with low <= high."""
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            values = v if isinstance(v, list) else [v]
+            if not all(_is_number(e) for e in values):
+                raise _bad(name, v, "a number or a list of numbers")
+            if any(math.isnan(e) for e in values):
+                raise _bad(name, v, "numbers, not NaN (-.inf / .inf for no bound)")
+            if isinstance(v, list) and len(v) != n:
+                raise ConfigError(f"contract {name}: {len(v)} bounds given but the input has {n} features")
+        low = torch.as_tensor(self.low, dtype=torch.float64)
+        high = torch.as_tensor(self.high, dtype=torch.float64)
+        inverted = torch.broadcast_to(low > high, (n,) if low.dim() or high.dim() else ())
+        if bool(inverted.any()):
+            j = int(inverted.flatten().nonzero()[0, 0])
+            lo, hi = (float(t if t.dim() == 0 else t[j]) for t in (low, high))
+            where = "" if inverted.dim() == 0 else f" of {self._feature(j)}"
+            raise ConfigError(f"contract low/high: the low bound{where} ({lo:g}) is above the high bound "
+                              f"({hi:g}); allowed: low <= high")
 
     # ---- inference ---------------------------------------------------------------------------------
     @classmethod
@@ -124,6 +181,7 @@ class Contract:
         x = data.x if hasattr(data, "x") else data
         if not torch.is_tensor(x) or x.dim() < 2 or len(x) == 0:
             raise DataError("a contract is inferred from a non-empty tensor of shape (N, *input_shape)")
+        _check_margin(margin, "margin")
         meta = getattr(data, "meta", None)
         if per_feature is None:
             per_feature = getattr(meta, "kind", "tabular") != "image"
@@ -139,6 +197,10 @@ class Contract:
         else:
             lo_s, hi_s = float(finite.min()), float(finite.max())
             low, high = lo_s - margin * (hi_s - lo_s), hi_s + margin * (hi_s - lo_s)
+        fitted = [v for bound in (low, high) for v in (bound if isinstance(bound, list) else [bound])]
+        if any(math.isnan(v) for v in fitted):  # e.g. 0 * inf when the values span more than float64 holds
+            raise DataError("the training values span more than float64 can hold, so no range can be "
+                            "inferred; rescale the inputs")
         return cls(tuple(x.shape[1:]), [str(x.dtype).removeprefix("torch.")], low, high, False, max_batch,
                    list(feature_names or []), margin)
 
@@ -184,7 +246,10 @@ class Contract:
         flat = flat.double()
         low = torch.as_tensor(self.low, dtype=torch.float64)
         high = torch.as_tensor(self.high, dtype=torch.float64)
-        below, above = (flat < low) & finite, (flat > high) & finite  # non-finite values reported above
+        # in range only when both comparisons hold, so a NaN bound rejects (fails closed); non-finite
+        # values were reported above
+        below = ~(flat >= low) & finite
+        above = ~(flat <= high) & finite & ~below
         if bool(below.any()) or bool(above.any()):
             out.extend(self._range_violations(flat, below, above, low, high))
         return out
@@ -195,6 +260,7 @@ class Contract:
         lo = low.expand(flat.shape[1]) if low.dim() == 0 else low
         hi = high.expand(flat.shape[1]) if high.dim() == 0 else high
         excess = torch.where(below, lo - flat, torch.zeros_like(flat)) + torch.where(above, flat - hi, 0.0)
+        excess = torch.nan_to_num(excess, nan=math.inf)  # NaN bound: the worst violation
         if low.dim() == 0:  # one range for every value: report the input as a whole
             bad = below | above
             i, j = divmod(int(excess.argmax()), flat.shape[1])
@@ -257,28 +323,17 @@ class Contract:
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "contract") -> Contract:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({exc})") from None
-        return cls.from_dict(raw, where)
+        """Parse a contract from YAML text (plain data only; anchors and aliases are refused)."""
+        return cls.from_dict(load_yaml(text, where), where)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, p)
-        return p
+        """Write the contract as YAML (atomically)."""
+        return write_text_atomic(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Contract:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"contract file not found: {p}")
-        return cls.from_yaml(p.read_text(), str(p))
+        """Read a contract YAML file (UTF-8, at most :data:`MAX_CONTRACT_BYTES`, no anchors/aliases)."""
+        return cls.from_dict(read_yaml_file(path, "contract", MAX_CONTRACT_BYTES), str(path))
 
 
 def basic_check(x: Any) -> list[Violation]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.errors import ConfigError
+from slimguard.core.registry import Registry
 from slimguard.guard.contract import Contract, ContractViolation, basic_check
 from slimguard.guard.monitor import Monitor, MonitorConfig
 from slimguard.guard.ood import Detector, make_detector
@@ -51,6 +52,33 @@ class GuardResult:
                 "latency_ms": self.latency_ms}
 
 
+# protections Guard.build attaches, by name: ``fn(model, data, artifact) -> protection``
+ProtectionBuilder = Callable[[nn.Module, Any, "str | os.PathLike[str] | None"], Any]
+PROTECTIONS: Registry[ProtectionBuilder] = Registry("protection")
+
+
+@PROTECTIONS.register("range")
+def _range_restriction(model: nn.Module, data: Any, artifact: str | os.PathLike[str] | None) -> RangeRestriction:
+    return RangeRestriction().profile(model, data.train.x)
+
+
+@PROTECTIONS.register("checksums")
+def _checksums(model: nn.Module, data: Any, artifact: str | os.PathLike[str] | None) -> WeightChecksums:
+    if artifact is not None:
+        return WeightChecksums.from_artifact(artifact)
+    good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return WeightChecksums.from_model(model, source=good)
+
+
+def _rows(x: Any) -> int:
+    """How many inputs a rejected call held, for the monitor's count (1 when it has no batch dimension,
+    such as a 0-d tensor or a scalar)."""
+    try:
+        return max(1, len(x))
+    except TypeError:
+        return 1
+
+
 class Guard:
     """Guards a classifier in process: every input is checked, scored for OOD, and monitored.
 
@@ -79,28 +107,18 @@ class Guard:
               monitor_config: MonitorConfig | None = None, detector_options: dict[str, Any] | None = None,
               artifact: str | os.PathLike[str] | None = None) -> Guard:
         """A guard set up from a :class:`~slimguard.data.DataBundle`: contract inferred from ``train``,
-        detector fitted on ``train`` and calibrated on ``val`` at ``tpr``, monitor reference from
-        ``val``, and the named protections (``range``: range restriction profiled on ``train``;
-        ``checksums``: weight checksums verified before every call and repaired from ``artifact``, the
-        model's ``.slim`` file, or else from a copy of its state taken now)."""
-        allowed = ("range", "checksums")
-        for p in protect:
-            if p not in allowed:
-                raise ConfigError(f"protect: {p!r} is not allowed; allowed: {', '.join(allowed)}")
+        detector (a name from :data:`~slimguard.guard.ood.DETECTORS`, with ``detector_options`` for its
+        config) fitted on ``train`` and calibrated on ``val`` at ``tpr``, monitor reference from ``val``,
+        and the named protections (:data:`PROTECTIONS`: ``range``: range restriction profiled on
+        ``train``; ``checksums``: weight checksums verified before every call and repaired from
+        ``artifact``, the model's ``.slim`` file, or else from a copy of its state taken now)."""
+        builders = [PROTECTIONS.get(p) for p in ((protect,) if isinstance(protect, str) else protect)]
         contract = Contract.infer(data.train, margin=margin)
         det = None
         if detector is not None:
             det = make_detector(detector, model, **(detector_options or {})).fit(data.train).calibrate(data.val, tpr)
         monitor = Monitor.from_model(model, data.val, monitor_config)
-        prots: list[Any] = []
-        if "range" in protect:
-            prots.append(RangeRestriction().profile(model, data.train.x))
-        if "checksums" in protect:
-            if artifact is not None:
-                prots.append(WeightChecksums.from_artifact(artifact))
-            else:
-                good = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                prots.append(WeightChecksums.from_model(model, source=good))
+        prots = [build(model, data, artifact) for build in builders]
         return cls(model, contract, det, monitor, prots)
 
     def check(self, x: Any) -> list[dict[str, Any]]:
@@ -119,7 +137,7 @@ class Guard:
         violations = self.contract.check(x) if self.contract is not None else basic_check(x)
         if violations:
             if self.monitor is not None:
-                self.monitor.record_rejected(max(1, len(x)) if hasattr(x, "__len__") else 1)
+                self.monitor.record_rejected(_rows(x))
             raise ContractViolation(violations)
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)

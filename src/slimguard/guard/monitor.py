@@ -111,6 +111,8 @@ def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
 def _level(value: float | None, warn: float | None, alert: float | None) -> str:
     if value is None:
         return "ok"
+    if value != value:  # NaN (e.g. from NaN probabilities): fail closed
+        return "alert"
     if alert is not None and value >= alert:
         return "alert"
     if warn is not None and value >= warn:
@@ -122,15 +124,16 @@ class Monitor:
     """Rolling-window monitor of a served classifier (thread-safe).
 
     Args:
-        config: thresholds and window sizes (default :class:`MonitorConfig`).
+        config: thresholds and window sizes (default :class:`MonitorConfig`), or its keys as keywords
+            (``Monitor(window=200)`` is ``Monitor(MonitorConfig(window=200))``).
         reference: reference softmax probabilities ``(N, C)`` (validation data), or set later with
             :meth:`set_reference`.
         reference_labels: labels of the reference rows (gives the reference error rate).
     """
 
     def __init__(self, config: MonitorConfig | None = None, reference: torch.Tensor | None = None,
-                 reference_labels: torch.Tensor | None = None) -> None:
-        self.config = config or MonitorConfig()
+                 reference_labels: torch.Tensor | None = None, **options: Any) -> None:
+        self.config = MonitorConfig.build(config, options, where="monitor")
         w = self.config.window
         self._lock = threading.Lock()
         self._conf: collections.deque[float] = collections.deque(maxlen=w)
@@ -171,6 +174,11 @@ class Monitor:
         ids (to match labels that arrive later)."""
         if self.ref_conf is None:
             raise NotFittedError("the monitor has no reference; use Monitor.from_model or set_reference first")
+        if not torch.is_tensor(probs) or probs.dim() != 2 or probs.shape[1] == 0:
+            got = tuple(probs.shape) if torch.is_tensor(probs) else type(probs).__name__
+            raise DataError(f"monitor: probabilities must have shape (N, num_classes), got {got}")
+        if ood is not None and tuple(ood.shape) != (len(probs),):
+            raise DataError(f"monitor: OOD flags must have shape ({len(probs)},), got {tuple(ood.shape)}")
         conf, pred = probs.detach().float().max(-1)
         if ids is not None and len(ids) != len(pred):
             raise DataError(f"{len(ids)} ids for {len(pred)} predictions; give one id per row")
@@ -193,6 +201,8 @@ class Monitor:
 
     def record_rejected(self, n: int = 1) -> None:
         """Count inputs refused before reaching the model (contract violations)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DataError(f"monitor: rejected count {n!r} must be an integer >= 1")
         with self._lock:
             self.counters["rejected"] += n
 

@@ -6,10 +6,17 @@ Nothing is downloaded: Hugging Face models load from a local directory with ``HF
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
+import keyword
 import os
+import re
+import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -17,8 +24,12 @@ import torch.nn as nn
 from slimguard.core.errors import ModelError, require
 from slimguard.models.spec import ModelInfo, register_builder, set_info
 
+if TYPE_CHECKING:
+    from slimguard.core.artifact import LoadPolicy
 
-def load_model(source: str, *, weights: str | None = None, seed: int = 0, progress: bool = True) -> nn.Module:
+
+def load_model(source: str, *, weights: str | None = None, seed: int = 0, progress: bool = True,
+               policy: LoadPolicy | None = None) -> nn.Module:
     """Load a model from a source string.
 
     Args:
@@ -26,13 +37,16 @@ def load_model(source: str, *, weights: str | None = None, seed: int = 0, progre
             or a path to a ``.slim`` artifact.
         weights: safetensors file for ``python:`` sources (optional).
         seed: seed for zoo models trained on first use.
+        policy: how a ``.slim`` artifact is loaded (trusted code file, signing keys, signature required,
+            byte limit); default :class:`~slimguard.core.artifact.LoadPolicy` (no code trusted, keys from
+            ``$SLIMGUARD_SIGNING_KEY``).
     """
     from slimguard.models import zoo
 
     if source.endswith(".slim"):
-        from slimguard.core.artifact import load as load_artifact
+        from slimguard.core.artifact import LoadPolicy
 
-        return load_artifact(source)
+        return (policy or LoadPolicy()).load(source)
     kind, sep, arg = source.partition(":")
     if not sep and source in zoo.ZOO:
         return zoo.load(source, seed=seed, progress=progress)
@@ -51,28 +65,77 @@ def load_model(source: str, *, weights: str | None = None, seed: int = 0, progre
 
 
 # ---- python:FILE.py:factory ---------------------------------------------------------------------
-def _import_factory(file: str, factory: str):
-    path = Path(file).expanduser()
+_FILE_MODULES: dict[tuple[str, str], types.ModuleType] = {}
+
+
+def file_sha256(file: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes."""
+    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+
+
+def check_factory_name(factory: str) -> str:
+    """A factory is named by a plain identifier (no dots, no dunders, no keywords)."""
+    if not factory.isidentifier() or keyword.iskeyword(factory) or (factory.startswith("__")
+                                                                   and factory.endswith("__")):
+        raise ModelError(f"factory {factory!r} is not a plain Python identifier; name a function in the file")
+    return factory
+
+
+def import_file(file: str | os.PathLike[str], sha256: str | None = None) -> types.ModuleType:
+    """Import a Python file once per (resolved path, sha256), under a stable module name.
+
+    The bytes that are hashed are the bytes that run (no second read), and a second import of the same
+    file returns the same module, so its classes keep their identity (a model saved and reloaded in one
+    process still has the same layer types). ``sha256``, when given, must match the file.
+    """
+    path = Path(file).expanduser().resolve()
     if not path.is_file():
         raise ModelError(f"python model file not found: {file}; check the path")
-    spec = importlib.util.spec_from_file_location(f"slimguard_user_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ModelError(f"cannot import {file} as a Python module")
+    src = path.read_bytes()
+    digest = hashlib.sha256(src).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ModelError(f"{file} has sha256 {digest}, not the {sha256} recorded for it; it changed since")
+    cached = _FILE_MODULES.get((str(path), digest))
+    if cached is not None:
+        return cached
+    name = f"slimguard_user_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest[:12]}"
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
+    assert spec is not None
     module = importlib.util.module_from_spec(spec)
+    module.__file__ = str(path)
+    sys.modules[name] = module  # dataclasses and pickling look classes up by module name
     try:
-        spec.loader.exec_module(module)
+        exec(compile(src, str(path), "exec"), module.__dict__)
     except Exception as exc:
+        sys.modules.pop(name, None)
         raise ModelError(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    _FILE_MODULES[(str(path), digest)] = module
+    return module
+
+
+def _import_factory(file: str, factory: str, sha256: str | None = None) -> Callable[..., Any]:
+    check_factory_name(factory)
+    module = import_file(file, sha256)
     fn = getattr(module, factory, None)
-    if not callable(fn):
-        raise ModelError(f"{file} has no callable {factory!r}; name a function that returns an nn.Module")
+    defined_here = getattr(fn, "__module__", None) == module.__name__
+    if not callable(fn) or not (inspect.isfunction(fn) or inspect.isclass(fn)) or not defined_here:
+        raise ModelError(f"{file} has no callable {factory!r} defined in it; name a function that returns an "
+                         "nn.Module")
     return fn
 
 
 @register_builder("python")
 def _build_python(source: dict[str, Any]) -> nn.Module:
-    fn = _import_factory(source["file"], source["factory"])
-    model = fn(**source.get("kwargs", {}))
+    """Build from ``source["file"]`` (checked against ``source["sha256"]`` when recorded).
+
+    Only call this with a file the user named: :func:`slimguard.core.artifact.load` replaces a manifest's
+    path by the caller's ``trust_code`` file before it gets here.
+    """
+    kwargs = source.get("kwargs", {})
+    if not all(isinstance(v, (str, int, float, bool, type(None))) for v in kwargs.values()):
+        raise ModelError(f"python source kwargs must be JSON scalars, got {kwargs!r}")
+    fn = _import_factory(source["file"], source["factory"], source.get("sha256"))
+    model = fn(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source['factory']}() returned {type(model).__name__}, not an nn.Module")
     return model
@@ -83,7 +146,10 @@ def load_python(arg: str, weights: str | None = None, task: str = "classificatio
     file, sep, factory = arg.rpartition(":")
     if not sep or not file:
         raise ModelError(f"python source {arg!r} must look like FILE.py:factory")
-    source = {"kind": "python", "file": str(Path(file).expanduser().resolve()), "factory": factory, "kwargs": {}}
+    path = Path(file).expanduser().resolve()
+    check_factory_name(factory)
+    source = {"kind": "python", "file": str(path), "factory": factory, "kwargs": {},
+              "sha256": file_sha256(path) if path.is_file() else None}
     model = _build_python(source)
     if weights:
         from safetensors.torch import load_file
@@ -157,16 +223,47 @@ def _offline() -> None:
     hf_logging.disable_progress_bar()  # slimguard shows its own progress; keep --json output clean
 
 
+# config keys that make transformers run or fetch code instead of building its own classes
+_CODE_KEYS = {"auto_map", "custom_pipelines", "trust_remote_code"}
+_SAFE_IMPLEMENTATIONS = {None, "eager", "sdpa"}
+
+
+def _check_hf_config(config: Any, where: str = "config") -> None:
+    """Refuse keys of a Hugging Face config (at any depth) that would name code to import or download."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k in _CODE_KEYS:
+                raise ModelError(f"hf source {where}.{k} names code to run; slimguard builds only "
+                                 "transformers' own model classes")
+            if "implementation" in str(k) and v not in _SAFE_IMPLEMENTATIONS:
+                raise ModelError(f"hf source {where}.{k} = {v!r} is not allowed; allowed: eager, sdpa")
+            _check_hf_config(v, f"{where}.{k}")
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            _check_hf_config(v, f"{where}[{i}]")
+
+
 @register_builder("hf")
 def _build_hf(source: dict[str, Any]) -> nn.Module:
+    """An untrained encoder from a config dict: ``model_type`` must be one of transformers' own, and no
+    remote code is ever trusted (``trust_remote_code=False`` for the model and the tokenizer)."""
     _offline()
     transformers = require("transformers", "nlp")
-    config = transformers.AutoConfig.for_model(**source["config"])
-    encoder = transformers.AutoModel.from_config(config)
+    _check_hf_config(source["config"])
+    try:
+        config = transformers.AutoConfig.for_model(**source["config"])
+        encoder = transformers.AutoModel.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"hf source config cannot be built ({type(exc).__name__}: {exc})") from None
     model = SentenceEmbedder(encoder, pooling=source.get("pooling", "mean"))
     tok_dir = source.get("tokenizer_dir")
     if tok_dir and Path(tok_dir).is_dir():
-        model.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        try:
+            model.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True,
+                                                                         trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"hf source tokenizer_dir {tok_dir}: cannot load a tokenizer without remote "
+                             f"code ({type(exc).__name__}: {exc})") from None
     return model
 
 
@@ -178,9 +275,11 @@ def load_hf(directory: str, pooling: str = "mean") -> nn.Module:
     if not (path / "config.json").is_file():
         raise ModelError(f"hf:{directory}: no config.json there; point to a local Hugging Face model directory")
     try:
-        encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except OSError as exc:
+        encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                         trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                               trust_remote_code=False)
+    except (OSError, ValueError) as exc:
         raise ModelError(f"hf:{directory}: cannot load the model ({exc})") from None
     encoder.eval()
     model = SentenceEmbedder(encoder, pooling=pooling)

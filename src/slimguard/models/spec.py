@@ -23,8 +23,10 @@ ATTR = "_slimguard_info"
 class ModelInfo:
     """Attributes:
     source: how to rebuild the architecture: ``{"kind": "zoo", "name": ..., "kwargs": {...}}``,
-        ``{"kind": "python", "file": ..., "factory": ..., "kwargs": {...}}`` or
-        ``{"kind": "hf", "config": {...}, "pooling": "mean"}``.
+        ``{"kind": "python", "file": ..., "factory": ..., "kwargs": {...}, "sha256": ...}`` or
+        ``{"kind": "hf", "config": {...}, "pooling": "mean"}``. A python source runs user code: an
+        artifact rebuilds it only from a file its caller names (``sg.load(path, trust_code=FILE)``),
+        whose sha256 must match the recorded one; see :mod:`slimguard.core.artifact`.
     task: ``classification`` or ``embedding``.
     data: the training data's :class:`~slimguard.data.DataMeta` as a dict (may be empty).
     history: the transforms applied so far (config dicts), for the manifest and reports.

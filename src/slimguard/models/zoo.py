@@ -8,7 +8,9 @@
 | ``tabular-mlp``   | breast-cancer | 30-64-32-2                                         |
 
 Training is seeded; the trained weights are cached as a ``.slim`` artifact (checksummed) under
-``$SLIMGUARD_CACHE`` or the user cache directory.
+``$SLIMGUARD_CACHE`` or the user cache directory. A cached file is loaded like any artifact (signed with
+``$SLIMGUARD_SIGNING_KEY`` when it is set, and refused unsigned once it is); one that is refused is
+deleted and trained again, never trusted.
 """
 
 from __future__ import annotations

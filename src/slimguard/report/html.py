@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from slimguard.core.outputs import set_default_mode
+
 ROWS = [
     ("accuracy", "accuracy"), ("cosine mean", "cosine_mean"), ("cosine min", "cosine_min"),
     ("parameters", "params"), ("nonzero parameters", "nonzero_params"), ("file bytes", "size_bytes"),
@@ -106,6 +108,7 @@ def write_report(result: dict[str, Any], path: str | os.PathLike[str], title: st
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(render_html(result, title))
+        set_default_mode(tmp)  # mkstemp made it 0600; give it the umask's mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -83,7 +83,11 @@ class HashedLinear(nn.Module):
         bound = 1.0 / max(1, in_features) ** 0.5
         self.weight_pool = nn.Parameter(torch.empty(buckets).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
-        index, sign = hash_indices(out_features, in_features, buckets, seed)
+        if torch.empty(0).is_meta:  # a structure-only build (artifact loading checks sizes first): no hashing
+            index = torch.empty(out_features, in_features, dtype=torch.int64)
+            sign = torch.empty(out_features, in_features)
+        else:
+            index, sign = hash_indices(out_features, in_features, buckets, seed)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
 

@@ -4,67 +4,60 @@ A transformer block keeps its hidden width (residual stream, LayerNorms, embeddi
 are whole attention heads (rows of query/key/value and the matching columns of the attention output
 projection) and feed-forward neurons (rows of the first FFN layer and columns of the second). The
 dependency graph treats a registered block as one leaf whose input and output channels are fixed, and
-:func:`prune_block` cuts it.
+:meth:`BlockRule.prune_block` cuts it.
 
-Registered blocks (a registry keyed by a predicate, first match wins):
+Each block type is a :class:`BlockRule` in the layer-rule table (:mod:`slimguard.prune.rules`):
 
-* Hugging Face BERT-family layers (``BertLayer``, RoBERTa, MiniLM, ...): any module with
-  ``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate.dense`` and
-  ``output.dense``. Heads and FFN neurons. ``num_attention_heads`` and ``all_head_size`` of the
-  self-attention are updated (the artifact stores them, so pruned models load back).
+* Hugging Face BERT-family layers (``BertLayer``, RoBERTa, MiniLM, ...), matched by structure (a
+  predicate, as their classes differ per model): any module with ``attention.self.{query,key,value}``,
+  ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``. Heads and FFN neurons.
+  ``num_attention_heads`` and ``all_head_size`` of the self-attention are updated (the artifact stores
+  them, so pruned models load back).
 * ``torch.nn.TransformerEncoderLayer``: FFN neurons (``linear1``/``linear2``). Its
   ``nn.MultiheadAttention`` packs all heads into one fused projection whose width must equal the
   model width, so heads stay (documented limitation).
+
+A new block type is a :class:`BlockRule` subclass registered with
+:func:`~slimguard.prune.rules.register_rule` under its class (or a predicate).
 
 Paper: Michel et al., "Are Sixteen Heads Really Better than One?", NeurIPS 2019 (head pruning).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from slimguard.prune.importance import Importance, get_importance
-from slimguard.prune.surgery import complement, keep_count, keep_slices, lowest
-
-Predicate = Callable[[nn.Module], bool]
-BlockPruner = Callable[[nn.Module, float, float, Importance, int], dict[str, Any]]
-_BLOCKS: list[tuple[str, Predicate, BlockPruner]] = []
+from slimguard.prune.rules import LINEAR, Call, LabelGraph, Labels, LayerRule, register_rule, rule_for
+from slimguard.prune.surgery import complement, keep_count, lowest
 
 
-def register_block(name: str, predicate: Predicate) -> Callable[[BlockPruner], BlockPruner]:
-    """Register ``fn(block, head_ratio, ffn_ratio, importance, round_to) -> info`` for modules matching
-    ``predicate``."""
+class BlockRule(LayerRule):
+    """A transformer block: one leaf of the dependency graph whose outer channels stay fixed (the
+    residual stream keeps its width), pruned from the inside by :meth:`prune_block`."""
 
-    def deco(fn: BlockPruner) -> BlockPruner:
-        if any(n == name for n, _, _ in _BLOCKS):
-            raise ValueError(f"block pruner {name!r} is already registered")
-        _BLOCKS.append((name, predicate, fn))
-        return fn
+    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+        for labels in call.inputs:
+            graph.fix(labels)
+        return None
 
-    return deco
+    @abc.abstractmethod
+    def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
+                    round_to: int = 1) -> dict[str, Any]:
+        """Remove ``head_ratio`` of the attention heads and ``ffn_ratio`` of the FFN neurons in place.
 
-
-def block_kind(m: nn.Module) -> str | None:
-    for name, pred, _ in _BLOCKS:
-        if pred(m):
-            return name
-    return None
+        Returns:
+            ``{"heads": [before, after], "ffn": [before, after]}``.
+        """
 
 
 def is_block(m: nn.Module) -> bool:
-    return block_kind(m) is not None
-
-
-def prune_block(m: nn.Module, head_ratio: float, ffn_ratio: float, imp: Importance,
-                round_to: int = 1) -> dict[str, Any]:
-    for _, pred, fn in _BLOCKS:
-        if pred(m):
-            return fn(m, head_ratio, ffn_ratio, imp, round_to)
-    return {}
+    """Whether ``m`` is a transformer block with a :class:`BlockRule`."""
+    return isinstance(rule_for(m), BlockRule)
 
 
 def _channel(imp: Importance, mods: list[tuple[nn.Module, int]], n: int) -> torch.Tensor:
@@ -97,9 +90,8 @@ def _prune_ffn(first: nn.Linear, second: nn.Linear, ratio: float, imp: Importanc
     keep_n = keep_count(n, ratio, round_to, f"the feed-forward layer of {where}")
     scores = _channel(imp, [(first, 0), (second, 1)], n)
     keep = complement(n, lowest(scores, n - keep_n))
-    keep_slices(first, ("weight", "bias"), 0, keep)
-    keep_slices(second, ("weight",), 1, keep)
-    first.out_features = second.in_features = len(keep)
+    LINEAR.prune_out(first, keep)
+    LINEAR.prune_in(second, keep)
     return n, len(keep)
 
 
@@ -113,36 +105,44 @@ def _is_bert_layer(m: nn.Module) -> bool:
             and hasattr(sa, "num_attention_heads") and hasattr(sa, "attention_head_size"))
 
 
-@register_block("hf-bert-layer", _is_bert_layer)
-def _prune_bert_layer(m: nn.Module, head_ratio: float, ffn_ratio: float, imp: Importance,
-                      round_to: int) -> dict[str, Any]:
-    sa, out = m.attention.self, m.attention.output.dense
-    heads, d = int(sa.num_attention_heads), int(sa.attention_head_size)
-    kept_heads = heads
-    if head_ratio > 0:
-        keep_h = keep_count(heads, head_ratio, 1, "the attention heads of a block")
-        per_row = _channel(imp, [(sa.query, 0), (sa.key, 0), (sa.value, 0), (out, 1)], heads * d)
-        head_scores = per_row.view(heads, d).sum(1)
-        kept = complement(heads, lowest(head_scores, heads - keep_h))
-        rows = (kept[:, None] * d + torch.arange(d)[None, :]).flatten()
-        for lin in (sa.query, sa.key, sa.value):
-            keep_slices(lin, ("weight", "bias"), 0, rows)
-            lin.out_features = len(rows)
-        keep_slices(out, ("weight",), 1, rows)
-        out.in_features = len(rows)
-        sa.num_attention_heads = len(kept)
-        sa.all_head_size = len(rows)
-        kept_heads = len(kept)
-        pruned = getattr(m.attention, "pruned_heads", None)
-        if isinstance(pruned, set):
-            pruned.update(set(range(heads)) - set(kept.tolist()))
-    before, after = _prune_ffn(m.intermediate.dense, m.output.dense, ffn_ratio, imp, round_to, "a BERT layer")
-    return {"heads": [heads, kept_heads], "ffn": [before, after]}
+class BertLayerRule(BlockRule):
+    """Hugging Face BERT-family layer: attention heads and FFN neurons."""
+
+    def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
+                    round_to: int = 1) -> dict[str, Any]:
+        sa, out = block.attention.self, block.attention.output.dense
+        heads, d = int(sa.num_attention_heads), int(sa.attention_head_size)
+        kept_heads = heads
+        if head_ratio > 0:
+            keep_h = keep_count(heads, head_ratio, 1, "the attention heads of a block")
+            per_row = _channel(importance, [(sa.query, 0), (sa.key, 0), (sa.value, 0), (out, 1)], heads * d)
+            head_scores = per_row.view(heads, d).sum(1)
+            kept = complement(heads, lowest(head_scores, heads - keep_h))
+            rows = (kept[:, None] * d + torch.arange(d)[None, :]).flatten()
+            for lin in (sa.query, sa.key, sa.value):
+                LINEAR.prune_out(lin, rows)
+            LINEAR.prune_in(out, rows)
+            sa.num_attention_heads = len(kept)
+            sa.all_head_size = len(rows)
+            kept_heads = len(kept)
+            pruned = getattr(block.attention, "pruned_heads", None)
+            if isinstance(pruned, set):
+                pruned.update(set(range(heads)) - set(kept.tolist()))
+        before, after = _prune_ffn(block.intermediate.dense, block.output.dense, ffn_ratio, importance, round_to,
+                                   "a BERT layer")
+        return {"heads": [heads, kept_heads], "ffn": [before, after]}
 
 
-@register_block("torch-transformer-encoder-layer", lambda m: isinstance(m, nn.TransformerEncoderLayer))
-def _prune_torch_encoder_layer(m: nn.Module, head_ratio: float, ffn_ratio: float, imp: Importance,
-                               round_to: int) -> dict[str, Any]:
-    heads = int(m.self_attn.num_heads)
-    before, after = _prune_ffn(m.linear1, m.linear2, ffn_ratio, imp, round_to, "a TransformerEncoderLayer")
-    return {"heads": [heads, heads], "ffn": [before, after]}
+class TorchEncoderLayerRule(BlockRule):
+    """``nn.TransformerEncoderLayer``: FFN neurons (its fused attention keeps every head)."""
+
+    def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
+                    round_to: int = 1) -> dict[str, Any]:
+        heads = int(block.self_attn.num_heads)
+        before, after = _prune_ffn(block.linear1, block.linear2, ffn_ratio, importance, round_to,
+                                   "a TransformerEncoderLayer")
+        return {"heads": [heads, heads], "ffn": [before, after]}
+
+
+register_rule(_is_bert_layer)(BertLayerRule())
+register_rule(nn.TransformerEncoderLayer)(TorchEncoderLayerRule())

@@ -1,21 +1,23 @@
 """Channel dependency graph: which channels of which modules must be pruned together.
 
-The model is traced with ``torch.fx`` (standard ``torch.nn`` layers, registered transformer blocks,
-Hugging Face models and ``ignore``d modules stay leaves) and shapes are propagated with example inputs.
-Every tensor's channel dimension then carries one *label* per channel: an element id in a union-find.
+The model is traced with ``torch.fx`` (``torch.nn`` layers, module types with a layer rule, Hugging Face
+models and ``ignore``d modules stay leaves) and shapes are propagated with example inputs. Every tensor's
+channel dimension then carries one *label* per channel: an element id in a union-find.
 
-* a Conv/Linear output opens a new *space* of labels (its output channels);
-* BatchNorm, LayerNorm, activations, pooling, dropout pass labels through;
+* every leaf module is handled by its layer rule (:mod:`slimguard.prune.rules`, looked up by type): a
+  Conv/Linear output opens a new *space* of labels (its output channels); BatchNorm, LayerNorm,
+  activations, pooling, dropout pass labels through; a grouped/depthwise convolution or a GroupNorm
+  unites each group's channels, so whole groups go; a transformer block keeps its channels whole;
 * ``a + b`` (residual add, also ``*``, ``-``, ``/``) unites the labels of both operands channel by
   channel, so coupled channels are pruned together;
 * concatenation along channels concatenates labels; flatten repeats each label over the spatial size,
   so a following Linear loses the matching block of inputs;
-* a grouped/depthwise convolution unites each group's input and output channels: whole groups go;
 * graph inputs and outputs, ignored modules, and anything unknown that only sees fixed channels are
   *fixed*; a channel united with a fixed one is never pruned (outputs keep their shape).
 
-An operation the graph does not understand that receives prunable channels is refused with a
-:class:`~slimguard.core.errors.ModelError` naming its module and the way out (``ignore=[...]``).
+A leaf module without a rule, or an operation the graph does not understand, that receives prunable
+channels is refused with a :class:`~slimguard.core.errors.ModelError` naming its module and the way out
+(``ignore=[...]``).
 
 The result is a list of :class:`Group` objects; each holds *units* (sets of coupled channels) and the
 *touches* (module, role, position) a unit occupies, which :mod:`slimguard.prune.structured` scores and
@@ -25,7 +27,6 @@ cuts. Idea after Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 import sys
 from collections.abc import Callable, Sequence
@@ -37,17 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.errors import ModelError
+from slimguard.prune.blocks import is_block
+from slimguard.prune.rules import Call, Labels, LayerRule, flatten_labels, rule_for
 
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
 PASS_FUNCS: set[Any] = {
     F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.softplus,
     F.dropout, F.dropout1d, F.dropout2d, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
@@ -112,16 +105,14 @@ class _UF:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-@dataclasses.dataclass
-class _Lab:
-    ids: list[int]   # one element id per channel
-    dim: int         # the channel dimension of the tensor
-    rank: int
-
-
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack)) if stack else ""
+
+
+def _where(node: fx.Node) -> str:
+    """The module an error about ``node`` names."""
+    return str(node.target) if node.op == "call_module" else (_module_path(node) or node.name)
 
 
 class _Tracer(fx.Tracer):
@@ -141,27 +132,26 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-def is_opaque(m: nn.Module) -> bool:
-    """A transformer block or a Hugging Face model: a leaf whose outer channels stay fixed."""
-    from slimguard.prune.blocks import is_block
-
-    if is_block(m):
-        return True
+def _is_hf_model(m: nn.Module) -> bool:
     hf = sys.modules.get("transformers.modeling_utils")  # a Hugging Face model exists only if it was imported
     return hf is not None and isinstance(m, hf.PreTrainedModel)
 
 
+def is_opaque(m: nn.Module) -> bool:
+    """A transformer block or a Hugging Face model: a leaf whose outer channels stay fixed."""
+    return is_block(m) or _is_hf_model(m)
+
+
 def trace(model: nn.Module, ignore: Sequence[str] = ()) -> tuple[fx.GraphModule, set[str]]:
-    """Symbolically trace ``model``; returns the graph module and the set of opaque leaf names."""
+    """Symbolically trace ``model``; returns the graph module and the names of the leaves kept whole
+    (``ignore``d modules and Hugging Face models). A module whose own type has a layer rule is a leaf."""
     opaque: set[str] = set()
 
     def leaves(m: nn.Module, qualname: str) -> bool:
-        from slimguard.models.layers import Normalize
-
-        if qualname in ignore or is_opaque(m):
+        if qualname in ignore or _is_hf_model(m):
             opaque.add(qualname)
             return True
-        return isinstance(m, Normalize)
+        return rule_for(m, inherited=False) is not None
 
     tracer = _Tracer(leaves)
     try:
@@ -184,6 +174,9 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 class DependencyGraph:
     """Trace ``model``, propagate channel labels and build the :class:`Group` list.
+
+    Each leaf module is traced by its layer rule (:mod:`slimguard.prune.rules`); :attr:`rules` keeps the
+    rule of every leaf it traced, so the shrinking scores and cuts a module with the same rule.
 
     Args:
         model: the model (not modified).
@@ -228,7 +221,8 @@ class DependencyGraph:
         self._seen: dict[tuple[str, str], list[int]] = {}
         self._pending: list[tuple[str, str, list[int]]] = []
         self.modules = dict(self.gm.named_modules())
-        labels: dict[fx.Node, _Lab | None] = {}
+        self.rules: dict[str, LayerRule] = {}
+        labels: dict[fx.Node, Labels | None] = {}
         for node in self.gm.graph.nodes:
             labels[node] = self._visit(node, labels)
         roots = self._fixed_roots()
@@ -238,34 +232,30 @@ class DependencyGraph:
                                  f"add ignore=[{where!r}] to leave it whole")
         self.groups = self._build_groups()
 
-    # ---- helpers ------------------------------------------------------------------------------
-    def _fix(self, lab: _Lab | None) -> None:
-        if lab is not None:
-            self.fixed.update(lab.ids)
+    # ---- what a layer rule may do (slimguard.prune.rules.LabelGraph) ----------------------------
+    def new(self, n: int) -> list[int]:
+        """A new space of ``n`` prunable channels."""
+        return self.uf.new(n)
 
-    def _fixed_space(self, n: int) -> list[int]:
-        ids = self.uf.new(n)
-        self.fixed.update(ids)
-        return ids
+    def unite(self, ids: Sequence[int]) -> None:
+        """Couple channels: all of ``ids`` go together."""
+        for e in ids[1:]:
+            self.uf.union(ids[0], e)
 
-    def _tensor_args(self, node: fx.Node, labels: dict[fx.Node, _Lab | None]) -> list[_Lab | None]:
-        out: list[_Lab | None] = []
-        for a in node.all_input_nodes:
-            out.append(labels.get(a))
-        return out
+    def fix(self, labels: Labels | None) -> None:
+        """Mark every channel of ``labels`` as never pruned."""
+        if labels is not None:
+            self.fixed.update(labels.ids)
 
-    def _refuse(self, node: fx.Node, what: str, labs: list[_Lab | None]) -> None:
-        """Remember an operation the graph cannot follow; it is an error only if a channel it sees
-        turns out prunable (checked once every union is known)."""
-        ids = [i for lab in labs if lab is not None for i in lab.ids]
+    def refuse(self, where: str, what: str, labels: Sequence[Labels | None]) -> None:
+        """Remember ``what`` in module ``where``, which the graph cannot follow; it is an error only if a
+        channel it sees turns out prunable (checked once every union is known)."""
+        ids = [i for lab in labels if lab is not None for i in lab.ids]
         if ids:
-            where = str(node.target) if node.op == "call_module" else (_module_path(node) or node.name)
             self._pending.append((where, what, ids))
 
-    def _fixed_roots(self) -> set[int]:
-        return {self.uf.find(i) for i in self.fixed}
-
-    def _record(self, module: str, role: str, ids: list[int]) -> None:
+    def record(self, module: str, role: str, ids: list[int]) -> None:
+        """Module ``module`` holds channel ``ids[p]`` at position ``p`` of its ``role``."""
         key = (module, role)
         if key in self._seen:  # a module called twice: both calls share its weights
             prev = self._seen[key]
@@ -282,21 +272,42 @@ class DependencyGraph:
         for pos, e in enumerate(ids):
             self.touches.append((e, Touch(module, role, pos)))
 
-    def _input_ids(self, lab: _Lab | None, n: int, dim: int, rank: int) -> list[int]:
-        if lab is None or lab.dim != dim or len(lab.ids) != n or lab.rank != rank:
-            if lab is not None and lab.dim == dim and lab.rank == rank and len(lab.ids) != n:
-                self._fix(lab)
+    def input_ids(self, labels: Labels | None, n: int, dim: int, rank: int) -> list[int]:
+        """``labels.ids`` when they are ``n`` channels on ``dim`` of a rank-``rank`` tensor, else a fixed
+        space of ``n`` (fixing ``labels`` when only their count differs)."""
+        if labels is None or labels.dim != dim or labels.rank != rank:
             return self._fixed_space(n)
-        return lab.ids
+        if len(labels.ids) != n:
+            self.fix(labels)
+            return self._fixed_space(n)
+        return labels.ids
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _fixed_space(self, n: int) -> list[int]:
+        ids = self.uf.new(n)
+        self.fixed.update(ids)
+        return ids
+
+    def _tensor_args(self, node: fx.Node, labels: dict[fx.Node, Labels | None]) -> list[Labels | None]:
+        out: list[Labels | None] = []
+        for a in node.all_input_nodes:
+            out.append(labels.get(a))
+        return out
+
+    def _refuse(self, node: fx.Node, what: str, labs: list[Labels | None]) -> None:
+        self.refuse(_where(node), what, labs)
+
+    def _fixed_roots(self) -> set[int]:
+        return {self.uf.find(i) for i in self.fixed}
 
     # ---- the visitor ----------------------------------------------------------------------------
-    def _visit(self, node: fx.Node, labels: dict[fx.Node, _Lab | None]) -> _Lab | None:
+    def _visit(self, node: fx.Node, labels: dict[fx.Node, Labels | None]) -> Labels | None:
         shape = _shape(node)
         if node.op in ("placeholder", "get_attr"):
             return None
         if node.op == "output":
             for lab in self._tensor_args(node, labels):
-                self._fix(lab)
+                self.fix(lab)
             return None
         if node.op == "call_module":
             return self._visit_module(node, labels, shape)
@@ -304,102 +315,24 @@ class DependencyGraph:
             return self._visit_function(node, labels, shape)
         return None
 
-    def _visit_module(self, node: fx.Node, labels: dict[fx.Node, _Lab | None],
-                      shape: tuple[int, ...] | None) -> _Lab | None:
+    def _visit_module(self, node: fx.Node, labels: dict[fx.Node, Labels | None],
+                      shape: tuple[int, ...] | None) -> Labels | None:
         name = str(node.target)
         m = self.modules[name]
         ins = self._tensor_args(node, labels)
-        x = ins[0] if ins else None
-        xs = _shape(node.args[0]) if node.args else None
         if name in self.opaque:
             for lab in ins:
-                self._fix(lab)
+                self.fix(lab)
             return None
-        if isinstance(m, CONV) and xs is not None and shape is not None:
-            rank = len(xs)
-            in_ids = self._input_ids(x, m.in_channels, 1, rank)
-            out_ids = self.uf.new(m.out_channels)
-            if m.groups == 1:
-                self._record(name, "in", in_ids)
-            else:
-                bi, bo = m.in_channels // m.groups, m.out_channels // m.groups
-                for j in range(m.groups):
-                    head = out_ids[j * bo]
-                    for t in range(bi):
-                        self.uf.union(in_ids[j * bi + t], head)
-                    for s in range(bo):
-                        self.uf.union(out_ids[j * bo + s], head)
-                self._record(name, "gin", in_ids)
-            self._record(name, "out", out_ids)
-            return _Lab(out_ids, 1, len(shape))
-        if isinstance(m, nn.Linear) and xs is not None and shape is not None:
-            rank = len(xs)
-            in_ids = self._input_ids(x if x is not None and x.dim == rank - 1 else None, m.in_features,
-                                     rank - 1, rank)
-            self._record(name, "in", in_ids)
-            out_ids = self.uf.new(m.out_features)
-            self._record(name, "out", out_ids)
-            if x is not None and x.dim != rank - 1:
-                self._fix(x)
-            return _Lab(out_ids, len(shape) - 1, len(shape))
-        if isinstance(m, NORMS):
-            if x is None or x.dim != 1 or len(x.ids) != m.num_features:
-                self._fix(x)
-                return x
-            if m.affine or m.track_running_stats:
-                self._record(name, "feat", x.ids)
-            return x
-        if isinstance(m, nn.LayerNorm):
-            if x is None:
-                return None
-            nd = len(m.normalized_shape)
-            if x.dim >= x.rank - nd:  # the channel dim is normalised over
-                if nd == 1 and x.dim == x.rank - 1 and len(x.ids) == m.normalized_shape[0]:
-                    if m.elementwise_affine:
-                        self._record(name, "feat", x.ids)
-                    return x
-                self._fix(x)
-            return x
-        if isinstance(m, PASS_MODULES):
-            if x is not None and shape is not None and len(shape) == x.rank:
-                return x
-            return self._refuse_ret(node, f"a {type(m).__name__}", ins)
-        if isinstance(m, nn.Flatten):
-            return self._flatten(x, xs, m.start_dim, m.end_dim, node, ins)
-        if isinstance(m, nn.Softmax):
-            dim = m.dim if m.dim is None or m.dim >= 0 else (x.rank + m.dim if x else m.dim)
-            if x is not None and dim == x.dim:
-                self._fix(x)
-            return x
-        from slimguard.models.layers import Normalize
-
-        if isinstance(m, Normalize):
-            self._fix(x)
-            return x
-        self._refuse(node, f"a {type(m).__name__}", ins)
-        return None
-
-    def _refuse_ret(self, node: fx.Node, what: str, ins: list[_Lab | None]) -> None:
-        self._refuse(node, what, ins)
-        return None
-
-    def _flatten(self, x: _Lab | None, xs: tuple[int, ...] | None, start: int, end: int, node: fx.Node,
-                 ins: list[_Lab | None]) -> _Lab | None:
-        if x is None or xs is None:
+        rule = rule_for(m)
+        if rule is None:
+            self.refuse(name, f"a {type(m).__name__}", ins)
             return None
-        rank = len(xs)
-        start, end = start % rank, end % rank
-        if x.dim < start or x.dim > end:
-            new_dim = x.dim if x.dim < start else x.dim - (end - start)
-            return _Lab(x.ids, new_dim, rank - (end - start))
-        if x.dim != start:
-            return self._refuse_ret(node, "a flatten that does not start at the channel dimension", ins)
-        inner = math.prod(xs[start + 1 : end + 1])
-        ids = [e for e in x.ids for _ in range(inner)]
-        return _Lab(ids, start, rank - (end - start))
+        self.rules[name] = rule
+        return rule.trace(self, Call(name, m, ins, _shape(node.args[0]) if node.args else None, shape))
 
-    def _visit_function(self, node: fx.Node, labels: dict[fx.Node, _Lab | None],
-                        shape: tuple[int, ...] | None) -> _Lab | None:
+    def _visit_function(self, node: fx.Node, labels: dict[fx.Node, Labels | None],
+                        shape: tuple[int, ...] | None) -> Labels | None:
         t = node.target
         ins = self._tensor_args(node, labels)
         if all(lab is None for lab in ins):
@@ -411,19 +344,19 @@ class DependencyGraph:
         if (not is_method and t in PASS_FUNCS) or (is_method and t in PASS_METHODS):
             if x is not None and shape is not None and len(shape) == x.rank:
                 for lab in ins[1:]:
-                    self._fix(lab)
+                    self.fix(lab)
                 return x
         if (not is_method and t is torch.flatten) or (is_method and t == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(x, _shape(node.args[0]), start, end, node, ins)
+            return flatten_labels(self, x, _shape(node.args[0]), start, end, _where(node), ins)
         if (is_method and t in ("view", "reshape")) or t is torch.reshape:
             xs = _shape(node.args[0])
             if x is not None and xs is not None and shape is not None:
                 if shape == xs:
                     return x
                 if len(shape) == 2 and shape[0] == xs[0] and x.dim == 1:
-                    return self._flatten(x, xs, 1, -1, node, ins)
+                    return flatten_labels(self, x, xs, 1, -1, _where(node), ins)
         if (not is_method and t in (torch.cat, torch.concat)) or (is_method and t == "cat"):
             return self._cat(node, labels, shape)
         if (not is_method and t in REDUCE) or (is_method and t in REDUCE_METHODS):
@@ -431,7 +364,7 @@ class DependencyGraph:
         if t is F.normalize and x is not None:
             dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
             if dim % x.rank == x.dim:
-                self._fix(x)
+                self.fix(x)
             return x
         if t is F.linear or t is F.conv2d or t is F.conv1d:
             self._refuse(node, f"a functional call {getattr(t, '__name__', t)}", ins)
@@ -445,14 +378,14 @@ class DependencyGraph:
         self._refuse(node, f"operation {getattr(t, '__name__', t)!s}", ins)
         return None
 
-    def _binary(self, node: fx.Node, labels: dict[fx.Node, _Lab | None],
-                shape: tuple[int, ...] | None) -> _Lab | None:
+    def _binary(self, node: fx.Node, labels: dict[fx.Node, Labels | None],
+                shape: tuple[int, ...] | None) -> Labels | None:
         if shape is None:
             return None
         r = len(shape)
         ops = [a for a in node.args[:2]]
-        result: _Lab | None = None
-        placed: list[tuple[_Lab, int]] = []
+        result: Labels | None = None
+        placed: list[tuple[Labels, int]] = []
         unlabeled: list[tuple[int, ...]] = []
         for a in ops:
             if isinstance(a, fx.Node):
@@ -469,17 +402,17 @@ class DependencyGraph:
                 for a, b in zip(first.ids, lab.ids, strict=True):
                     self.uf.union(a, b)
             else:
-                self._fix(first)
-                self._fix(lab)
+                self.fix(first)
+                self.fix(lab)
         for s in unlabeled:
             if s[dim0] != 1:
                 for lab, _ in placed:
-                    self._fix(lab)
-        result = _Lab(first.ids, dim0, r)
+                    self.fix(lab)
+        result = Labels(first.ids, dim0, r)
         return result
 
-    def _cat(self, node: fx.Node, labels: dict[fx.Node, _Lab | None],
-             shape: tuple[int, ...] | None) -> _Lab | None:
+    def _cat(self, node: fx.Node, labels: dict[fx.Node, Labels | None],
+             shape: tuple[int, ...] | None) -> Labels | None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if shape is None or not isinstance(tensors, (list, tuple)):
@@ -498,33 +431,33 @@ class DependencyGraph:
                 if lab is not None and lab.dim == dim and len(lab.ids) == n:
                     ids.extend(lab.ids)
                 else:
-                    self._fix(lab)
+                    self.fix(lab)
                     ids.extend(self._fixed_space(n))
-            return _Lab(ids, dim, r)
+            return Labels(ids, dim, r)
         for lab in labs:  # concatenation along another axis: channels line up, unite them
             if lab is None or lab.dim != ref.dim or len(lab.ids) != len(ref.ids):
                 for other in labs:
-                    self._fix(other)
+                    self.fix(other)
                 return ref
             for a, b in zip(ref.ids, lab.ids, strict=True):
                 self.uf.union(a, b)
         return ref
 
-    def _reduce(self, node: fx.Node, x: _Lab | None, shape: tuple[int, ...] | None,
-                ins: list[_Lab | None]) -> _Lab | None:
+    def _reduce(self, node: fx.Node, x: Labels | None, shape: tuple[int, ...] | None,
+                ins: list[Labels | None]) -> Labels | None:
         if x is None or shape is None:
             return None
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         if dims is None:
-            self._fix(x)
+            self.fix(x)
             return None
         dims = [d % x.rank for d in ((dims,) if isinstance(dims, int) else dims)]
         if x.dim in dims:
-            self._fix(x)
+            self.fix(x)
             return None
         new_dim = x.dim if keep else x.dim - sum(1 for d in dims if d < x.dim)
-        return _Lab(x.ids, new_dim, len(shape))
+        return Labels(x.ids, new_dim, len(shape))
 
     # ---- groups -------------------------------------------------------------------------------
     def _build_groups(self) -> list[Group]:

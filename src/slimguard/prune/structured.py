@@ -1,10 +1,11 @@
 """Structured pruning that removes the work: channels, attention heads and FFN neurons go for real.
 
 ``ChannelPruning`` scores coupled channel groups found by :class:`~slimguard.prune.graph.DependencyGraph`
-and physically shrinks every module they touch (Conv, BatchNorm, Linear, LayerNorm, grouped/depthwise
-convolutions), and cuts attention heads and FFN neurons inside transformer blocks
-(:mod:`slimguard.prune.blocks`). Output shapes never change. The model keeps its module classes, so
-an artifact stores only the new sizes and loads back.
+and physically shrinks every module they touch (Conv, BatchNorm, Linear, LayerNorm, GroupNorm,
+grouped/depthwise convolutions, and any layer type with a registered rule), and cuts attention heads and
+FFN neurons inside transformer blocks (:mod:`slimguard.prune.blocks`). Each module is scored and cut by
+the same layer rule (:mod:`slimguard.prune.rules`) that traced it. Output shapes never change. The model
+keeps its module classes, so an artifact stores only the new sizes and loads back.
 
 Example:
     >>> model = sg.zoo.load("digits32-resnet")
@@ -23,10 +24,11 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import register_handler
-from slimguard.prune.blocks import block_kind, prune_block
-from slimguard.prune.graph import CONV, DependencyGraph, Group, is_opaque
+from slimguard.prune.blocks import BlockRule
+from slimguard.prune.graph import DependencyGraph, Group, is_opaque
 from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
-from slimguard.prune.surgery import complement, keep_count, keep_slices
+from slimguard.prune.rules import ChannelRule, LayerRule, rule_for
+from slimguard.prune.surgery import complement, keep_count
 from slimguard.runtime.measure import count_params
 
 
@@ -73,19 +75,14 @@ class ChannelPruning(Config):
                               f"allowed: {', '.join(importance_names())}")
 
 
-_WEIGHT_DIM = {"out": 0, "in": 1, "feat": 0}
-
-
-def _unit_scores(model: nn.Module, group: Group, imp: Importance) -> tuple[list[int], torch.Tensor]:
+def _unit_scores(model: nn.Module, group: Group, rules: dict[str, LayerRule],
+                 imp: Importance) -> tuple[list[int], torch.Tensor]:
     cache: dict[tuple[str, str], torch.Tensor | None] = {}
 
     def channel(module: str, role: str, importance: Importance) -> torch.Tensor | None:
         key = (module, role + importance.name)
         if key not in cache:
-            m = model.get_submodule(module)
-            dim = _WEIGHT_DIM.get(role)
-            ok = dim is not None and torch.is_tensor(getattr(m, "weight", None))
-            cache[key] = importance.channel_score(m, dim) if ok else None
+            cache[key] = rules[module].score(model.get_submodule(module), role, importance)
         return cache[key]
 
     units = list(group.units)
@@ -112,52 +109,23 @@ def _unit_scores(model: nn.Module, group: Group, imp: Importance) -> tuple[list[
     return units, scores
 
 
-def _drop(m: nn.Module, removed: set[int], size: int, names: tuple[str, ...], dim: int) -> int:
-    """Remove ``removed`` positions along ``dim`` of ``m.<names>``; returns the new size."""
-    keep = complement(size, torch.tensor(sorted(removed), dtype=torch.long))
-    keep_slices(m, names, dim, keep)
-    return len(keep)
-
-
 @torch.no_grad()
-def _cut(model: nn.Module, removed: dict[tuple[str, str], set[int]]) -> None:
-    """Shrink each touched module given the positions to remove per (module, role)."""
+def _cut(model: nn.Module, rules: dict[str, LayerRule], removed: dict[tuple[str, str], set[int]]) -> None:
+    """Shrink each touched module with its rule, given the positions to remove per (module, role)."""
     by_module: dict[str, dict[str, set[int]]] = {}
     for (name, role), pos in removed.items():
         by_module.setdefault(name, {})[role] = pos
     for name, roles in by_module.items():
-        m = model.get_submodule(name)
-        if isinstance(m, CONV):
-            bo = m.out_channels // m.groups
-            bi = m.in_channels // m.groups
-            if "out" in roles:
-                m.out_channels = _drop(m, roles["out"], m.out_channels, ("weight", "bias"), 0)
-            if "in" in roles:
-                m.in_channels = _drop(m, roles["in"], m.in_channels, ("weight",), 1)
-            if "gin" in roles:
-                m.in_channels -= len(roles["gin"])
-                m.groups = m.in_channels // bi
-                if m.out_channels != m.groups * bo:
-                    raise ConfigError(f"grouped convolution {name!r} lost a partial group; "
-                                      f"add ignore=[{name!r}]")
-        elif isinstance(m, nn.Linear):
-            if "out" in roles:
-                m.out_features = _drop(m, roles["out"], m.out_features, ("weight", "bias"), 0)
-            if "in" in roles:
-                m.in_features = _drop(m, roles["in"], m.in_features, ("weight",), 1)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            m.num_features = _drop(m, roles["feat"], m.num_features,
-                                   ("weight", "bias", "running_mean", "running_var"), 0)
-        elif isinstance(m, nn.LayerNorm):
-            m.normalized_shape = (_drop(m, roles["feat"], m.normalized_shape[0], ("weight", "bias"), 0),)
+        m, rule = model.get_submodule(name), rules[name]
+        keep = {role: complement(rule.size(m, role), torch.tensor(sorted(pos), dtype=torch.long))
+                for role, pos in roles.items()}
+        rule.prune(m, keep, name)
 
 
-def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, model: nn.Module) -> list[int]:
+def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, model: nn.Module,
+            rules: dict[str, LayerRule]) -> list[int]:
     """The ``remove`` lowest-scoring units, skipping any whose removal would empty a module's output."""
-    left: dict[str, int] = {}
-    for name in group.modules:
-        m = model.get_submodule(name)
-        left[name] = int(getattr(m, "out_channels", getattr(m, "out_features", 0)))
+    left = {name: rules[name].size(model.get_submodule(name), "out") for name in group.modules}
     chosen: list[int] = []
     order = torch.argsort(scores, stable=True).tolist() if remove else []
     for idx in order:
@@ -196,16 +164,17 @@ def prune_channels(model: nn.Module, config: ChannelPruning, example_inputs: Any
     used: set[str] = set()
     blocks: dict[str, Any] = {}
     for name, m in list(names.items()):
-        if not name or _inside(name, list(config.ignore)) or block_kind(m) is None:
+        rule = rule_for(m)
+        if not name or _inside(name, list(config.ignore)) or not isinstance(rule, BlockRule):
             continue
         r = config.ratios.get(name)
         used.add(name) if r is not None else None
         hr = r if r is not None else (config.head_ratio if config.head_ratio is not None else config.ratio)
         fr = r if r is not None else (config.ffn_ratio if config.ffn_ratio is not None else config.ratio)
-        blocks[name] = prune_block(m, hr, fr, imp, config.round_to)
+        blocks[name] = rule.prune_block(m, hr, fr, imp, config.round_to)
     groups_out: list[dict[str, Any]] = []
     whole = [*config.ignore, *blocks, *(n for n, m in names.items() if n and is_opaque(m))]
-    graph_needed = not is_opaque(model) and any(isinstance(m, (*CONV, nn.Linear)) and not _inside(n, whole)
+    graph_needed = not is_opaque(model) and any(isinstance(rule_for(m), ChannelRule) and not _inside(n, whole)
                                                 for n, m in names.items())
     if graph_needed and (config.ratio > 0 or set(config.ratios) - used):
         if example_inputs is None:
@@ -222,13 +191,13 @@ def prune_channels(model: nn.Module, config: ChannelPruning, example_inputs: Any
                 continue
             keep_total = keep_count(total, ratio, config.round_to, f"the group of {group.modules[0]!r}")
             remove = min(n_free, total - keep_total)
-            units, scores = _unit_scores(model, group, imp)
-            chosen = _select(group, units, scores, remove, model)
+            units, scores = _unit_scores(model, group, graph.rules, imp)
+            chosen = _select(group, units, scores, remove, model, graph.rules)
             for u in chosen:
                 for t in group.units[u]:
                     removed.setdefault((t.module, t.role), set()).add(t.position)
             groups_out.append({"modules": group.modules, "channels": [total, total - len(chosen)]})
-        _cut(model, removed)
+        _cut(model, graph.rules, removed)
     unused = sorted(set(config.ratios) - used)
     if unused:
         raise ConfigError(f"ratios: {unused[0]!r} is not a prunable layer or transformer block "

@@ -10,8 +10,12 @@ from slimguard.prune.masks import SUFFIX
 
 
 @torch.no_grad()
-def keep_slices(module: nn.Module, names: tuple[str, ...], dim: int, keep: torch.Tensor) -> None:
-    """Replace ``module.<name>`` (parameter or buffer) by its ``index_select(dim, keep)``; masks follow."""
+def keep_slices(module: nn.Module, names: tuple[str, ...], dim: int, keep: torch.Tensor) -> int:
+    """Replace ``module.<name>`` (parameter or buffer) by its ``index_select(dim, keep)``; masks follow.
+
+    Missing names (``bias=False``, no running statistics) are skipped. Returns the new size, ``len(keep)``,
+    for the module's size attribute: ``m.out_features = keep_slices(m, ("weight", "bias"), 0, keep)``.
+    """
     for name in names:
         if name in module._parameters and module._parameters[name] is not None:
             old = module._parameters[name]
@@ -24,6 +28,7 @@ def keep_slices(module: nn.Module, names: tuple[str, ...], dim: int, keep: torch
         mask = module._buffers.get(name + SUFFIX)
         if mask is not None and mask.dim() > dim:
             module._buffers[name + SUFFIX] = mask.index_select(dim, keep.to(mask.device)).clone()
+    return len(keep)
 
 
 def keep_count(n: int, ratio: float, round_to: int = 1, what: str = "layer") -> int:

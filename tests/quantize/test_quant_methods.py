@@ -41,7 +41,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("config", "min_db"), CASES, ids=lambda c: type(c).__name__ if not isinstance(c, float) else "")
+@pytest.mark.parametrize(("config", "min_db"), CASES,
+                         ids=lambda c: type(c).__name__ if not isinstance(c, float) else "")
 def test_sqnr_and_report(config, min_db, calib):
     model = small_mlp()
     ref = model(calib.x[:64]).detach()

@@ -64,7 +64,7 @@ def test_cli_export(tmp_path, digits):
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert out.exists() and payload["argmax_agreement"] == 1.0 and payload["max_abs_diff"] < 1e-4
-    from slimguard.core.artifact import read_entry
+    from slimguard.artifact import read_entry
 
     assert read_entry(tmp_path / "m.slim", "model.onnx") == out.read_bytes()
     bad = runner.invoke(build_app(), ["export", "zoo:digits-mlp", "--format", "tflite", "--out", str(out)])

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from slimguard.core.config import Config, register_config
 from slimguard.core.modules import register_module
 from slimguard.core.registry import register_handler
-from slimguard.quantize.fuse import set_submodule
-from slimguard.quantize.static import ignored
+from slimguard.quantize.common import conv_padding_reason, select_layers, set_submodule
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -97,14 +96,10 @@ class HalfConv2d(nn.Conv2d, _HalfMixin):
 
 @register_handler("quantize", HalfPrecision)
 def _half(model: nn.Module, config: HalfPrecision, **_: Any) -> dict[str, Any]:
-    done, kept = [], []
-    for name, mod in list(model.named_modules()):
-        if type(mod) not in (nn.Linear, nn.Conv2d):
-            continue
-        if ignored(name, config.ignore) or (isinstance(mod, nn.Conv2d) and isinstance(mod.padding, str)):
-            kept.append({"layer": name, "reason": "ignored by config" if ignored(name, config.ignore)
-                         else "string padding"})
-            continue
+    done, kept = select_layers(model, (nn.Linear, nn.Conv2d), config.ignore, exact=True,
+                               check=conv_padding_reason)
+    for name in done:
+        mod = model.get_submodule(name)
         if isinstance(mod, nn.Linear):
             new: nn.Module = HalfLinear(mod.in_features, mod.out_features, mod.bias is not None, config.dtype)
         else:
@@ -115,5 +110,4 @@ def _half(model: nn.Module, config: HalfPrecision, **_: Any) -> dict[str, Any]:
             if mod.bias is not None:
                 new.bias.copy_(mod.bias)
         set_submodule(model, name, new.to(mod.weight.device))
-        done.append(name)
     return {"quantized": done, "kept_float": kept, "dtype": config.dtype}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from slimguard.core.config import Config, register_config
 from slimguard.core.modules import register_module
 from slimguard.core.registry import register_handler
+from slimguard.quantize.common import set_submodule
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RELU_FNS = (F.relu, torch.relu)
@@ -124,11 +125,6 @@ def _chains_sequential(model: nn.Module) -> list[Chain]:
         if isinstance(mod, (nn.Conv2d, nn.Linear)) and name not in seen:
             out.append(Chain(name))
     return out
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()

@@ -25,8 +25,7 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
-from slimguard.quantize.fuse import set_submodule
-from slimguard.quantize.static import ignored
+from slimguard.quantize.common import conv_padding_reason, select_layers, set_submodule
 from slimguard.quantize.weight_only import WeightOnlyConv2d, WeightOnlyLinear
 from slimguard.train.loop import accuracy
 
@@ -76,9 +75,9 @@ def _mixed(model: nn.Module, config: MixedPrecision, *, data: Any = None, calib:
         split = calib
     if split is None or len(split) == 0 or split.y is None:
         raise DataError("MixedPrecision needs a labelled evaluation split; pass data= (uses data.val) or calib=")
-    layers = [n for n, m in model.named_modules()
-              if (type(m) is nn.Linear or (config.conv and type(m) is nn.Conv2d and not isinstance(m.padding, str)))
-              and not ignored(n, config.ignore)]
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) if config.conv else (nn.Linear,)
+    layers, kept = select_layers(model, kinds, config.ignore, exact=True,
+                                 check=conv_padding_reason)
     cands = sorted(set(config.bits))
     base = accuracy(model, split) * 100
     drop = {n: {b: base - accuracy(_quantized(model, {n: b}, config.group_size), split) * 100 for b in cands}
@@ -103,5 +102,5 @@ def _mixed(model: nn.Module, config: MixedPrecision, *, data: Any = None, calib:
             cls = WeightOnlyConv2d if isinstance(mod, nn.Conv2d) else WeightOnlyLinear
             set_submodule(model, name, cls.from_float(mod, bits, config.group_size))
     return {"bits": assign, "sensitivity": drop, "accuracy_drop": measured, "evaluated_on": split.name,
-            "kept_float": [{"layer": n, "reason": "over budget at every bit width"} for n, b in assign.items()
-                           if b is None]}
+            "kept_float": kept + [{"layer": n, "reason": "over budget at every bit width"} for n, b in assign.items()
+                                  if b is None]}

@@ -201,7 +201,8 @@ class HistogramObserver(Observer):
             if new_hi - new_lo <= 0:
                 new_hi = new_lo + 1e-8
             if self.count:  # re-bin old counts at their bin centres
-                centres = self.lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.hi - self.lo) / self.bins
+                width = (self.hi - self.lo) / self.bins
+                centres = self.lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
                 idx = ((centres - new_lo) / (new_hi - new_lo) * self.bins).long().clamp(0, self.bins - 1)
                 self.hist = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
             self.lo, self.hi = new_lo, new_hi

@@ -25,8 +25,13 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
-from slimguard.quantize.qmodules import FakeQuantConv2d, FakeQuantLinear, convert_fake_quant
-from slimguard.quantize.static import calibration_split, check_input_shape, insert_fake_quant, run_calibration
+from slimguard.quantize.calibrate import calibration_split, check_input_shape, run_calibration
+from slimguard.quantize.qmodules import (
+    FakeQuantConv2d,
+    FakeQuantLinear,
+    convert_fake_quant,
+    insert_fake_quant,
+)
 from slimguard.train.loop import Callback, FinetuneConfig, finetune
 
 _FQ = (FakeQuantConv2d, FakeQuantLinear)

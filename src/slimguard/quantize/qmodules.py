@@ -6,9 +6,16 @@
   statistics, updated until frozen) and a fused ReLU. Used for PTQ calibration, QAT, and as the
   differentiable twin of a quantized layer.
 * :class:`QuantConv2d` / :class:`QuantLinear`: the converted layers: int8 weights (symmetric, per output
-  channel) and uint8 input / output parameters. In PyTorch they compute exactly what an int8 kernel computes
-  (integer grid, float accumulation); exported to ONNX they become QDQ pairs that ONNX Runtime fuses into
-  ``QLinearConv`` / ``QGemm`` (see :mod:`slimguard.runtime.onnx`), which is where they run fast.
+  channel) and uint8 input / output parameters. ``QuantLinear`` multiplies in integers on CPU
+  (``torch._int_mm``, exact int32 accumulation; see :mod:`slimguard.quantize.kernels`); ``QuantConv2d``
+  computes the same integer grid with float accumulation (an int8 convolution through ``im2col`` measured
+  slower than the float one; the kernels module has the numbers). Both agree with their float emulation
+  up to float rounding: an output may land one output step away where a value sits on a rounding edge.
+  Exported to ONNX they become QDQ pairs that ONNX Runtime fuses into ``QLinearConv`` / ``QGemm``
+  (see :mod:`slimguard.runtime.onnx`), its fast path for both.
+* :func:`insert_fake_quant` (prepare: float layers -> fake-quant layers, BN folded or carried, ReLU fused)
+  and :func:`convert_fake_quant` (convert: observed fake-quant layers -> int8 layers), shared by static
+  PTQ and QAT.
 
 Shape:
     As the float layer they replace.
@@ -23,6 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.modules import register_module
+from slimguard.quantize.common import conv_padding_reason, ignored, pair, set_submodule
+from slimguard.quantize.fuse import FoldedConv2d, FoldedLinear, find_chains, fold_all
+from slimguard.quantize.kernels import (
+    PackCache,
+    Prepacked,
+    int8_linear_static,
+    use_int_kernels,
+    weight_row_sums,
+)
 from slimguard.quantize.observers import (
     MovingAverageObserver,
     Observer,
@@ -32,10 +48,6 @@ from slimguard.quantize.observers import (
 )
 
 ACT = QScheme(8, symmetric=False)
-
-
-def _pair(v: Any) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 def _weight_scheme(bits: int) -> QScheme:
@@ -247,8 +259,8 @@ class QuantConv2d(nn.Module, _QuantMixin):
                  weight_bits: int = 8) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
         self._init_q(out_channels, (out_channels, in_channels // groups, *self.kernel_size), bias, relu, weight_bits)
 
     @classmethod
@@ -278,7 +290,7 @@ class QuantConv2d(nn.Module, _QuantMixin):
 
 
 @register_module("slimguard.QuantLinear")
-class QuantLinear(nn.Module, _QuantMixin):
+class QuantLinear(nn.Module, _QuantMixin, Prepacked):
     """Static int8 Linear: int8 weights per output channel, uint8 activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, relu: bool = False,
@@ -286,6 +298,7 @@ class QuantLinear(nn.Module, _QuantMixin):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_q(out_features, (out_features, in_features), bias, relu, weight_bits)
+        self._rows = PackCache()  # sum_k W[n, k], for the int8 kernel's zero-point correction
 
     @classmethod
     def from_fake_quant(cls, fq: FakeQuantLinear) -> QuantLinear:
@@ -294,7 +307,18 @@ class QuantLinear(nn.Module, _QuantMixin):
         return m.to(fq.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, F.linear)
+        if not use_int_kernels(x):  # traced for ONNX export (QDQ form), or another device / dtype
+            return self._run(x, F.linear)
+        rows = self._rows.get((self.weight_int8,), lambda: weight_row_sums(self.weight_int8))
+        y = int8_linear_static(x, self.weight_int8, self.weight_scale, rows, self.bias, self.input_scale,
+                               self.input_zero_point)
+        if self.relu:
+            y = F.relu_(y)
+        return fake_quantize(y, self.output_scale, self.output_zero_point, ACT)
+
+    def prepack(self) -> None:
+        """Compute the integer kernel's weight row sums now (else at the first forward)."""
+        self._rows.get((self.weight_int8,), lambda: weight_row_sums(self.weight_int8))
 
     def fake_quant_twin(self) -> nn.Module:
         """A differentiable float :class:`FakeQuantLinear` with the same numerics (STE rounding)."""
@@ -314,8 +338,6 @@ FAKE_TO_QUANT = {FakeQuantConv2d: QuantConv2d.from_fake_quant, FakeQuantLinear: 
 
 def convert_fake_quant(model: nn.Module) -> list[str]:
     """Replace every observed fake-quant layer by its int8 layer (in place); returns the names converted."""
-    from slimguard.quantize.fuse import set_submodule
-
     done = []
     for name, mod in list(model.named_modules()):
         fn = FAKE_TO_QUANT.get(type(mod))
@@ -323,3 +345,55 @@ def convert_fake_quant(model: nn.Module) -> list[str]:
             set_submodule(model, name, fn(mod))
             done.append(name)
     return done
+
+
+# ---- prepare: float layers -> fake-quant layers -------------------------------------------------------
+QUANTIZABLE = {nn.Conv2d: FakeQuantConv2d, FoldedConv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear,
+               FoldedLinear: FakeQuantLinear}
+#: float layer types that hold weights but have no int8 layer here (reported, left in float)
+NOT_SUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
+                 nn.Bilinear, nn.LSTM, nn.GRU, nn.MultiheadAttention)
+
+
+def insert_fake_quant(model: nn.Module, *, ignore: list[str], weight_bits: int, observer: str, fuse_bn: bool,
+                      keep_bn: bool = False) -> dict[str, Any]:
+    """Replace quantizable layers by fake-quant layers (BN folded, or carried when ``keep_bn``; ReLU fused).
+
+    Returns ``{"prepared": [...], "kept_float": [{"layer", "reason"}], "fused_bn": [...], "fused_relu": [...]}``.
+    """
+    chains = find_chains(model)
+    fused: list[list[str]] = []
+    if fuse_bn and not keep_bn:
+        chains, fused = fold_all(model, chains)
+    prepared, kept, relus = [], [], []
+    for c in chains:
+        layer = model.get_submodule(c.layer)
+        cls = QUANTIZABLE.get(type(layer))
+        reason = None
+        if ignored(c.layer, ignore):
+            reason = "ignored by config"
+        elif cls is None:
+            reason = f"{type(layer).__name__} has no int8 layer"
+        else:
+            reason = conv_padding_reason(layer)
+        if reason:
+            kept.append({"layer": c.layer, "reason": reason})
+            continue
+        bn = model.get_submodule(c.bn) if (keep_bn and c.bn) else None
+        # a ReLU after an unfolded BN cannot move before that BN
+        relu = c.relu is not None and (c.bn is None or bn is not None)
+        fq = cls.from_float(layer, bn=bn, relu=relu, weight_bits=weight_bits, observer=observer)
+        set_submodule(model, c.layer, fq)
+        if bn is not None:
+            set_submodule(model, c.bn, nn.Identity())
+            fused.append([c.layer, c.bn])
+        if relu:
+            set_submodule(model, c.relu, nn.Identity())
+            relus.append([c.layer, c.relu])
+        prepared.append(c.layer)
+    chained = {c.layer for c in chains}
+    for name, mod in model.named_modules():
+        if isinstance(mod, NOT_SUPPORTED) or (type(mod) in QUANTIZABLE and name not in chained
+                                              and not any(k["layer"] == name for k in kept)):
+            kept.append({"layer": name, "reason": f"{type(mod).__name__} is not quantized here"})
+    return {"prepared": prepared, "kept_float": kept, "fused_bn": fused, "fused_relu": relus}

@@ -17,16 +17,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
-from slimguard.core.errors import DataError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
+from slimguard.quantize.calibrate import calibrate, calibration_batches, calibration_split
 
 
 @register_config("smoothquant")
@@ -50,29 +50,8 @@ class SmoothQuant(Config):
         check_range("max_batches", self.max_batches, 0)
 
 
-def model_batches(model: nn.Module, split: Split, batch_size: int, max_batches: int = 0) -> Iterator[Any]:
-    """Calibration inputs ready for ``model(...)``: tensors, or tokenized texts for embedders."""
-    if len(split) == 0:
-        raise DataError(f"the calibration split {split.name!r} is empty; give it at least one example")
-    n = 0
-    for i in range(0, len(split), batch_size):
-        x = split.x[i:i + batch_size]
-        if isinstance(x, list):
-            if not hasattr(model, "tokenize"):
-                raise DataError("calibration data is text but the model has no tokenize(); give tensors")
-            x = model.tokenize(x)
-        yield x
-        n += 1
-        if max_batches and n >= max_batches:
-            return
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    return model(**x) if isinstance(x, dict) else model(x)
-
-
 @torch.no_grad()
-def smooth_(model: nn.Module, batches: Any, alpha: float = 0.5) -> list[dict[str, Any]]:
+def smooth_(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5) -> list[dict[str, Any]]:
     """Smooth every LayerNorm -> Linear(s) group found while running ``batches``; returns the groups."""
     lns = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine}
     lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -97,14 +76,9 @@ def smooth_(model: nn.Module, batches: Any, alpha: float = 0.5) -> list[dict[str
 
     hooks += [m.register_forward_hook(ln_hook(n)) for n, m in lns.items()]
     hooks += [m.register_forward_pre_hook(lin_hook(n)) for n, m in lins.items()]
-    was = model.training
-    model.eval()
-    try:
-        for x in batches:
-            _call(model, x)
-            last_out.clear()
+    try:  # tensor ids are only meaningful within one batch: forget them after each
+        calibrate(model, batches, "SmoothQuant", progress=False, after_batch=last_out.clear)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     groups = []
@@ -124,8 +98,6 @@ def smooth_(model: nn.Module, batches: Any, alpha: float = 0.5) -> list[dict[str
 @register_handler("quantize", SmoothQuant)
 def _smooth(model: nn.Module, config: SmoothQuant, *, calib: Split | None = None, data: Any = None,
             **_: Any) -> dict[str, Any]:
-    split = calib if calib is not None else getattr(data, "calib", None)
-    if split is None:
-        raise DataError("SmoothQuant needs calibration data; pass calib=<a Split>")
-    groups = smooth_(model, model_batches(model, split, config.batch_size, config.max_batches), config.alpha)
+    split = calibration_split(calib, data, "SmoothQuant", text_ok=True)
+    groups = smooth_(model, calibration_batches(model, split, config.batch_size, config.max_batches), config.alpha)
     return {"smoothed": groups, "kept_float": []}

@@ -1,6 +1,12 @@
 """Weight-only quantization: int8 / int4 (2..8 bits) weights with one scale per group of ``group_size``
 input weights, activations stay float. Int4 (and lower) codes are packed two per byte on disk and in memory.
 
+Execution (see :mod:`slimguard.quantize.kernels`): on CPU, Linear layers multiply with PyTorch's
+weight-only kernels: 2..4-bit codes in groups of 32, 64, 128 or 256 through
+``torch._weight_int4pack_mm_for_cpu``, 8-bit codes with one group per row (``group_size=0``) through
+``torch._weight_int8pack_mm``; both take bfloat16 activations and serve up to 128 rows (tokens) at a
+time. Other settings, larger batches and Conv2d layers use the dequantized float weight (cached).
+
 Padding (documented behaviour): when ``group_size`` does not divide a layer's input dimension, the
 weight rows are padded with zeros up to the next multiple (and, for packing, to an even length);
 the padding is never used in the product. ``group_size=0`` means one group per output row.
@@ -31,8 +37,19 @@ from slimguard.core.errors import ConfigError
 from slimguard.core.modules import register_module
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
-from slimguard.quantize.fuse import set_submodule
-from slimguard.quantize.static import calibration_split, check_input_shape, ignored, run_calibration
+from slimguard.quantize.calibrate import calibration_split, check_input_shape, run_calibration
+from slimguard.quantize.common import conv_padding_reason, pair, select_layers, set_submodule
+from slimguard.quantize.kernels import (
+    WEIGHT_ONLY_MAX_ROWS,
+    PackCache,
+    Prepacked,
+    int4_unsupported,
+    int4_weight_only_linear,
+    int8_weight_only_linear,
+    pack_int4,
+    pack_int8_rows,
+    use_int_kernels,
+)
 
 
 def _validate_bits_group(bits: int, group_size: int) -> None:
@@ -153,6 +170,7 @@ class _WeightOnlyMixin:
         self.register_buffer("scales", torch.ones(rows, ngroups))  # type: ignore[attr-defined]
         self.register_buffer("zeros", torch.zeros(rows, ngroups))  # type: ignore[attr-defined]
         self._cache: tuple[Any, torch.Tensor] | None = None
+        self._packed = PackCache()  # the kernel's layout of the weight (never stored in artifacts)
 
     def set_weight(self, w2d: torch.Tensor, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                    zeros: torch.Tensor | None = None) -> None:
@@ -166,6 +184,7 @@ class _WeightOnlyMixin:
         self.scales.copy_(scales)
         self.zeros.copy_(zeros)
         self._cache = None
+        self._packed.clear()
 
     def weight_2d(self) -> torch.Tensor:
         """The dequantized float weight ``(rows, cols)`` (cached until the buffers change)."""
@@ -180,7 +199,7 @@ class _WeightOnlyMixin:
 
 
 @register_module("slimguard.WeightOnlyLinear")
-class WeightOnlyLinear(nn.Module, _WeightOnlyMixin):
+class WeightOnlyLinear(nn.Module, _WeightOnlyMixin, Prepacked):
     """Linear with 2..8-bit group-wise weights (packed), float activations.
 
     Shape:
@@ -205,7 +224,33 @@ class WeightOnlyLinear(nn.Module, _WeightOnlyMixin):
             m.bias.data.copy_(linear.bias.detach())
         return m
 
+    def kernel(self) -> str | None:
+        """The integer kernel this layer runs on CPU (``"int8"`` or ``"int4"``), None when it has none."""
+        if self.bits == 8:
+            return "int8" if self.group == self.in_features == self.cols_padded else None
+        return None if int4_unsupported(self.group) else "int4"
+
+    def _pack(self) -> Any:
+        def build() -> Any:
+            codes = unpack_codes(self.qweight, self.bits)
+            if self.kernel() == "int8":
+                return pack_int8_rows(codes, self.scales, self.zeros)
+            return pack_int4(codes, self.scales, self.zeros, self.group)
+
+        return self._packed.get((self.qweight, self.scales, self.zeros), build)
+
+    def prepack(self) -> None:
+        """Lay the weight out for the integer kernel now (else at the first forward)."""
+        if self.kernel() is not None and self.qweight.device.type == "cpu":
+            self._pack()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.kernel()
+        if (kind is not None and use_int_kernels(x) and self.qweight.device.type == "cpu"
+                and x.numel() // self.in_features <= WEIGHT_ONLY_MAX_ROWS):  # beyond: float sgemm is faster
+            if kind == "int4":
+                return int4_weight_only_linear(x, self._pack(), self.bias)
+            return int8_weight_only_linear(x, self._pack(), self.bias)
         return F.linear(x, self.weight_2d().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fake_quant_twin(self) -> nn.Module:
@@ -233,11 +278,9 @@ class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
                  dilation: Any = 1, groups: int = 1, bias: bool = True, bits: int = 4, group_size: int = 64,
                  symmetric: bool = True) -> None:
         super().__init__()
-        from slimguard.quantize.qmodules import _pair
-
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
         self._init_wo(out_channels, self._cols(), bits, group_size, symmetric)
         self.bias = nn.Parameter(torch.zeros(out_channels), requires_grad=False) if bias else None
 
@@ -278,17 +321,11 @@ class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
 
 
 def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str], list[dict[str, str]]]:
-    targets, kept = [], []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or (conv and isinstance(mod, nn.Conv2d)):
-            if ignored(name, ignore):
-                kept.append({"layer": name, "reason": "ignored by config"})
-            elif isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
-                kept.append({"layer": name, "reason": f"padding mode {mod.padding_mode!r} is not supported"})
-            else:
-                targets.append(name)
-        elif isinstance(mod, nn.Conv2d) and not conv:
-            kept.append({"layer": name, "reason": "Conv2d (set conv=True to quantize it)"})
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
+    targets, kept = select_layers(model, kinds, ignore, check=conv_padding_reason)
+    if not conv:
+        kept += [{"layer": name, "reason": "Conv2d (set conv=True to quantize it)"}
+                 for name, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
     return targets, kept
 
 

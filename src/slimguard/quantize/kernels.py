@@ -1,0 +1,337 @@
+"""Integer matrix products for the quantized layers, on PyTorch's own maintained operators.
+
+PyTorch's older int8 path (``torch.ao.nn.quantized`` modules and the fbgemm ``torch.ops.quantized`` ops)
+is deprecated and warned for removal; slimguard's layers run on plain ATen operators instead:
+
+| layer                                  | kernel                                            | activations       |
+|----------------------------------------|---------------------------------------------------|-------------------|
+| ``DynamicInt8Linear``                  | ``torch._int_mm`` (int8 x int8 -> int32)          | int8, per row     |
+| ``QuantLinear`` (static int8)          | ``torch._int_mm`` + zero-point correction (int32) | uint8, calibrated |
+| ``WeightOnlyLinear`` int8, per row     | ``torch._weight_int8pack_mm``                     | bfloat16          |
+| ``WeightOnlyLinear`` 2..4 bit, grouped | ``torch._weight_int4pack_mm_for_cpu``             | bfloat16          |
+
+When they run: on CPU, for float32 inputs, outside ``torch.jit`` tracing (ONNX export traces the
+float / QDQ form, which ONNX Runtime fuses into its own int8 kernels). Elsewhere the layers compute the
+same function in float (dequantized weights), equal up to float rounding.
+
+Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, shared with other jobs; 1 thread):
+dynamic int8 runs at 0.64-0.87x the deprecated fbgemm operator it replaces (that one fuses quantization
+into the product; here it takes a few separate passes) and 2-3x float32; static int8 Linear at 1.8-3.5x its
+former float emulation; weight-only int8 / int4 decode (1-8 rows) at 2.2-3.7x float32. With 2 threads on
+the loaded machine the many-operator paths and the one-row kernels suffer most (each parallel region
+waits for a preempted thread): there dynamic int8 fell to 0.16-1.0x and one-row decode to 0.2-0.3x.
+``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
+(:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
+
+Measured facts behind the choices (torch 2.13 CPU):
+
+* ``torch._int_mm`` on CPU accepts any ``M, K, N`` (its CUDA kernel wants ``M > 16`` and ``K, N``
+  multiples of 8, which does not apply here), but returns wrong sums when ``K == 1``: :func:`int_mm` pads
+  that case with a zero column (tests check odd shapes and ``K == 1``).
+* ``_weight_int8pack_mm`` crashes the process (segmentation fault) when ``K`` is not a multiple of 16:
+  :func:`pack_int8_rows` pads the weight with zero columns and the input is padded to match.
+* The two weight-only kernels are vectorised for bfloat16 only; their float32 variants are reference
+  loops 5-20x slower than float32 ``sgemm``. Activations are therefore cast to bfloat16 for the product
+  (about 8 significant bits: output SQNR stays far above the weights' own rounding) and back.
+* Both weight-only kernels beat float32 for a few rows but fall behind float32 ``sgemm`` for large
+  batches (0.7-0.9x at 512 rows); above :data:`WEIGHT_ONLY_MAX_ROWS` rows a
+  layer uses its dequantized float weight, cached on first use (as every batch did before). A model that
+  only decodes never builds it.
+* The int4 kernel needs the output count a multiple of 16 (extra rows are zero and sliced off), the input
+  count a multiple of the group (zero columns, as the stored weight already has) and a group of 32, 64,
+  128 or 256; other group sizes and 8-bit groups use the dequantized weight.
+* Static int8 Conv2d stays on float emulation: ``im2col`` (``F.unfold``) has no int8 kernel, and unfolding
+  float then multiplying with ``_int_mm`` measured 0.14x-0.49x the speed of the float convolution on the
+  digits CNN shapes. ONNX Runtime's ``QLinearConv`` is the fast path for convolutions.
+
+Integer kernels have no gradient: their outputs do not require grad. Attack a quantized model through
+its fake-quant twin (:func:`slimguard.robust.fake_quant_twin`), which :func:`fake_quantize_rows` serves.
+
+The three operators are registered with PyTorch's FLOP counter (``2 * M * K * N``; padded rows and columns
+are counted, since they are computed), so :func:`slimguard.runtime.measure.count_macs` sees them.
+
+Example:
+    >>> y = int8_linear_dynamic(x, layer.weight_int8, layer.weight_scale, layer.bias)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+#: the weight-only kernels run for at most this many rows (tokens); more use the float weight
+WEIGHT_ONLY_MAX_ROWS = 128
+#: group sizes the int4 kernel takes
+INT4_GROUPS = (32, 64, 128, 256)
+_AMAX_FLOOR = 1e-30  # keeps 127 / amax finite for all-zero rows (their codes are 0 either way)
+
+
+def use_int_kernels(x: torch.Tensor) -> bool:
+    """True when the integer kernels serve the input ``x`` (CPU, float32, not traced for export)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.jit.is_tracing()
+
+
+class Prepacked:
+    """Mixin of layers whose kernel wants the weight in its own layout, built lazily (never stored).
+
+    :func:`prepack_all` builds every such layout at once; it runs after each artifact load, so that a
+    loaded model's first call is not slower than the rest and a layout problem shows at load time.
+    """
+
+    def prepack(self) -> None:
+        raise NotImplementedError
+
+
+def prepack_all(model: torch.nn.Module) -> int:
+    """Build the kernel layout of every :class:`Prepacked` layer of ``model``; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, Prepacked)]
+    for m in layers:
+        m.prepack()
+    return len(layers)
+
+
+class PackCache:
+    """A value derived from some tensors (a packed weight), rebuilt when any of them is replaced (load,
+    ``.to()``) or changed in place. It holds weak references only, so it never keeps old tensors alive;
+    it is not part of the module's state, so artifacts do not change."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[Any, int], ...] | None = None
+        self._value: Any = None
+
+    def get(self, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
+        key = self._key
+        if key is None or len(key) != len(sources) or any(
+                ref() is not t or version != t._version for (ref, version), t in zip(key, sources, strict=True)):
+            self._value = build()
+            self._key = tuple((weakref.ref(t), t._version) for t in sources)
+        return self._value
+
+    @property
+    def ready(self) -> bool:
+        """True once a value has been built (it may still be rebuilt when its sources change)."""
+        return self._key is not None
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (M, K) int8 @ b (K, N) int8 -> (M, N) int32`` through ``torch._int_mm``, exact.
+
+    The CPU kernel (torch 2.13) returns wrong sums for ``K == 1``; a zero column makes it ``K == 2``.
+    """
+    if a.shape[1] == 1:
+        a, b = F.pad(a, (0, 1)), F.pad(b, (0, 0, 0, 1))
+    return torch._int_mm(a, b)
+
+
+# ---- dynamic int8 -------------------------------------------------------------------------------------
+def _row_qparams(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inv, scale)``, each ``(M, 1)``: symmetric int8 per row, ``scale = max|x_row| / 127``."""
+    # two reductions read x twice but allocate nothing of its size (x.abs() would), which is faster here
+    amax = torch.maximum(x2d.amax(1, keepdim=True), x2d.amin(1, keepdim=True).neg_()).clamp_min_(_AMAX_FLOOR)
+    return 127.0 / amax, amax / 127.0
+
+
+def _as_float_(acc: torch.Tensor) -> torch.Tensor:
+    """The int32 products converted to float32 in their own memory (same element size, element by element),
+    saving an output-sized allocation and its page faults."""
+    out = acc.view(torch.float32)
+    return out.copy_(acc)
+
+
+def quantize_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x2d (M, K)`` and the row scales ``(M, 1)``: ``x ~= q * scale``.
+
+    ``|x * 127 / max|x||`` never exceeds 127 (up to float rounding, which rounds back to 127), so no clamp
+    is needed.
+    """
+    inv, scale = _row_qparams(x2d)
+    return torch.mul(x2d, inv).round_().to(torch.int8), scale
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """What :func:`int8_linear_dynamic` does to its input, in float: each row (last dimension) rounded to
+    its own int8 grid; the gradient passes straight through (the range covers the row, nothing clips)."""
+    with torch.no_grad():
+        inv, scale = _row_qparams(x.detach().reshape(-1, x.shape[-1]))
+        xq = (torch.mul(x.detach().reshape(-1, x.shape[-1]), inv).round_() * scale).reshape(x.shape)
+    return x + (xq - x).detach()
+
+
+def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (weight_int8 * weight_scale).T + bias`` with ``x`` quantized per row to int8 on the fly.
+
+    Shape:
+        ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
+    """
+    k, n = x.shape[-1], weight_int8.shape[0]
+    q, row_scale = quantize_rows(x.detach().reshape(-1, k))
+    y = _as_float_(int_mm(q, weight_int8.t())).mul_(row_scale)
+    y = y.mul_(weight_scale) if bias is None else torch.addcmul(bias.detach(), y, weight_scale, out=y)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- static int8 --------------------------------------------------------------------------------------
+def weight_row_sums(weight_int8: torch.Tensor) -> torch.Tensor:
+    """``sum_k W[n, k]`` as int32 ``(N,)``: the zero-point correction of :func:`int8_linear_static`."""
+    return weight_int8.sum(1, dtype=torch.int32)
+
+
+def quantize_static_input(x2d: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 255)``, stored minus 128 as int8 (the same
+    rounding as ``torch.fake_quantize_per_tensor_affine``: ``x * (1 / scale)``, ties to even)."""
+    shift = zero_point.reshape(()).to(torch.int32) - 128
+    return torch.mul(x2d, 1.0 / scale.reshape(())).round_().add_(shift).clamp_(-128, 127).to(torch.int8)
+
+
+def int8_linear_static(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                       weight_rows: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                       input_zero_point: torch.Tensor) -> torch.Tensor:
+    """The static int8 product in integers: ``(q_x - z) @ W.T`` accumulated exactly in int32, then scaled.
+
+    ``q_x - z`` spans [-255, 255], too wide for int8, so the uint8 codes go in shifted by -128 and the
+    shift comes back as ``(128 - z) * sum_k W[n, k]`` (``weight_rows``, from :func:`weight_row_sums`).
+
+    Shape:
+        ``x (*, K)``, ``weight_int8 (N, K)``, ``weight_scale (N,)``, ``weight_rows (N,)`` int32 -> ``(*, N)``.
+    """
+    k, n = x.shape[-1], weight_int8.shape[0]
+    q = quantize_static_input(x.detach().reshape(-1, k), input_scale, input_zero_point)
+    acc = int_mm(q, weight_int8.t())
+    acc.add_(weight_rows * (128 - input_zero_point.reshape(()).to(torch.int32)))
+    scale = input_scale.reshape(()) * weight_scale
+    y = _as_float_(acc)
+    y = y.mul_(scale) if bias is None else torch.addcmul(bias.detach(), y, scale, out=y)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- weight-only int8 / int4 --------------------------------------------------------------------------
+class Int8Rows(NamedTuple):
+    """A weight-only int8 weight packed for ``_weight_int8pack_mm``: ``W = weight * scales + offsets``."""
+
+    weight: torch.Tensor  # (N, K padded to 16) int8, zero in the padding
+    scales: torch.Tensor  # (N,) bfloat16
+    offsets: torch.Tensor | None  # (N,) float32 per-row offsets of asymmetric codes, None when symmetric
+
+
+def pack_int8_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Int8Rows:
+    """Pack unsigned codes ``(N, K)`` with one scale and zero per row (``W = (codes - zero) * scale``).
+
+    ``K`` is padded with zero columns to a multiple of 16 (the kernel crashes otherwise).
+    """
+    n, k = codes.shape
+    weight = torch.zeros(n, -(-k // 16) * 16, dtype=torch.int8)
+    weight[:, :k] = (codes.to(torch.int16) - 128).to(torch.int8)
+    s, z = scales.reshape(-1).float(), zeros.reshape(-1).float()
+    offsets = None if bool((z == 128).all()) else (128 - z) * s
+    return Int8Rows(weight, s.to(torch.bfloat16), offsets)
+
+
+def int8_weight_only_linear(x: torch.Tensor, packed: Int8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` with the int8 weight of :func:`pack_int8_rows` (bfloat16 activations)."""
+    (n, k_pad), k = packed.weight.shape, x.shape[-1]
+    x2 = x.detach().reshape(-1, k)
+    xb = x2.to(torch.bfloat16)
+    if k_pad > k:
+        xb = F.pad(xb, (0, k_pad - k))
+    y = torch._weight_int8pack_mm(xb, packed.weight, packed.scales).float()
+    if packed.offsets is not None:
+        y.add_(x2.sum(1, keepdim=True) * packed.offsets)
+    if bias is not None:
+        y.add_(bias.detach())
+    return y.reshape(*x.shape[:-1], n)
+
+
+class Int4Pack(NamedTuple):
+    """A 2..4-bit grouped weight packed for ``_weight_int4pack_mm_for_cpu``."""
+
+    weight: torch.Tensor  # (N padded to 16, K padded / 2) uint8, the kernel's layout
+    scale_zeros: torch.Tensor  # (groups, N padded, 2) bfloat16: W = (code - 8) * scale + zero
+    group: int
+    out_features: int
+    in_padded: int
+
+
+def int4_unsupported(group: int) -> str | None:
+    """Why the int4 kernel cannot take this group size, or None."""
+    return None if group in INT4_GROUPS else f"group {group} is not one of {INT4_GROUPS}"
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> Int4Pack:
+    """Pack unsigned codes ``(N, K)`` (0..15; ``K`` a multiple of ``group``) with per-group ``scales`` and
+    ``zeros`` ``(N, K // group)``, where ``W = (codes - zeros) * scales``.
+
+    The kernel dequantizes ``(code - 8) * scale + zero``. When every zero point is an integer and the codes
+    shifted by ``8 - zeros`` stay within 0..15 (symmetric codes of any width; asymmetric codes of 3 bits or
+    fewer), the codes are shifted and the kernel's zero is exactly 0; otherwise its zero is
+    ``(8 - zeros) * scales``, rounded to bfloat16 with the scales.
+    """
+    n, k = codes.shape
+    n_pad = -(-n // 16) * 16
+    shift = 8 - zeros.float()
+    codes = codes.to(torch.int32)
+    zero_term = shift * scales
+    if torch.equal(shift, shift.round()):
+        shifted = codes + shift.to(torch.int32).repeat_interleave(group, 1)
+        if int(shifted.min()) >= 0 and int(shifted.max()) <= 15:
+            codes, zero_term = shifted, torch.zeros_like(scales)
+    full = torch.full((n_pad, k), 8, dtype=torch.int32)
+    full[:n] = codes
+    sz = torch.zeros(k // group, n_pad, 2)
+    sz[:, :n, 0] = scales.t()
+    sz[:, :n, 1] = zero_term.t()
+    weight = torch._convert_weight_to_int4pack_for_cpu(full, 1)
+    return Int4Pack(weight, sz.to(torch.bfloat16).contiguous(), group, n, k)
+
+
+def int4_weight_only_linear(x: torch.Tensor, packed: Int4Pack, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` with the weight of :func:`pack_int4` (bfloat16 activations)."""
+    k = x.shape[-1]
+    xb = x.detach().reshape(-1, k).to(torch.bfloat16)
+    if packed.in_padded > k:
+        xb = F.pad(xb, (0, packed.in_padded - k))
+    y = torch._weight_int4pack_mm_for_cpu(xb, packed.weight, packed.group, packed.scale_zeros)
+    y = y[:, : packed.out_features].float()
+    if bias is not None:
+        y.add_(bias.detach())
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+# ---- MACs ---------------------------------------------------------------------------------------------
+def _mkn_flops(x: torch.Tensor, *args: Any, out_val: torch.Tensor | None = None, **kwargs: Any) -> int:
+    """``2 * M * K * N`` for ``x (M, K)`` and an output ``(M, N)``."""
+    assert out_val is not None  # the FLOP counter passes the output (get_raw=True)
+    return 2 * x.shape[0] * x.shape[1] * out_val.shape[-1]
+
+
+def _register_flops() -> None:
+    """Count the three products as ``2 * M * K * N`` FLOPs in PyTorch's FLOP counter (MACs = FLOPs / 2)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    aten = torch.ops.aten
+    for op in (aten._int_mm, aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu):
+        if op not in flop_registry and op.default not in flop_registry:  # a later torch may count them itself
+            register_flop_formula(op, get_raw=True)(_mkn_flops)
+
+
+_register_flops()
+
+
+def _prepack_on_load(model: torch.nn.Module, _manifest: dict[str, Any]) -> None:
+    prepack_all(model)
+
+
+def _register_load_hook() -> None:
+    from slimguard.core.modules import register_load_hook
+
+    register_load_hook(_prepack_on_load)
+
+
+_register_load_hook()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
 import slimguard as sg
 from slimguard.codec.base import codec
-from slimguard.pipeline import write_json_atomic
+from slimguard.core.outputs import write_json_atomic
 from slimguard.train.loop import accuracy
 
 OUT = Path(__file__).parent / "results" / "deep_compression.json"
@@ -93,7 +93,7 @@ def _median_time(fn, repeats: int = 7) -> float:
 
 def decode_speed(coded: Path, fp32: Path, repeats: int = 7) -> dict[str, Any]:
     """Load time of the coded vs the fp32 artifact (alternated, warm-up, median), and decode throughput."""
-    from slimguard.core.artifact import _open, decode_tensors
+    from slimguard.artifact.slim import _open, decode_tensors
 
     sg.load(coded), sg.load(fp32)  # warm-up
     t_coded, t_fp32 = [], []
@@ -116,7 +116,7 @@ def run(name: str, workdir: Path) -> dict[str, Any]:
     from slimguard.models import zoo
 
     original = zoo.load(name, seed=SEED, progress=False)
-    data = sg.data.load(zoo.ZOO[name].data, seed=SEED)
+    data = sg.data.load(zoo.ZOO.get(name).data, seed=SEED)
     fp32_path = sg.save(original, workdir / f"{name}-fp32.slim")
     base_acc = accuracy(original, data.test)
     teacher = copy.deepcopy(original).eval()
@@ -152,7 +152,7 @@ def run(name: str, workdir: Path) -> dict[str, Any]:
     acc = accuracy(loaded, data.test)
     fp32_bytes, coded_bytes = fp32_path.stat().st_size, coded_path.stat().st_size
     return {
-        "model": name, "data": zoo.ZOO[name].data, "seed": SEED, "settings": cfg,
+        "model": name, "data": zoo.ZOO.get(name).data, "seed": SEED, "settings": cfg,
         "fp32_file_bytes": fp32_bytes, "compressed_file_bytes": coded_bytes,
         "ratio": fp32_bytes / coded_bytes, "target_ratio": 40.0, "ratio_ok": fp32_bytes / coded_bytes >= 40.0,
         "fp32_accuracy": base_acc, "pruned_accuracy": pruned_acc, "compressed_accuracy": acc,

@@ -23,7 +23,7 @@ os.environ.setdefault("SLIMGUARD_QUIET", "1")
 import torch  # noqa: E402
 
 import slimguard as sg  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.runtime.measure import count_params  # noqa: E402
 from slimguard.train.loop import FinetuneConfig, accuracy, finetune  # noqa: E402
 
@@ -51,8 +51,9 @@ def main() -> dict:
                                                        seed=seed, patience=0), progress=False)
             else:
                 sg.distill(teacher, student, data,
-                           sg.DistillConfig(epochs=EPOCHS, lr=LR, weight_decay=WD, batch_size=BATCH, seed=seed,
-                                            patience=0, **KD), progress=False)
+                           sg.DistillConfig(finetune=FinetuneConfig(epochs=EPOCHS, lr=LR, weight_decay=WD,
+                                                                    batch_size=BATCH, seed=seed, patience=0),
+                                            **KD), progress=False)
             rows.append({"seed": seed, "method": method, "test_accuracy": accuracy(student, data.test),
                          "train_seconds": round(time.time() - ts, 1)})
             print(f"seed {seed} {method:9s} acc {rows[-1]['test_accuracy']:.4f}", file=sys.stderr)
@@ -83,7 +84,8 @@ def main() -> dict:
     print(f"{'teacher digits32-resnet':28s} {teacher_params:8d} {teacher_acc:22.4f}")
     print(f"{'student, labels only':28s} {student_params:8d} {mean['labels']:22.4f}")
     print(f"{'student, distilled':28s} {student_params:8d} {mean['distilled']:22.4f}")
-    print(f"reduction {teacher_params / student_params:.2f}x; gap to teacher {gap:+.2f} pts; targets {result['targets']}")
+    print(f"reduction {teacher_params / student_params:.2f}x; gap to teacher {gap:+.2f} pts; "
+          f"targets {result['targets']}")
     return result
 
 

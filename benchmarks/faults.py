@@ -16,7 +16,8 @@ For ``digits-lenet5`` and ``digits32-resnet`` (fp32, test split of ``digits32``)
 * **Overhead**: latency of each protection relative to the bare model, batch 1 and 64, 1 thread;
   each protection on its own copy of the model (same weights), timed call by call interleaved with the
   bare model (order flipped every pair), 5 warm-up calls, 30 calls each per round, ratio of medians,
-  reported ratio = median over 7 rounds (per-round ratios in the JSON). The cascade (dynamic-int8 copy first, fp32 original below 0.9
+  reported ratio = median over 7 rounds (per-round ratios in the JSON). The cascade (dynamic-int8 copy first,
+  fp32 original below 0.9
   confidence) is reported with its accuracy, fallback rate and latency relative to each model alone.
 
 Seeded (seed 0). Writes ``benchmarks/results/faults.json``.
@@ -46,14 +47,14 @@ os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
 
 import slimguard as sg  # noqa: E402
 from slimguard import data as sgdata  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.guard.contract import Contract  # noqa: E402
-from slimguard.guard.faults import FaultCampaign, flip_bit_, run_campaign, wilson  # noqa: E402
+from slimguard.guard.faults import FaultCampaignConfig, flip_bit_, run_campaign, wilson  # noqa: E402
 from slimguard.guard.guard import Guard  # noqa: E402
 from slimguard.guard.monitor import Monitor  # noqa: E402
 from slimguard.guard.ood import make_detector  # noqa: E402
 from slimguard.guard.protect import Cascade, RangeRestriction, RangeRestrictionConfig, WeightChecksums  # noqa: E402
 from slimguard.models import zoo  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "faults.json"
 SEED = 0
@@ -91,10 +92,10 @@ def sdc_section(model: torch.nn.Module, data: Any, trials: dict[str, int]) -> di
     out["clean_accuracy_change_points"] = {
         k: (v - out["clean_accuracy"]["unprotected"]) * 100 for k, v in out["clean_accuracy"].items()}
     campaigns = {
-        "weights_all_bits": FaultCampaign(trials=trials["all"], bits="all", seed=SEED),
-        "weights_exponent_bits": FaultCampaign(trials=trials["exponent"], bits="exponent", seed=SEED),
-        "activations_exponent_bits": FaultCampaign(trials=trials["activations"], target="activations",
-                                                   bits="exponent", seed=SEED),
+        "weights_all_bits": FaultCampaignConfig(trials=trials["all"], bits="all", seed=SEED),
+        "weights_exponent_bits": FaultCampaignConfig(trials=trials["exponent"], bits="exponent", seed=SEED),
+        "activations_exponent_bits": FaultCampaignConfig(trials=trials["activations"], target="activations",
+                                                         bits="exponent", seed=SEED),
     }
     for cname, cfg in campaigns.items():
         rows = {"unprotected": campaign_row(run_campaign(model, data.test.x, cfg))}
@@ -113,8 +114,8 @@ def int8_section(model: torch.nn.Module, data: Any, trials: int) -> dict[str, An
     q = copy.deepcopy(model)
     sg.quantize_(q, sg.Int8Dynamic())
     rr = RangeRestriction(RangeRestrictionConfig(granularity="channel")).profile(q, data.train.x)
-    cfg = FaultCampaign(trials=trials, bits="all", seed=SEED, layers=[n for n, m in q.named_modules()
-                                                                     if hasattr(m, "weight_int8")])
+    cfg = FaultCampaignConfig(trials=trials, bits="all", seed=SEED,
+                              layers=[n for n, m in q.named_modules() if hasattr(m, "weight_int8")])
     rows = {"clean_accuracy": accuracy(q, data.test), "unprotected": campaign_row(run_campaign(q, data.test.x, cfg))}
     rr.attach(q)
     rows["clean_accuracy_range_channel"] = accuracy(q, data.test)
@@ -155,12 +156,14 @@ def checksum_section(model: torch.nn.Module, single: int, bursts: int) -> dict[s
             repaired += sums.verify(model) == []
     return {"single_bit_flips": single, "single_detected": detected_single,
             "single_detection_rate": detected_single / single, "single_ci95": list(wilson(detected_single, single)),
-            "multi_bit_bursts": bursts, "burst_detected": detected_burst, "burst_detection_rate": detected_burst / bursts,
+            "multi_bit_bursts": bursts, "burst_detected": detected_burst,
+            "burst_detection_rate": detected_burst / bursts,
             "repaired_from_artifact": repaired, "tensors": len(names),
             "target": 1.0, "met": detected_single == single and detected_burst == bursts}
 
 
-def paired_ratio(base: Any, cand: Any, rounds: int, calls: int = 30, warmup: int = 5) -> tuple[list[float], list[float]]:
+def paired_ratio(base: Any, cand: Any, rounds: int, calls: int = 30,
+                 warmup: int = 5) -> tuple[list[float], list[float]]:
     """Latency ratio cand/base: in each round, ``calls`` single calls of each, interleaved one by one
     (order flipped every pair), ratio of the two medians; returns (per-round ratios, base medians in ms).
     Interleaving call by call cancels the slow swings of a shared machine's load."""
@@ -243,7 +246,8 @@ def cascade_section(model: torch.nn.Module, data: Any, threshold: float = 0.9, r
     vs_small, _ = paired_ratio(lambda: run(small), lambda: run(cas), rounds)
     vs_large, _ = paired_ratio(lambda: run(model), lambda: run(cas), rounds)
     return {"threshold": threshold, "accuracy": acc, "fallback_rate_batch_64": cas.fallback_rate,
-            "latency_ratio_vs_small": statistics.median(vs_small), "latency_ratio_vs_large": statistics.median(vs_large),
+            "latency_ratio_vs_small": statistics.median(vs_small),
+            "latency_ratio_vs_large": statistics.median(vs_large),
             "batch": 64}
 
 
@@ -269,7 +273,7 @@ def main() -> None:
         results["trials"] = previous.get("trials", trials)
     for name in args.models:
         model = zoo.load(name, seed=SEED, progress=False).eval()
-        data = sgdata.load(zoo.ZOO[name].data, seed=SEED)
+        data = sgdata.load(zoo.ZOO.get(name).data, seed=SEED)
         r: dict[str, Any] = results["models"].get(name, {})
         r.update({"data": data.name, "params": sum(p.numel() for p in model.parameters())})
         if "sdc" in args.sections:

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import slimguard as sg  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 
 CACHE = ROOT / ".cache" / "minilm_fast"
 OUT = ROOT / "benchmarks" / "results" / "minilm_fast.json"
@@ -54,7 +54,7 @@ def log(msg: str) -> None:
 
 def student_for(teacher: torch.nn.Module, data, keep: list[int], cfg: sg.DistillConfig, retrain: bool):
     """The layer-dropped, distilled student (cached as a .slim artifact)."""
-    from slimguard.core.artifact import load, save
+    from slimguard.artifact import load, save
     from slimguard.distill import drop_layers_
 
     key = hashlib.sha256(json.dumps([keep, cfg.to_dict(), torch.__version__], sort_keys=True).encode()).hexdigest()[:12]
@@ -106,8 +106,9 @@ def main() -> dict:
     data = sg.data.load("docs-text")
     test = list(data.test.x)
     keep = [int(k) for k in args.keep.split(",")]
-    cfg = sg.DistillConfig(epochs=args.epochs, lr=args.lr, batch_size=32, max_length=args.train_max_length,
-                           patience=0, embedding_loss="cosine", seed=0)
+    cfg = sg.DistillConfig(max_length=args.train_max_length, embedding_loss="cosine",
+                           finetune=sg.FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32,
+                                                      patience=0, seed=0))
     log(f"distilling student keep={keep} ...")
     student, train_info = student_for(teacher, data, keep, cfg, args.retrain)
 
@@ -183,7 +184,8 @@ def main() -> dict:
         "protocol": {"threads": THREADS, "batch": BATCH, "max_tokens": MAX_LEN, "timed_batches": TIME_BATCHES,
                      "repeats": REPEATS, "statistic": "median, candidates alternated, after warm-up",
                      "fidelity_texts": len(test), "fidelity_split": "docs-text test (held out)",
-                     "train_split": "docs-text train", "padded_lengths": [int(b["input_ids"].shape[1]) for b in batches]},
+                     "train_split": "docs-text train",
+                     "padded_lengths": [int(b["input_ids"].shape[1]) for b in batches]},
         "student": {"kept_layers": keep, "layers": len(keep), "teacher_layers": cfgm.num_hidden_layers,
                     "distill": cfg.to_dict()["_data"], **train_info},
         "results": rows,

@@ -29,9 +29,9 @@ os.environ.setdefault("SLIMGUARD_QUIET", "1")
 os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
 
 from slimguard import data as sgdata  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.guard.ood import auroc, detector_names, fpr_at_tpr, make_detector  # noqa: E402
 from slimguard.models import zoo  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "ood_digits.json"
 SEED = 0
@@ -41,9 +41,10 @@ TARGET_AUROC = 0.98
 
 def run_model(name: str) -> dict[str, Any]:
     model = zoo.load(name, seed=SEED, progress=False)
-    dname = zoo.ZOO[name].data
+    dname = zoo.ZOO.get(name).data
     data = sgdata.load(dname, seed=SEED)
-    oods = {"far": sgdata.load(f"{dname}-ood", seed=SEED).test, "near": sgdata.load(f"{dname}-ood-near", seed=SEED).test}
+    oods = {"far": sgdata.load(f"{dname}-ood", seed=SEED).test,
+            "near": sgdata.load(f"{dname}-ood-near", seed=SEED).test}
     with torch.no_grad():
         acc = float((model(data.test.x).argmax(-1) == data.test.y).float().mean())
     rows: dict[str, Any] = {}

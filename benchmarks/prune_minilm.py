@@ -36,8 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slimguard as sg  # noqa: E402
 from prune_resnet import alternate  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.evaluate import embedding_fidelity  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
 from slimguard.runtime.measure import count_params  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "prune_minilm.json"

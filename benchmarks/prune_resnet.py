@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
 import slimguard as sg  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.runtime.measure import count_macs, count_params  # noqa: E402
 from slimguard.train.loop import accuracy  # noqa: E402
 

@@ -34,7 +34,7 @@ os.environ.setdefault("SLIMGUARD_QUIET", "1")
 # the same zoo cache as the other benchmarks and the tests, so every benchmark scores the same trained model
 os.environ.setdefault("SLIMGUARD_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "zoo"))
 import slimguard as sg
-from slimguard.pipeline import write_json_atomic
+from slimguard.core.outputs import write_json_atomic
 from slimguard.runtime.measure import threads
 from slimguard.runtime.onnx import OrtModel, check_int8_kernels, export_onnx
 from slimguard.train.loop import accuracy

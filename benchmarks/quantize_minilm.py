@@ -39,7 +39,7 @@ import torch.nn as nn
 
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
 import slimguard as sg
-from slimguard.pipeline import write_json_atomic
+from slimguard.core.outputs import write_json_atomic
 from slimguard.runtime.onnx import OrtModel, check_int8_kernels, embedder_int8, export_embedder
 
 OUT = Path(__file__).parent / "results" / "quantize_minilm.json"

@@ -34,9 +34,9 @@ os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
 
 import slimguard as sg  # noqa: E402
-from slimguard.core.artifact import file_size  # noqa: E402
+from slimguard.artifact import file_size  # noqa: E402
+from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.models import zoo  # noqa: E402
-from slimguard.pipeline import write_json_atomic  # noqa: E402
 from slimguard.robust import AdversarialFinetune, adversarial_finetune, scorecard  # noqa: E402
 from slimguard.robust.scorecard import Scorecard  # noqa: E402
 from slimguard.runtime.measure import count_params  # noqa: E402

@@ -354,7 +354,7 @@ def fingerprint(model: Any) -> str:
     raw bytes) and every pruning mask: equal fingerprints mean bit-identical models."""
     import torch
 
-    from slimguard.prune.masks import iter_masks
+    from slimguard.core.masks import iter_masks
 
     h = hashlib.sha256()
     for name, mod in model.named_modules():

@@ -1,7 +1,9 @@
 """slimguard: make trained PyTorch models smaller and faster, and keep them trustworthy once deployed.
 
-Heavy parts import lazily: ``import slimguard`` loads only this file and the version; names below
-resolve on first use.
+``import slimguard`` imports the plugin index (:mod:`slimguard.plugins`), so every registry (steps,
+codecs, data sets, zoo models, detectors, ...) is full from the start; the public names below resolve
+on first use. Optional heavy dependencies (transformers, onnxruntime, fastapi, optuna, matplotlib) load
+only inside the functions that need them.
 
 Example:
     >>> import slimguard as sg
@@ -27,14 +29,14 @@ _LAZY: dict[str, str] = {
     "ModelError": "slimguard.core.errors",
     "SlimguardError": "slimguard.core.errors",
     "UserError": "slimguard.core.errors",
-    "load": "slimguard.core.artifact",
-    "save": "slimguard.core.artifact",
-    "read_manifest": "slimguard.core.artifact",
+    "load": "slimguard.artifact",
+    "save": "slimguard.artifact",
+    "read_manifest": "slimguard.artifact",
     "evaluate": "slimguard.evaluate",
     "inspect_model": "slimguard.inspect",
     "load_model": "slimguard.models.sources",
     "compress": "slimguard.pipeline",
-    "run_step": "slimguard.pipeline",
+    "run_step": "slimguard.transforms",
     "load_recipe": "slimguard.core.recipe:load",
     # training
     "FinetuneConfig": "slimguard.train.loop",
@@ -83,7 +85,7 @@ _LAZY: dict[str, str] = {
     "Guard": "slimguard.guard.guard",
     "Contract": "slimguard.guard.contract",
     "Monitor": "slimguard.guard.monitor",
-    "FaultCampaign": "slimguard.guard.faults",
+    "FaultCampaignConfig": "slimguard.guard.faults",
     "RangeRestriction": "slimguard.guard.protect",
     "WeightChecksums": "slimguard.guard.protect",
     "Cascade": "slimguard.guard.protect",
@@ -130,3 +132,5 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimguard import data, models, zoo  # noqa: F401
+
+from slimguard import plugins as _plugins  # noqa: E402, F401  (every plugin registers; after __getattr__)

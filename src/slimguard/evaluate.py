@@ -107,7 +107,7 @@ def evaluate(
     out["params"] = count_params(model)
     out["nonzero_params"] = count_nonzero(model)
     if measure_size:
-        from slimguard.core.artifact import file_size
+        from slimguard.artifact import file_size
         from slimguard.models.spec import maybe_info
 
         out["size_bytes"] = file_size(model) if maybe_info(model) is not None else None

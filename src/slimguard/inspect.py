@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from slimguard.core.artifact import LoadPolicy
+    from slimguard.artifact import LoadPolicy
 
 
 def inspect_model(source: str | nn.Module, *, policy: LoadPolicy | None = None) -> dict[str, Any]:
     """Per-tensor rows and totals of a model, a model source, or a ``.slim`` file (loaded under ``policy``:
-    see :class:`~slimguard.core.artifact.LoadPolicy`; a python-source artifact needs ``trust_code``)."""
+    see :class:`~slimguard.artifact.LoadPolicy`; a python-source artifact needs ``trust_code``)."""
+    from slimguard.artifact import encode_state
     from slimguard.codec.base import codec
-    from slimguard.core.artifact import encode_state
     from slimguard.models.sources import load_model
 
     file_bytes = None

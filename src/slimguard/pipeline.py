@@ -1,9 +1,40 @@
-"""Running recipes: baseline -> steps -> evaluation -> artifact -> metrics, with the budget checked.
+"""Running recipes: source -> baseline -> steps -> artifact -> evaluation -> metrics and report.
+
+:func:`compress` reads straight down: it loads the data and the model, scores the baseline, applies each
+step with the one step runner (:func:`slimguard.transforms.run_step`), saves the artifact, reloads and
+scores it, checks the budget, and writes ``metrics.json`` and ``report.html``.
 
 A run that misses its budget (or fails) never replaces the files of an earlier good run: its artifact,
 metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.json`` and
 ``report.rejected.html`` beside them, and the result says where (``accepted``, ``artifact``,
 ``metrics_file``, ``report``).
+
+``metrics.json``
+    One JSON object, the value :func:`compress` returns. It is written by :func:`compress` only (so by
+    ``slimguard compress`` and ``slimguard demo`` alike), and their ``--json`` output is the same object.
+    Its keys are :data:`METRICS_FIELDS`::
+
+        {
+          "recipe":     {"name", "model", "data", "task", "seed", "budget", "steps": [{STEP: {options}}]},
+          "baseline":   SCORES,   # the model before any step, on the data's test split
+          "compressed": SCORES,   # the saved artifact, reloaded, on the same split
+          "budget":     {"ok": bool,                       # every item below holds
+                         "accuracy_drop_points": float,    # (baseline - compressed) accuracy x 100
+                         "max_accuracy_drop": {"limit": float, "ok": bool},
+                         "min_cosine_mean": {"limit": float, "value": float, "ok": bool},
+                         "min_cosine_min":  {"limit": float, "value": float, "ok": bool}},
+          "steps":      [{"step": NAME, "config": {options}, "result": {...} or null}],
+          "accepted":   bool,     # the budget held, so the files took the names model.slim, metrics.json
+          "artifact":   PATH, "metrics_file": PATH, "report": PATH
+        }
+
+    Only the budget items the recipe sets appear (accuracy items for classification, cosine items for
+    embedding recipes). ``steps[i].result`` is what the step's handler reported (null when it reported
+    nothing JSON-sized). ``SCORES`` is :func:`slimguard.evaluate.evaluate`'s result: ``accuracy``
+    (classification) or ``cosine_mean`` and ``cosine_min`` (embedding: cosine similarity to the original
+    model's embeddings), ``params``, ``nonzero_params``, ``size_bytes`` (bytes of the ``.slim`` file),
+    ``macs`` (per example; null when it cannot be counted), ``latency_ms_p50``, ``latency_ms_p95``,
+    ``throughput_per_s`` and ``latency_batch`` (the batch size the latency was measured at).
 """
 
 from __future__ import annotations
@@ -12,20 +43,18 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn as nn
 
-from slimguard.core.config import Config
+from slimguard import data as sgdata
+from slimguard.artifact import slim as artifact
 from slimguard.core.outputs import check_output_dir, check_output_file, write_json_atomic
 from slimguard.core.recipe import Recipe
-from slimguard.core.registry import apply, verb_of
-from slimguard.data.core import DataBundle
-from slimguard.models.spec import record
-
-if TYPE_CHECKING:
-    from slimguard.core.artifact import LoadPolicy
+from slimguard.evaluate import _check_fits, evaluate
+from slimguard.models import sources
+from slimguard.report import write_report
+from slimguard.transforms import run_step
 
 OUTPUT_NAMES = {
     True: {"artifact": "model.slim", "metrics": "metrics.json", "report": "report.html"},
@@ -34,18 +63,9 @@ OUTPUT_NAMES = {
 }
 """File names in the output folder of a run that met its budget (``True``) or missed it (``False``)."""
 
-
-def run_step(model: nn.Module, step: Config, data: DataBundle, *, progress: bool = True, **context: Any) -> Any:
-    """Apply one recipe step (prune, quantize, train, ...) with the data as context.
-
-    Extra ``context`` goes to the handler too (``compress`` passes ``original``, the model as it was at
-    the start of the recipe, to steps whose config sets ``needs_original``, such as ``distill``).
-    """
-    verb = verb_of(step)
-    result = apply(verb, model, step, data=data, example_inputs=data.example, calib=data.calib, progress=progress,
-                   **context)
-    record(model, {"verb": verb, "config": step.to_dict()})
-    return result
+METRICS_FIELDS = ("recipe", "baseline", "compressed", "budget", "steps", "accepted", "artifact",
+                  "metrics_file", "report")
+"""The keys of ``metrics.json`` (see the module docstring for what each holds)."""
 
 
 def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +133,7 @@ def check_compress_output(out_dir: str | Path) -> Path:
 
 
 def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
-             latency_batch: int = 1, policy: LoadPolicy | None = None) -> dict[str, Any]:
+             latency_batch: int = 1, policy: artifact.LoadPolicy | None = None) -> dict[str, Any]:
     """Run a recipe end to end and write its artifact, ``metrics.json`` and ``report.html`` to ``out_dir``.
 
     The output folder is checked before any work. The artifact is saved under a temporary name,
@@ -123,26 +143,20 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
     replaced; a run that fails leaves the folder as it was.
 
     Returns:
-        The metrics: ``baseline``, ``compressed``, ``budget``, ``steps``, ``recipe``, ``accepted`` (the
-        budget held), and the paths ``artifact``, ``metrics_file`` and ``report``.
+        The object written to ``metrics.json`` (its shape is in the module docstring): ``recipe``,
+        ``baseline``, ``compressed``, ``budget``, ``steps``, ``accepted`` (the budget held), and the paths
+        ``artifact``, ``metrics_file`` and ``report``.
 
     ``policy`` says how a ``.slim`` named as the recipe's model is loaded (see
-    :class:`~slimguard.core.artifact.LoadPolicy`).
+    :class:`~slimguard.artifact.LoadPolicy`).
 
     Raises:
         OutputError: ``out_dir`` cannot be written (before any work starts).
     """
-    from slimguard import data as sgdata
-    from slimguard.core.artifact import code_file, save
-    from slimguard.core.artifact import load as load_artifact
-    from slimguard.evaluate import _check_fits, evaluate
-    from slimguard.models.sources import load_model
-    from slimguard.report import write_report
-
     out = check_compress_output(out_dir)
     torch.manual_seed(recipe.seed)
     data = sgdata.load(recipe.data, seed=recipe.seed)
-    model = load_model(recipe.model, seed=recipe.seed, progress=progress, policy=policy)
+    model = sources.load_model(recipe.model, seed=recipe.seed, progress=progress, policy=policy)
     _check_fits(model, data.test)
     embedding = data.task == "embedding"
     # embedding models are scored by fidelity to the model as it was before the recipe
@@ -156,9 +170,9 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
                       "result": result if isinstance(result, dict) and len(json.dumps(result, default=str)) < 20000
                       else None})
     # saved under a name no finished run uses; renamed once the budget is known
-    pending = save(model, out / f".model.{os.getpid()}.pending.slim", recipe=recipe.to_dict())
+    pending = artifact.save(model, out / f".model.{os.getpid()}.pending.slim", recipe=recipe.to_dict())
     try:
-        reloaded = load_artifact(pending, trust_code=code_file(model))  # a python model's own file
+        reloaded = artifact.load(pending, trust_code=artifact.code_file(model))  # a python model's own file
         after = evaluate(reloaded, data.test, latency_batch=latency_batch, measure_size=False,
                          reference=original if embedding else None)
         after["size_bytes"] = pending.stat().st_size

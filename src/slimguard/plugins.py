@@ -1,46 +1,58 @@
-"""Imports every module that registers configs, handlers, data sets or zoo models.
+"""The plugin index: imports every module that registers a plugin, so every registry is full.
 
-Kept separate so ``import slimguard`` stays light: registries are filled only when first looked up.
-Each subsystem adds its module here.
+Plugins (configs and their handlers, codecs, module classes, load hooks, data sets, data source
+prefixes, zoo models, model sources, pruning rules, importances, OOD detectors, protections, attacks,
+corruptions, fake-quant twins) register themselves in a :class:`~slimguard.core.registry.Registry` when
+their module is imported. Only the entry points import this index: ``slimguard/__init__.py`` (so
+``import slimguard`` fills every registry) and the CLI. Lower layers look plugins up by name and never
+import them.
+
+A module added here must not import transformers, onnxruntime, fastapi, optuna or matplotlib at module
+level (``tests/test_lean_import.py`` checks it): those load inside the functions that need them.
 """
 
 import importlib
 
-_MODULES = [
+MODULES = [
+    "slimguard.codec.huffman",
     "slimguard.data.builtin",
     "slimguard.data.files",
     "slimguard.data.text",
-    "slimguard.models.zoo",
+    "slimguard.data.ood",
     "slimguard.train.loop",
+    "slimguard.train.regularize",
+    "slimguard.models.zoo",
+    "slimguard.models.sources",
+    "slimguard.artifact.slim",
+    "slimguard.prune.rules",
+    "slimguard.prune.blocks",
+    "slimguard.prune.importance",
     "slimguard.prune.magnitude",
-    # prune (issue 3): structured, N:M, gradual (AGP)
     "slimguard.prune.structured",
     "slimguard.prune.nm",
     "slimguard.prune.gradual",
-    "slimguard.quantize.dynamic",
-    # quantize (issue 4): fusion, static int8, weight-only / GPTQ, QAT, SmoothQuant, half, mixed precision
+    "slimguard.quantize.kernels",
     "slimguard.quantize.fuse",
     "slimguard.quantize.qmodules",
+    "slimguard.quantize.dynamic",
     "slimguard.quantize.static",
     "slimguard.quantize.weight_only",
     "slimguard.quantize.qat",
     "slimguard.quantize.smooth",
     "slimguard.quantize.cast",
     "slimguard.quantize.mixed",
-    # guard (issue 8): OOD data sets
-    "slimguard.data.ood",
-    # distill + lowrank + regularize (issue 5)
-    "slimguard.distill.core",
-    "slimguard.distill.students",
-    "slimguard.lowrank.svd",
-    "slimguard.train.regularize",
-    # share + codec (Deep Compression, HashedNets)
-    "slimguard.codec.huffman",
     "slimguard.share.cluster",
     "slimguard.share.hashing",
-    # robust (issue 7): adv-finetune step
+    "slimguard.lowrank.svd",
+    "slimguard.distill.core",
+    "slimguard.distill.students",
+    "slimguard.robust.corruptions",
+    "slimguard.robust.twin",
+    "slimguard.robust.scorecard",
     "slimguard.robust.training",
+    "slimguard.guard.ood",
+    "slimguard.guard.guard",
 ]
 
-for _name in _MODULES:
+for _name in MODULES:
     importlib.import_module(_name)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimguard.core import artifact
+from slimguard.artifact import slim as artifact
 from slimguard.core.errors import ArtifactError
+from slimguard.core.masks import get_mask
 from slimguard.evaluate import predict
 from slimguard.prune.magnitude import MagnitudePruning
-from slimguard.prune.masks import get_mask
 from slimguard.quantize.dynamic import DynamicInt8Linear, Int8Dynamic
 from slimguard.transforms import prune_, quantize_
 

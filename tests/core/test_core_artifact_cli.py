@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from slimguard.artifact import slim as artifact
 from slimguard.cli import build_app
-from slimguard.core import artifact
 
 runner = CliRunner()
 APP = build_app()

@@ -19,8 +19,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from slimguard.artifact import archive
+from slimguard.artifact import slim as artifact
 from slimguard.cli import build_app
-from slimguard.core import archive, artifact
 from slimguard.core.errors import ArtifactError, ConfigError, UserError
 
 runner = CliRunner()

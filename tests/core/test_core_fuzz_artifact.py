@@ -1,6 +1,6 @@
 """Fuzzing the ``.slim`` loader with real artifacts (hypothesis).
 
-Five real artifacts are written with :func:`slimguard.core.artifact.save`: a dense MLP (with an extra
+Five real artifacts are written with :func:`slimguard.artifact.save`: a dense MLP (with an extra
 entry, metrics and a recipe), a magnitude-pruned one (sparse codec, masks), a pruned + clustered +
 Huffman-coded one, an int8 one (replaced modules) and a signed one. Each property mutates them and loads
 the result in a child process capped with ``resource.setrlimit(RLIMIT_AS)`` (see ``tests/fuzz_support.py``).
@@ -49,7 +49,7 @@ class Ref:
     """One reference artifact: its bytes, entries, manifest and the fingerprint of its clean load."""
 
     def __init__(self, name: str, path: Path) -> None:
-        from slimguard.core import artifact
+        from slimguard.artifact import slim as artifact
 
         self.name, self.path = name, path
         self.blob = path.read_bytes()
@@ -64,7 +64,7 @@ CANARY_MARKER = Path("canary-ran")
 
 
 def _load(path: Path, **kwargs: Any):
-    from slimguard.core import artifact
+    from slimguard.artifact import slim as artifact
 
     return artifact.load(path, **kwargs)
 
@@ -678,7 +678,7 @@ TARGETED = [
 def build_refs(work: Path) -> dict[str, Path]:
     """The five reference artifacts, saved from real (zoo) models."""
     import slimguard as sg
-    from slimguard.core import artifact
+    from slimguard.artifact import slim as artifact
     from slimguard.models import zoo
     from slimguard.prune.magnitude import MagnitudePruning
     from slimguard.quantize.dynamic import Int8Dynamic

@@ -427,14 +427,13 @@ def child_setup(context: dict[str, Any]) -> dict[str, Any]:
     global WORK, MARKER
     import torch
 
-    import slimguard.registry_index  # noqa: F401  (registers every step)
-    from slimguard.core.config import config_class, config_names
+    from slimguard.core.config import CONFIGS  # full: importing slimguard imports every plugin
 
     torch.set_num_threads(1)
     WORK = Path(context["workdir"])
     MARKER = WORK / "canary-ran"
-    for name in config_names():
-        STEPS[name] = sorted(f.name for f in dataclasses.fields(config_class(name)) if f.init)
+    for name, cls in CONFIGS.items():
+        STEPS[str(name)] = sorted(f.name for f in dataclasses.fields(cls) if f.init)
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     np.savez(buf, x=rng.random((40, 3), dtype=np.float32), y=np.arange(40, dtype=np.int64) % 3)

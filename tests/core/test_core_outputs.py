@@ -80,7 +80,7 @@ def test_over_budget_run_keeps_the_good_artifact_byte_identical(tmp_path):
     assert rejected["artifact"] == str(out / "model.rejected.slim")
     assert json.loads((out / "metrics.json").read_text())["accepted"] is True
 
-    from slimguard.core.artifact import load
+    from slimguard.artifact import load
 
     load(out / "model.rejected.slim")  # the rejected artifact is a complete, loadable file
 
@@ -100,7 +100,7 @@ def test_api_reports_where_a_rejected_run_went(tmp_path):
 
 
 def test_run_failing_after_the_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
-    from slimguard.core import artifact
+    from slimguard.artifact import slim as artifact
     from slimguard.core.recipe import parse
     from slimguard.pipeline import compress
 
@@ -185,7 +185,7 @@ def test_output_checks(tmp_path, monkeypatch):
 
 # ---- saved files respect the umask --------------------------------------------------------------------------
 def _writers(tmp_path, zoo_model):
-    from slimguard.core.artifact import save
+    from slimguard.artifact import save
     from slimguard.guard.contract import Contract
     from slimguard.report import write_report
 

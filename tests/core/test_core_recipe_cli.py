@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from slimguard.cli import build_app
 from slimguard.core.errors import ConfigError
 from slimguard.core.recipe import parse
+from slimguard.pipeline import METRICS_FIELDS
 
 runner = CliRunner()
 APP = build_app()
@@ -65,7 +66,8 @@ def test_cli_compress_runs_a_recipe(tmp_path):
     r = runner.invoke(APP, ["compress", "--recipe", str(recipe), "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
-    assert (out / "model.slim").is_file() and (out / "metrics.json").is_file()
+    assert (out / "model.slim").is_file() and json.loads((out / "metrics.json").read_text()) == result
+    assert sorted(result) == sorted(METRICS_FIELDS)
     assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"] / 3
     assert result["budget"]["ok"]
     page = (out / "report.html").read_text()
@@ -96,7 +98,7 @@ def test_cli_user_errors(args, message):
 
 
 def test_cli_refuses_damaged_artifacts(tmp_path, zoo_model):
-    from slimguard.core.artifact import save
+    from slimguard.artifact import save
 
     good = save(zoo_model("digits-mlp"), tmp_path / "m.slim")
     truncated = tmp_path / "t.slim"
@@ -111,7 +113,7 @@ def test_cli_refuses_damaged_artifacts(tmp_path, zoo_model):
 
 
 def test_cli_inspect_and_evaluate(tmp_path, zoo_model):
-    from slimguard.core.artifact import save
+    from slimguard.artifact import save
     from slimguard.prune.magnitude import MagnitudePruning
     from slimguard.transforms import prune_
 
@@ -141,7 +143,7 @@ def test_cli_demo_json(tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads(r.output)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved == metrics
+    assert saved == metrics and sorted(saved) == sorted(METRICS_FIELDS)  # one shape, written by compress
     for side in ("baseline", "compressed"):
         assert set(metrics[side]) >= {"accuracy", "params", "nonzero_params", "size_bytes", "latency_ms_p50"}
     assert metrics["baseline"]["size_bytes"] / metrics["compressed"]["size_bytes"] >= 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,7 +23,7 @@ from slimguard.models.spec import info
 )
 def test_zoo_models_are_trained(zoo_model, name, min_acc):
     model = zoo_model(name)
-    bundle = sgdata.load(zoo.ZOO[name].data)
+    bundle = sgdata.load(zoo.ZOO.get(name).data)
     acc = evaluate(model, bundle.test, measure_latency=False, measure_size=False)["accuracy"]
     assert acc >= min_acc
     assert info(model).source["name"] == name
@@ -34,20 +36,49 @@ def test_cache_is_reused(zoo_model):
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_tab(tmp_path, monkeypatch):
+    """A two-epoch zoo model cached under ``tmp_path``, registered for one test."""
     monkeypatch.setenv("SLIMGUARD_CACHE", str(tmp_path))
-    monkeypatch.setitem(zoo.ZOO, "tiny-tab", zoo.ZooEntry("tiny-tab", "wine", zoo.tabular_mlp, "test", epochs=2))
+    zoo.register_zoo(zoo.ZooEntry("tiny-tab", "wine", zoo.tabular_mlp, "test", epochs=2))
+    yield tmp_path
+    zoo.ZOO.unregister("tiny-tab")
+
+
+@pytest.mark.parametrize("damage", ["flip-weights", "flip-record", "drop-record", "truncate-weights"])
+def test_damaged_cache_entry_is_rebuilt(tiny_tab, monkeypatch, damage):
     first = zoo.load("tiny-tab", progress=False)
-    (path,) = tmp_path.glob("tiny-tab-*.slim")
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    path.write_bytes(bytes(blob))
-    again = zoo.load("tiny-tab", progress=False)  # refused from cache, retrained deterministically
-    assert torch.equal(first[1].weight, again[1].weight)
+    (weights,) = tiny_tab.glob("tiny-tab-*.safetensors")
+    record = weights.with_suffix(".json")
+    assert json.loads(record.read_text())["bytes"] == weights.stat().st_size
+    target = record if damage.endswith("record") else weights
+    blob = bytearray(target.read_bytes())
+    if damage.startswith("flip"):
+        blob[len(blob) // 2] ^= 0xFF
+        target.write_bytes(bytes(blob))
+    elif damage == "truncate-weights":
+        target.write_bytes(bytes(blob[: len(blob) // 2]))
+    else:
+        target.unlink()
+    trained = []
+    monkeypatch.setattr(zoo, "train_zoo", lambda *a, **k: trained.append(a) or zoo.create("tiny-tab"))
+    again = zoo.load("tiny-tab", progress=False)  # refused from the cache, built again
+    assert trained == [("tiny-tab",)]
+    assert not torch.equal(first[1].weight, again[1].weight)  # the untrained stand-in, not the damaged file
+    assert zoo.load("tiny-tab", progress=False) is not again and trained == [("tiny-tab",)]  # cached again
+
+
+def test_cached_entry_is_weights_and_record_only(tiny_tab):
+    model = zoo.load("tiny-tab", progress=False)
+    assert sorted(p.suffix for p in tiny_tab.iterdir()) == [".json", ".safetensors"]
+    cached = zoo.load("tiny-tab", progress=False)
+    assert info(cached).source == info(model).source  # the info comes from the factory, not the file
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), cached.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
 
 
 def test_unknown_zoo_name():
-    with pytest.raises(ModelError, match="unknown zoo model 'nope'; available: digits-lenet5"):
+    with pytest.raises(ModelError, match="unknown zoo model 'nope'; allowed: digits-lenet5"):
         load_model("zoo:nope")
 
 
@@ -83,9 +114,7 @@ def test_minilm_embeds_offline():
     assert sims[0, 1] > sims[0, 2]  # semantically closer sentences score higher
 
 
-def test_fresh_and_cached_loads_agree(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMGUARD_CACHE", str(tmp_path))
-    monkeypatch.setitem(zoo.ZOO, "tiny-tab", zoo.ZooEntry("tiny-tab", "wine", zoo.tabular_mlp, "test", epochs=2))
+def test_fresh_and_cached_loads_agree(tiny_tab):
     fresh = zoo.load("tiny-tab", progress=False)
     cached = zoo.load("tiny-tab", progress=False)
     assert fresh.training is False and cached.training is False  # same mode whichever path ran

@@ -91,7 +91,7 @@ BAD_CONFIGS = [
     (dict(temperature=-1.0), "temperature"),
     (dict(alpha=1.5), "alpha"),
     (dict(feature_weight=-1.0), "feature_weight"),
-    (dict(epochs=-1), "epochs"),
+    (dict(finetune={"epochs": 3}), "finetune: expected a FinetuneConfig"),
 ]
 
 

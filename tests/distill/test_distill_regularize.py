@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, ModelError
+from slimguard.train.loop import FinetuneConfig
 from slimguard.train.regularize import (
     SparsityTraining,
     bn_l1,
@@ -40,9 +41,9 @@ def _bn_cnn() -> nn.Module:
 
 def test_network_slimming_zeroes_bn_scales(digits) -> None:
     plain, slim = _bn_cnn(), _bn_cnn()
-    cfg = dict(epochs=4, lr=0.05, batch_size=64, optimizer="sgd")
-    sparsity_train(plain, digits, SparsityTraining(bn_l1=1e-9, **cfg), progress=False)
-    hist = sparsity_train(slim, digits, SparsityTraining(bn_l1=0.1, **cfg), progress=False)
+    cfg = FinetuneConfig(epochs=4, lr=0.05, batch_size=64, optimizer="sgd", patience=0)
+    sparsity_train(plain, digits, SparsityTraining(bn_l1=1e-9, finetune=cfg), progress=False)
+    hist = sparsity_train(slim, digits, SparsityTraining(bn_l1=0.1, finetune=cfg), progress=False)
     assert hist["bn_small_after"] > hist["bn_small_before"]
     assert bn_scale_fraction_below(slim, 0.05) >= bn_scale_fraction_below(plain, 0.05) + 0.25
     assert float(bn_l1(slim).detach()) < 0.5 * float(bn_l1(plain).detach())

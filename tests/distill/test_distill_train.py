@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.distill import DistillConfig, Ensemble, distill, pruned_student, width_student
-from slimguard.train.loop import accuracy
+from slimguard.train.loop import FinetuneConfig, accuracy
 
-FAST = dict(epochs=6, lr=5e-3, batch_size=64, patience=0)
+FAST = FinetuneConfig(epochs=6, lr=5e-3, batch_size=64, patience=0)
 
 
 @pytest.mark.parametrize("case,cfg", [
@@ -25,7 +25,7 @@ def test_student_learns_and_loss_falls(zoo_model, digits, case, cfg) -> None:
     teacher = zoo_model("digits-mlp")
     before = copy.deepcopy(teacher.state_dict())
     student = width_student(teacher, 0.25)  # hidden (75, 25): 7x fewer parameters
-    history = distill(teacher, student, digits, DistillConfig(**FAST, **cfg), progress=False)
+    history = distill(teacher, student, digits, DistillConfig(finetune=FAST, **cfg), progress=False)
     losses = [e["train_loss"] for e in history["epochs"]]
     assert losses[-1] < 0.7 * losses[0], losses
     acc = accuracy(student, digits.test)
@@ -45,21 +45,22 @@ def _cnn(width: int) -> nn.Module:
 
 def test_attention_transfer_between_conv_nets(digits) -> None:
     teacher, student = _cnn(16), _cnn(4)
-    cfg = DistillConfig(epochs=3, lr=5e-3, patience=0, alpha=1.0, attention={"1": "1", "3": "3"},
-                        features={"3": "3"})
+    cfg = DistillConfig(alpha=1.0, attention={"1": "1", "3": "3"}, features={"3": "3"},
+                        finetune=FinetuneConfig(epochs=3, lr=5e-3, patience=0))
     history = distill(teacher, student, digits, cfg, progress=False)
     losses = [e["train_loss"] for e in history["epochs"]]
     assert losses[-1] < 0.8 * losses[0], losses
     assert history["projections"] == 1  # 4 -> 16 channels, a 1x1 conv
     with pytest.raises(ModelError, match=r"attention transfer needs .* got shape \(2, 10\)"):
-        distill(teacher, student, digits, DistillConfig(epochs=1, attention={"6": "6"}), progress=False)
+        cfg = DistillConfig(attention={"6": "6"}, finetune=FinetuneConfig(epochs=1))
+        distill(teacher, student, digits, cfg, progress=False)
 
 
 def test_incompatible_outputs_name_both_shapes(zoo_model, digits) -> None:
     teacher = zoo_model("digits-mlp")
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
     with pytest.raises(ModelError, match=r"teacher outputs shape \(2, 10\) but student outputs \(2, 5\)"):
-        distill(teacher, student, digits, DistillConfig(epochs=1), progress=False)
+        distill(teacher, student, digits, DistillConfig(finetune=FinetuneConfig(epochs=1)), progress=False)
 
 
 @pytest.mark.parametrize("field,pairs,match", [
@@ -71,7 +72,8 @@ def test_missing_layers_fail_before_training(zoo_model, digits, field, pairs, ma
     teacher = zoo_model("digits-mlp")
     student = width_student(teacher, 0.5)
     with pytest.raises(ConfigError, match=match):
-        distill(teacher, student, digits, DistillConfig(epochs=1, **{field: pairs}), progress=False)
+        distill(teacher, student, digits, DistillConfig(finetune=FinetuneConfig(epochs=1), **{field: pairs}),
+                progress=False)
     assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])  # nothing left behind
 
 
@@ -83,7 +85,7 @@ def test_ensemble_averages_and_teaches(zoo_model, digits) -> None:
     x = digits.test.x[:4]
     assert torch.allclose(ens(x), 0.25 * a(x) + 0.75 * b(x), atol=1e-6)
     student = width_student(a, 0.25)
-    distill([a, b], student, digits, DistillConfig(**FAST), progress=False)  # a list is an ensemble
+    distill([a, b], student, digits, DistillConfig(finetune=FAST), progress=False)  # a list is an ensemble
     assert accuracy(student, digits.test) > 0.8
     with pytest.raises(ConfigError, match="weights"):
         Ensemble([a, b], weights=[1.0])
@@ -103,8 +105,8 @@ def test_width_student_shapes(zoo_model) -> None:
 
 
 def test_pruned_student_copies_and_prunes(zoo_model) -> None:
+    from slimguard.core.masks import sparsity
     from slimguard.prune.magnitude import MagnitudePruning
-    from slimguard.prune.masks import sparsity
 
     teacher = zoo_model("digits-mlp")
     student = pruned_student(teacher, MagnitudePruning(sparsity=0.5))
@@ -117,7 +119,7 @@ def test_recipe_distill_step_uses_the_original_as_teacher(tmp_path) -> None:
 
     recipe = parse({"model": "zoo:digits-mlp", "data": "digits", "budget": {"max_accuracy_drop": 3.0},
                     "steps": [{"lowrank": {"energy": 0.6, "ignore": ["6"]}},
-                              {"distill": {"epochs": 3, "lr": 1e-3, "patience": 0}}]}, "test")
+                              {"distill": {"finetune": {"epochs": 3, "lr": 1e-3, "patience": 0}}}]}, "test")
     result = compress(recipe, tmp_path, progress=False)
     assert result["steps"][0]["result"]["factorized"]
     assert len(result["steps"][1]["result"]["epochs"]) == 3
@@ -126,10 +128,11 @@ def test_recipe_distill_step_uses_the_original_as_teacher(tmp_path) -> None:
 
 
 def test_recipe_distill_step_without_teacher_is_a_user_error(zoo_model, digits) -> None:
-    from slimguard.pipeline import run_step
+    from slimguard.transforms import run_step
 
     with pytest.raises(ConfigError, match="no teacher"):
-        run_step(zoo_model("digits-mlp"), DistillConfig(epochs=1), digits, progress=False)
+        cfg = DistillConfig(finetune=FinetuneConfig(epochs=1))
+        run_step(zoo_model("digits-mlp"), cfg, digits, progress=False)
 
 
 def test_student_from_structured_pruning_recovers(zoo_model, digits) -> None:
@@ -139,5 +142,6 @@ def test_student_from_structured_pruning_recovers(zoo_model, digits) -> None:
     teacher = zoo_model("digits-mlp")
     student = pruned_student(teacher, ChannelPruning(ratio=0.75, ignore=["6"]), example_inputs=digits.example)
     assert count_params(student) < 0.3 * count_params(teacher)
-    distill(teacher, student, digits, DistillConfig(epochs=3, lr=3e-3, patience=0), progress=False)
+    distill(teacher, student, digits, DistillConfig(finetune=FinetuneConfig(epochs=3, lr=3e-3, patience=0)),
+            progress=False)
     assert accuracy(student, digits.test) > 0.9

@@ -11,6 +11,7 @@ import torch
 from slimguard.core.errors import ConfigError
 from slimguard.data.core import DataBundle
 from slimguard.distill import DistillConfig, DropLayers, distill, drop_layers_
+from slimguard.train.loop import FinetuneConfig
 
 pytest.importorskip("transformers")
 
@@ -42,7 +43,7 @@ def texts() -> DataBundle:
 
 
 def test_drop_layers_keeps_teacher_weights_and_round_trips(tiny_bert, tmp_path) -> None:
-    from slimguard.core.artifact import load, save
+    from slimguard.artifact import load, save
 
     student = drop_layers_(copy.deepcopy(tiny_bert), [0, 3])
     layers = student.encoder.encoder.layer
@@ -64,7 +65,7 @@ def test_bad_layer_choice(tiny_bert, keep, match) -> None:
 
 
 def test_drop_layers_recipe_step(tiny_bert, texts) -> None:
-    from slimguard.pipeline import run_step
+    from slimguard.transforms import run_step
 
     student = copy.deepcopy(tiny_bert)
     out = run_step(student, DropLayers(keep=[1, 2, 3]), texts, progress=False)
@@ -75,7 +76,7 @@ def test_embedding_distillation_with_hidden_and_attention_transfer(tiny_bert, te
     student = drop_layers_(copy.deepcopy(tiny_bert), [0, 2])
     pre = "encoder.encoder.layer"
     impl = tiny_bert.encoder.config._attn_implementation
-    cfg = DistillConfig(epochs=4, lr=5e-3, batch_size=16, max_length=48, patience=0,
+    cfg = DistillConfig(max_length=48, finetune=FinetuneConfig(epochs=4, lr=5e-3, batch_size=16, patience=0),
                         features={f"{pre}.0": f"{pre}.1", f"{pre}.1": f"{pre}.3"},
                         attention={f"{pre}.1.attention.self": f"{pre}.3.attention.self"})
     history = distill(tiny_bert, student, texts, cfg, progress=False)
@@ -89,6 +90,7 @@ def test_embedding_distillation_with_hidden_and_attention_transfer(tiny_bert, te
 
 def test_embedding_output_only_distillation_caches_teacher(tiny_bert, texts) -> None:
     student = drop_layers_(copy.deepcopy(tiny_bert), [3])
-    history = distill(tiny_bert, student, texts, DistillConfig(epochs=2, lr=3e-3, batch_size=32, max_length=48,
-                                                               embedding_loss="mse", patience=0), progress=False)
+    cfg = DistillConfig(max_length=48, embedding_loss="mse",
+                        finetune=FinetuneConfig(epochs=2, lr=3e-3, batch_size=32, patience=0))
+    history = distill(tiny_bert, student, texts, cfg, progress=False)
     assert history["teacher_cached"] and history["best_val_score"] > 0.5

@@ -8,7 +8,7 @@ import torch
 from slimguard.core.errors import ConfigError, NotFittedError
 from slimguard.guard.faults import (
     ActivationFault,
-    FaultCampaign,
+    FaultCampaignConfig,
     bit_fields,
     flip_bit_,
     flipped,
@@ -77,7 +77,7 @@ def test_bad_flip_arguments(index, bit, message):
 
 def test_campaign_counts_exponent_flips_and_range_restriction_cuts_them(zoo_model, digits):
     model = zoo_model("digits-mlp")
-    cfg = FaultCampaign(trials=400, bits="exponent", seed=0)
+    cfg = FaultCampaignConfig(trials=400, bits="exponent", seed=0)
     x = digits.test.x
     base = run_campaign(model, x, cfg)
     again = run_campaign(model, x, cfg)
@@ -102,7 +102,8 @@ def test_activation_faults_and_int8_storage(zoo_model, digits):
     import slimguard as sg
 
     model = zoo_model("digits-mlp")
-    res = run_campaign(model, digits.test.x, FaultCampaign(trials=150, target="activations", bits=[30], seed=1))
+    cfg = FaultCampaignConfig(trials=150, target="activations", bits=[30], seed=1)
+    res = run_campaign(model, digits.test.x, cfg)
     assert res.trials == 150 and res.sdc > 0
     hook = ActivationFault(model.get_submodule("3"), index=5, bit=30)
     with torch.no_grad():
@@ -113,10 +114,10 @@ def test_activation_faults_and_int8_storage(zoo_model, digits):
     sg.quantize_(model, sg.Int8Dynamic())
     targets = weight_targets(model)
     assert all(t.dtype == torch.int8 for t in targets.values())
-    q = run_campaign(model, digits.test.x, FaultCampaign(trials=100, bits="sign"))
+    q = run_campaign(model, digits.test.x, FaultCampaignConfig(trials=100, bits="sign"))
     assert set(q.by_field) == {"sign"}
     with pytest.raises(ConfigError, match="selects no bit"):
-        run_campaign(model, digits.test.x, FaultCampaign(trials=10, bits="exponent"))
+        run_campaign(model, digits.test.x, FaultCampaignConfig(trials=10, bits="exponent"))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -125,7 +126,7 @@ def test_activation_faults_and_int8_storage(zoo_model, digits):
 ])
 def test_bad_campaigns(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        FaultCampaign(**kwargs)
+        FaultCampaignConfig(**kwargs)
 
 
 def test_wilson_interval():

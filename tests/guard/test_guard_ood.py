@@ -99,7 +99,9 @@ def test_mahalanobis_on_a_named_layer_and_output_scores_reuse_logits(mlp, digits
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [("knn", {"k": 0}, "k: 0 is out of range"), ("odin", {"temperature": -1.0}, "temperature"),
-     ("mahalanobis", {"layer": "nope"}, "layer: 'nope' is not a module"), ("lof", {}, "'lof' is not known")],
+     ("mahalanobis", {"layer": "nope"}, "layer: 'nope' is not a module"),
+     ("lof", {}, "unknown OOD detector 'lof'"),
+     ("knn", {"kk": 3}, "knn: unknown key 'kk'; allowed: batch_size, k, layer, max_bank")],
 )
 def test_bad_detector_options(mlp, name, options, message):
     with pytest.raises(ConfigError, match=message):

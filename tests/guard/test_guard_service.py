@@ -66,7 +66,7 @@ def test_guard_repairs_a_flipped_weight_and_needs_a_calibrated_detector(guard, z
     torch.testing.assert_close(guard(digits.test.x[:50]).logits, want, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="no threshold"):
         Guard(zoo_model("digits-mlp"), detector=make_detector("msp", guard.model).fit(digits.train))
-    with pytest.raises(ConfigError, match="protect: 'magic'"):
+    with pytest.raises(ConfigError, match="unknown protection 'magic'; allowed: checksums, range"):
         Guard.build(guard.model, digits, protect=("magic",))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimguard.core.artifact import load, save
+from slimguard.artifact import load, save
+from slimguard.core.masks import get_mask, iter_masks
 from slimguard.models.spec import ModelInfo, set_info
-from slimguard.prune.masks import get_mask, iter_masks
 from slimguard.prune.structured import ChannelPruning
 from slimguard.transforms import prune_
 
@@ -74,7 +74,7 @@ def test_masks_survive_save_load(config, tmp_path, zoo_model):
     if kind == "nm":
         assert has_nm_pattern(w, 2, 4) and int((w != 0).sum()) == w.numel() // 2
     # a training step after loading cannot revive pruned weights
-    from slimguard.prune.masks import apply_masks
+    from slimguard.core.masks import apply_masks
 
     with torch.no_grad():
         w.add_(1.0)

@@ -270,7 +270,7 @@ def test_importances_prune_resnet(importance, digits32):
 def test_recipe_steps_parse_and_run(digits32):
     from slimguard.core.recipe import parse
     from slimguard.models import zoo
-    from slimguard.pipeline import run_step
+    from slimguard.transforms import run_step
 
     recipe = parse({"model": "zoo:digits-lenet5", "data": "digits32", "steps": [
         {"channel": {"ratio": 0.5, "round_to": 4, "importance": "bn"}},

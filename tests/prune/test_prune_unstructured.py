@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from slimguard.core.config import Config
 from slimguard.core.errors import ConfigError, ModelError
+from slimguard.core.masks import get_mask, sparsity
 from slimguard.prune.gradual import AGPCallback, GradualPruning, agp_sparsity
 from slimguard.prune.importance import (
     BNScaleImportance,
@@ -17,7 +18,6 @@ from slimguard.prune.importance import (
     get_importance,
 )
 from slimguard.prune.magnitude import MagnitudePruning
-from slimguard.prune.masks import get_mask, sparsity
 from slimguard.prune.nm import NMSparsity, has_nm_pattern, nm_mask
 from slimguard.transforms import prune_
 
@@ -79,7 +79,7 @@ def test_wanda_weights_by_input_norm():
 
 def test_importance_objects():
     lin = nn.Linear(3, 2)
-    assert MagnitudeImportance(2).channel_score(lin, 0).shape == (2,)
+    assert MagnitudeImportance(p=2).channel_score(lin, 0).shape == (2,)
     assert BNScaleImportance().channel_score(lin, 0) is None
     bn = nn.BatchNorm1d(3)
     assert torch.equal(BNScaleImportance().channel_score(bn, 0), torch.ones(3))

@@ -34,14 +34,14 @@ def mlp_xy():
 
 # (id, factory of eps, eps used for the ball check: L2 balls need a larger radius to change anything)
 CASES = [
-    ("fgsm-linf", lambda e: FGSM(e), 0.1),
-    ("fgm-l2", lambda e: FGSM(e, norm="l2"), 0.8),
-    ("pgd-linf", lambda e: PGD(e, steps=10), 0.1),
-    ("pgd-l2", lambda e: PGD(e, steps=10, norm="l2"), 0.8),
-    ("pgd-dlr-restarts", lambda e: PGD(e, steps=5, restarts=2, loss="dlr"), 0.1),
-    ("apgd-ce", lambda e: APGD(e, steps=10), 0.1),
-    ("apgd-dlr", lambda e: APGD(e, steps=10, loss="dlr"), 0.1),
-    ("apgd-l2", lambda e: APGD(e, steps=10, norm="l2"), 0.8),
+    ("fgsm-linf", lambda e: FGSM(eps=e), 0.1),
+    ("fgm-l2", lambda e: FGSM(eps=e, norm="l2"), 0.8),
+    ("pgd-linf", lambda e: PGD(eps=e, steps=10), 0.1),
+    ("pgd-l2", lambda e: PGD(eps=e, steps=10, norm="l2"), 0.8),
+    ("pgd-dlr-restarts", lambda e: PGD(eps=e, steps=5, restarts=2, loss="dlr"), 0.1),
+    ("apgd-ce", lambda e: APGD(eps=e, steps=10), 0.1),
+    ("apgd-dlr", lambda e: APGD(eps=e, steps=10, loss="dlr"), 0.1),
+    ("apgd-l2", lambda e: APGD(eps=e, steps=10, norm="l2"), 0.8),
 ]
 ATTACKS = [pytest.param(make, id=name) for name, make, _ in CASES]
 BALLS = [pytest.param(make, eps, id=name) for name, make, eps in CASES]
@@ -61,7 +61,7 @@ def test_examples_stay_in_the_ball_and_the_valid_range(mlp_xy, make, eps):
     attack = make(eps)
     x_adv = attack(model, x, y, bounds=d.meta.bounds())
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert float(perturbation_norm(x_adv, x, attack.norm).max()) <= eps + TOL
+    assert float(perturbation_norm(x_adv, x, attack.config.norm).max()) <= eps + TOL
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     assert accuracy_on(model, x_adv, y) < accuracy_on(model, x, y)  # the attack changed something
 
@@ -71,16 +71,17 @@ def test_pgd_at_most_fgsm_at_most_clean(mlp_xy, eps):
     model, d, x, y = mlp_xy
     b = d.meta.bounds()
     clean = accuracy_on(model, x, y)
-    fgsm = accuracy_on(model, FGSM(eps)(model, x, y, bounds=b), y)
-    pgd = accuracy_on(model, PGD(eps, steps=10)(model, x, y, bounds=b), y)
-    apgd = accuracy_on(model, APGD(eps, steps=10)(model, x, y, bounds=b), y)
+    fgsm = accuracy_on(model, FGSM(eps=eps)(model, x, y, bounds=b), y)
+    pgd = accuracy_on(model, PGD(eps=eps, steps=10)(model, x, y, bounds=b), y)
+    apgd = accuracy_on(model, APGD(eps=eps, steps=10)(model, x, y, bounds=b), y)
     assert pgd <= fgsm <= clean
     assert apgd <= fgsm + 1 / N  # APGD is at least as strong as a single step (one example of slack)
 
 
 def test_more_pgd_steps_never_help_the_model_much(mlp_xy):
     model, d, x, y = mlp_xy
-    accs = [accuracy_on(model, PGD(0.1, steps=s)(model, x, y, bounds=d.meta.bounds()), y) for s in (1, 5, 20)]
+    b = d.meta.bounds()
+    accs = [accuracy_on(model, PGD(eps=0.1, steps=s)(model, x, y, bounds=b), y) for s in (1, 5, 20)]
     # 2 points of slack: a fixed step size can overshoot on a few examples
     assert accs[1] <= accs[0] + 0.02 and accs[2] <= accs[1] + 0.02
     assert accs[2] < accs[0]  # and more steps do find more examples
@@ -88,8 +89,8 @@ def test_more_pgd_steps_never_help_the_model_much(mlp_xy):
 
 def test_restarts_keep_the_worst_case(mlp_xy):
     model, d, x, y = mlp_xy
-    one = accuracy_on(model, PGD(0.1, steps=5, restarts=1)(model, x, y, bounds=d.meta.bounds()), y)
-    three = accuracy_on(model, PGD(0.1, steps=5, restarts=3)(model, x, y, bounds=d.meta.bounds()), y)
+    one = accuracy_on(model, PGD(eps=0.1, steps=5, restarts=1)(model, x, y, bounds=d.meta.bounds()), y)
+    three = accuracy_on(model, PGD(eps=0.1, steps=5, restarts=3)(model, x, y, bounds=d.meta.bounds()), y)
     assert three <= one  # exact: the first restart is the same run, others only replace it on success
 
 
@@ -97,7 +98,7 @@ def test_targeted_attacks_hit_their_targets(mlp_xy):
     model, d, x, y = mlp_xy
     target = random_targets(y, 10, seed=1)
     assert bool((target != y).all())
-    x_adv = PGD(0.3, steps=20)(model, x, y, target=target, bounds=d.meta.bounds())
+    x_adv = PGD(eps=0.3, steps=20)(model, x, y, target=target, bounds=d.meta.bounds())
     with torch.no_grad():
         hit = float((model(x_adv).argmax(1) == target).float().mean())
         before = float((model(x).argmax(1) == target).float().mean())
@@ -124,7 +125,7 @@ def test_model_mode_and_requires_grad_are_restored(mlp_xy):
     flags = [p.requires_grad for p in model.parameters()]
     model[2].weight.requires_grad_(False)
     flags[0] = False
-    PGD(0.1, steps=2)(model, x[:16], y[:16], bounds=d.meta.bounds())
+    PGD(eps=0.1, steps=2)(model, x[:16], y[:16], bounds=d.meta.bounds())
     assert model.training
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())  # attacks never leave gradients on weights
@@ -134,9 +135,9 @@ def test_model_mode_and_requires_grad_are_restored(mlp_xy):
 
 def test_bounds_come_from_the_models_data_and_relative_eps(mlp_xy):
     model, d, x, y = mlp_xy
-    a = PGD(0.1, steps=3)(model, x, y)  # bounds taken from the model's recorded data
-    b = PGD(0.1, steps=3)(model, x, y, bounds=d.meta.bounds())
-    c = PGD(0.1, steps=3, relative=True)(model, x, y, bounds=d.meta)  # range width 1: the same ball
+    a = PGD(eps=0.1, steps=3)(model, x, y)  # bounds taken from the model's recorded data
+    b = PGD(eps=0.1, steps=3)(model, x, y, bounds=d.meta.bounds())
+    c = PGD(eps=0.1, steps=3, relative=True)(model, x, y, bounds=d.meta)  # range width 1: the same ball
     assert torch.equal(a, b)
     assert torch.allclose(b, c, atol=1e-5)
 
@@ -149,18 +150,18 @@ def test_relative_eps_on_tabular_features_of_different_scales():
     model = zoo.create("tabular-mlp")
     x, y = d.test.tensors
     low, high = d.meta.bounds()
-    x_adv = PGD(0.05, steps=3, relative=True)(model, x, y, bounds=(low, high))
+    x_adv = PGD(eps=0.05, steps=3, relative=True)(model, x, y, bounds=(low, high))
     width = (high - low).clamp_min(1e-12)
     assert float(((x_adv - x).abs() / width).max()) <= 0.05 + 1e-4
     assert float((x_adv - low).min()) >= -1e-3 and float((high - x_adv).min()) >= -1e-3
 
 
 BAD = [
-    pytest.param(lambda: PGD(-0.1), ConfigError, "eps", id="negative-eps"),
-    pytest.param(lambda: FGSM(float("nan")), ConfigError, "eps", id="nan-eps"),
-    pytest.param(lambda: PGD(0.1, steps=0), ConfigError, "steps", id="zero-steps"),
-    pytest.param(lambda: PGD(0.1, norm="l1"), ConfigError, "norm", id="bad-norm"),
-    pytest.param(lambda: APGD(0.1, loss="hinge"), ConfigError, "loss", id="bad-loss"),
+    pytest.param(lambda: PGD(eps=-0.1), ConfigError, "eps", id="negative-eps"),
+    pytest.param(lambda: FGSM(eps=float("nan")), ConfigError, "eps", id="nan-eps"),
+    pytest.param(lambda: PGD(eps=0.1, steps=0), ConfigError, "steps", id="zero-steps"),
+    pytest.param(lambda: PGD(eps=0.1, norm="l1"), ConfigError, "norm", id="bad-norm"),
+    pytest.param(lambda: APGD(eps=0.1, loss="hinge"), ConfigError, "loss", id="bad-loss"),
     pytest.param(lambda: CW(norm="linf"), ConfigError, "norm", id="cw-linf"),
 ]
 
@@ -173,13 +174,16 @@ def test_bad_attack_settings_are_one_line_errors(make, err, word):
 
 
 BAD_CALLS = [
-    pytest.param(lambda x, y: (PGD(1.5), x, y, None), ConfigError, "beyond the input range", id="eps-beyond-range"),
-    pytest.param(lambda x, y: (PGD(9.0, norm="l2"), x, y, None), ConfigError, "beyond", id="l2-eps-beyond-range"),
-    pytest.param(lambda x, y: (PGD(0.1), x, y + 10, None), DataError, "labels", id="labels-out-of-range"),
-    pytest.param(lambda x, y: (PGD(0.1), x, y - 1 - y, None), DataError, "labels", id="negative-labels"),
-    pytest.param(lambda x, y: (PGD(0.1), x, y, y + 10), DataError, "targets", id="targets-out-of-range"),
-    pytest.param(lambda x, y: (PGD(0.1), x * 3, y, None), DataError, "outside the valid range", id="unnormalised"),
-    pytest.param(lambda x, y: (PGD(0.1), x, y[:3], None), DataError, "labels", id="length-mismatch"),
+    pytest.param(lambda x, y: (PGD(eps=1.5), x, y, None), ConfigError, "beyond the input range",
+                 id="eps-beyond-range"),
+    pytest.param(lambda x, y: (PGD(eps=9.0, norm="l2"), x, y, None), ConfigError, "beyond",
+                 id="l2-eps-beyond-range"),
+    pytest.param(lambda x, y: (PGD(eps=0.1), x, y + 10, None), DataError, "labels", id="labels-out-of-range"),
+    pytest.param(lambda x, y: (PGD(eps=0.1), x, y - 1 - y, None), DataError, "labels", id="negative-labels"),
+    pytest.param(lambda x, y: (PGD(eps=0.1), x, y, y + 10), DataError, "targets", id="targets-out-of-range"),
+    pytest.param(lambda x, y: (PGD(eps=0.1), x * 3, y, None), DataError, "outside the valid range",
+                 id="unnormalised"),
+    pytest.param(lambda x, y: (PGD(eps=0.1), x, y[:3], None), DataError, "labels", id="length-mismatch"),
 ]
 
 
@@ -195,7 +199,7 @@ def test_bad_attack_inputs_are_one_line_errors(mlp_xy, make, err, word):
 def test_unknown_bounds_ask_for_them():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(DataError, match="bounds="):
-        PGD(0.1)(model, torch.rand(2, 4), torch.tensor([0, 1]))
+        PGD(eps=0.1)(model, torch.rand(2, 4), torch.tensor([0, 1]))
 
 
 def test_int8_model_without_gradient_points_to_the_fake_quant_twin(mlp_xy):
@@ -209,14 +213,14 @@ def test_int8_model_without_gradient_points_to_the_fake_quant_twin(mlp_xy):
     quantize_(q, Int8Dynamic())
     assert is_quantized(q) and not is_quantized(model)
     with pytest.raises(ModelError, match="fake_quant_twin") as info:
-        PGD(0.1, steps=2)(q, x[:8], y[:8], bounds=d.meta.bounds())
+        PGD(eps=0.1, steps=2)(q, x[:8], y[:8], bounds=d.meta.bounds())
     assert "\n" not in str(info.value)
     twin = fake_quant_twin(q)
     assert not is_quantized(twin) and is_quantized(q)  # the original is untouched
     with torch.no_grad():  # the twin computes what the int8 model computes, up to activation rounding
         agree = float((twin(x).argmax(1) == q(x).argmax(1)).float().mean())
     assert agree >= 0.99
-    x_adv = PGD(0.1, steps=5)(twin, x, y, bounds=d.meta.bounds())
+    x_adv = PGD(eps=0.1, steps=5)(twin, x, y, bounds=d.meta.bounds())
     transferred = accuracy_on(q, x_adv, y)
     assert transferred < accuracy_on(q, x, y) - 0.2  # the transferred examples hurt the int8 model
 
@@ -262,13 +266,13 @@ def test_fake_quant_twin_swaps_every_module_that_has_one(digits):
     assert is_quantized(model) and not is_quantized(twin)
     assert isinstance(fake_quant_twin(_ToyInt8()), nn.Sequential)  # a quantized root is swapped whole
     x, y = digits.test.x[:32], digits.test.y[:32]
-    x_adv = PGD(0.1, steps=3)(twin, x, y, bounds=digits.meta.bounds())
+    x_adv = PGD(eps=0.1, steps=3)(twin, x, y, bounds=digits.meta.bounds())
     assert float((x_adv - x).abs().max()) > 0
     with pytest.raises(ModelError, match="fake-quant twin"):
-        PGD(0.1)(model, x, y, bounds=digits.meta.bounds())
+        PGD(eps=0.1)(model, x, y, bounds=digits.meta.bounds())
 
 
 def test_a_model_that_cuts_the_gradient_is_a_clear_error(digits):
     with pytest.raises(ModelError, match="no gradient path") as info:
-        FGSM(0.1)(_Detached(), digits.test.x[:8], digits.test.y[:8], bounds=digits.meta.bounds())
+        FGSM(eps=0.1)(_Detached(), digits.test.x[:8], digits.test.y[:8], bounds=digits.meta.bounds())
     assert "\n" not in str(info.value)

@@ -172,8 +172,8 @@ def test_labels_out_of_range_and_wrong_data(mlp_and_int8, digits, digits32):
 def test_cli_robustness_against_original(tmp_path, mlp_and_int8):
     from typer.testing import CliRunner
 
+    from slimguard.artifact import save
     from slimguard.cli import build_app
-    from slimguard.core.artifact import save
 
     _, q = mlp_and_int8
     path = save(q, tmp_path / "int8.slim")

@@ -41,7 +41,7 @@ def trained():
 def test_adversarial_training_raises_pgd_accuracy_and_keeps_clean_accuracy(trained):
     original, model, d, history = trained
     x, y = d.test.tensors
-    pgd = PGD(MIDDLE_EPS, steps=10, seed=1)  # a stronger attack than the one trained against
+    pgd = PGD(eps=MIDDLE_EPS, steps=10, seed=1)  # a stronger attack than the one trained against
     clean0, clean1 = accuracy_on(original, x, y), accuracy_on(model, x, y)
     robust0 = accuracy_on(original, pgd(original, x, y, bounds=d.meta.bounds()), y)
     robust1 = accuracy_on(model, pgd(model, x, y, bounds=d.meta.bounds()), y)
@@ -64,9 +64,9 @@ def test_trades_loss_trains_through_the_loop(digits, zoo_model):
 
 
 def test_adv_finetune_is_a_recipe_step_that_keeps_pruning_masks(digits, zoo_model):
+    from slimguard.core.masks import sparsity
     from slimguard.core.recipe import parse
-    from slimguard.pipeline import run_step
-    from slimguard.prune.masks import sparsity
+    from slimguard.transforms import run_step
 
     recipe = parse({"model": "zoo:digits-mlp", "data": "digits", "steps": [
         {"magnitude": {"sparsity": 0.8}},
@@ -113,7 +113,7 @@ def test_robust_recipe_end_to_end(tmp_path, zoo_model):
     import yaml
 
     from slimguard import data
-    from slimguard.core.artifact import load
+    from slimguard.artifact import load
     from slimguard.core.recipe import parse
     from slimguard.pipeline import compress
     from slimguard.robust import scorecard

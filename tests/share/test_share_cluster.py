@@ -260,7 +260,8 @@ def test_inspect_shows_the_paper_columns(coded):
     _, path, _, _ = coded
     rows = {r["tensor"]: r for r in sg.inspect_model(str(path))["tensors"]}
     fc2 = rows["4.weight"]
-    assert fc2["codec"] == "huffman" and 1 <= fc2["bits"] <= 5 and fc2["layout"] == "sparse"  # bits of the codebook in use
+    # bits of the codebook in use
+    assert fc2["codec"] == "huffman" and 1 <= fc2["bits"] <= 5 and fc2["layout"] == "sparse"
     assert fc2["kept_percent"] == pytest.approx(100 * fc2["nonzero"] / fc2["params"], abs=0.01)
     assert fc2["index_bits_per_weight"] <= 5.0  # Huffman never needs more than the fixed-width bits
     assert fc2["position_bits_per_weight"] > 0 and fc2["compression"] > 20

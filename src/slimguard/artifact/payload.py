@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimguard.artifact.archive import MAX_BYTES_ENV, max_artifact_bytes
 from slimguard.codec.base import DTYPES, Encoded, auto_encode, codec
-from slimguard.core.archive import MAX_BYTES_ENV, max_artifact_bytes
 from slimguard.core.errors import ArtifactError, UserError
+from slimguard.core.registry import Registry
 
 CODEC_HINTS = "_slimguard_codecs"
 CODED_SLACK = 64 * 1024  # bytes a coded tensor may take beyond twice its raw size (tables, codebooks)
@@ -93,18 +94,14 @@ def payload_index(blob: bytes, where: str) -> dict[str, Part]:
 
 # ---- per-codec size checks, before decoding ------------------------------------------------------------
 PayloadCheck = Callable[[dict[str, Any], dict[str, Part], bytes, int], None]
-_CHECKS: dict[str, PayloadCheck] = {}
+PAYLOAD_CHECKS: Registry[PayloadCheck] = Registry("payload check", error=ArtifactError)
+"""Codec name -> the check of its parts' sizes, run before anything is decoded."""
 
 
 def register_payload_check(codec_name: str) -> Callable[[PayloadCheck], PayloadCheck]:
     """Decorator: ``fn(meta, parts, data, numel)`` raises ValueError when a coded tensor's parts cannot
     decode to ``numel`` elements (``data`` is the blob's data section; ``parts[p].start/end`` index it)."""
-
-    def deco(fn: PayloadCheck) -> PayloadCheck:
-        _CHECKS[codec_name] = fn
-        return fn
-
-    return deco
+    return PAYLOAD_CHECKS.register(codec_name)
 
 
 def _expect(ok: bool, what: str) -> None:
@@ -184,9 +181,8 @@ def check_payload(manifest: dict[str, Any], blob: bytes, where: str, max_bytes: 
             stored = sum(p.nbytes for p in parts.values())
             if stored > 2 * raw + CODED_SLACK:
                 raise ValueError(f"parts take {stored} bytes for a {raw}-byte tensor")
-            check = _CHECKS.get(meta["codec"])
-            if check is not None:
-                check(meta, parts, data, numel)
+            if meta["codec"] in PAYLOAD_CHECKS:
+                PAYLOAD_CHECKS.get(meta["codec"])(meta, parts, data, numel)
         except (ValueError, ArtifactError) as exc:
             raise ArtifactError(f"{where}: tensor {key!r} ({meta['codec']}): {exc}") from None
     extra = sorted(set(index) - used)
@@ -200,7 +196,7 @@ def decode_tensors(manifest: dict[str, Any], tensor_blob: bytes, where: str = ""
     """Decode every tensor of a (schema-checked) manifest from the ``tensors.safetensors`` entry.
 
     Sizes are checked by :func:`check_payload` first; ``max_bytes`` defaults to the artifact limit
-    (``SLIMGUARD_MAX_ARTIFACT_BYTES``, see :mod:`slimguard.core.artifact`).
+    (``SLIMGUARD_MAX_ARTIFACT_BYTES``, see :mod:`slimguard.artifact.archive`).
     """
     from safetensors.torch import load as st_load
 

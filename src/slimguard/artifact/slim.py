@@ -34,13 +34,13 @@ Signatures (``key``):
 
 Limits (``max_bytes``):
     One byte limit, ``max_bytes=`` or ``$SLIMGUARD_MAX_ARTIFACT_BYTES`` (default 64 GiB, see
-    :mod:`slimguard.core.archive`), bounds, each checked before the work it guards: the declared
+    :mod:`slimguard.artifact.archive`), bounds, each checked before the work it guards: the declared
     uncompressed size of all zip entries (read from the central directory; unlisted entries are refused
     before anything is inflated; ``manifest.json`` is capped at 64 MiB), the parameters and buffers of
     the model structure (rebuilt first on the ``meta`` device, which allocates nothing, with at most
     100,000 modules), and the decoded tensors (every tensor's shape and dtype must fit the rebuilt
     parameter, and every payload part its size, before anything is decoded; see
-    :mod:`slimguard.core.payload`).
+    :mod:`slimguard.artifact.payload`).
 
 Example:
     >>> path = save(model, "m.slim", key="k2")
@@ -68,18 +68,26 @@ import torch
 import torch.nn as nn
 
 from slimguard._version import __version__
+from slimguard.artifact.archive import MAX_BYTES_ENV, check_members, max_artifact_bytes, open_zip, read_member
+from slimguard.artifact.manifest import validate_manifest
+from slimguard.artifact.payload import CODEC_HINTS, decode_tensors, encode_state
 from slimguard.codec.base import DTYPES
-from slimguard.core.archive import MAX_BYTES_ENV, check_members, max_artifact_bytes, open_zip, read_member
 from slimguard.core.errors import ArtifactError, ConfigError, UserError
-from slimguard.core.manifest import validate_manifest
-from slimguard.core.modules import CONTAINERS, build_module, is_allowlisted, module_spec
+from slimguard.core.masks import iter_masks, set_mask
+from slimguard.core.modules import (
+    CONTAINERS,
+    LOAD_HOOKS,
+    build_module,
+    is_allowlisted,
+    module_spec,
+    set_submodule,
+)
 from slimguard.core.outputs import set_default_mode
-from slimguard.core.payload import CODEC_HINTS, decode_tensors, encode_state
+from slimguard.models.sources import SOURCES, file_sha256
 from slimguard.models.spec import ATTR, ModelInfo, build, info
-from slimguard.prune.masks import iter_masks, set_mask
 
-__all__ = ["CODEC_HINTS", "FORMAT_VERSION", "LoadPolicy", "code_file", "decode_tensors", "encode_state",
-           "file_size", "load", "parse_keys", "read_entry", "read_manifest", "register_load_hook", "save",
+__all__ = ["CODEC_HINTS", "FORMAT_VERSION", "TENSORS", "LoadPolicy", "code_file", "decode_tensors",
+           "encode_state", "file_size", "load", "parse_keys", "read_entry", "read_manifest", "save",
            "signing_keys"]
 
 FORMAT = "slimguard"
@@ -135,18 +143,6 @@ def _module_diff(model: nn.Module, base: nn.Module) -> tuple[dict[str, Any], dic
 
     walk("", model, base)
     return records, attrs
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    if not path:
-        return module
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    if isinstance(parent, nn.ModuleList | nn.Sequential | nn.ModuleDict):
-        parent._modules[name] = module
-    else:
-        setattr(parent, name, module)
-    return root
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -233,8 +229,6 @@ def _model_record(mi: ModelInfo) -> dict[str, Any]:
     record = mi.to_dict()
     src = record["source"]
     if src.get("kind") == "python" and not src.get("sha256"):  # a source made before hashes were recorded
-        from slimguard.models.sources import file_sha256
-
         src["sha256"] = file_sha256(src["file"])
     return record
 
@@ -428,8 +422,6 @@ def _trusted_source(path: Path, source: dict[str, Any],
             f"{path}: manifest entry model.source names Python code ({source['file']}:{source['factory']}), "
             "which runs only from a file you name: load(path, trust_code='model.py') or --trust-code model.py"
         )
-    from slimguard.models.sources import file_sha256
-
     file = Path(trust_code).expanduser().resolve()
     try:
         digest, recorded = file_sha256(file), source.get("sha256")
@@ -473,7 +465,7 @@ def _rebuild(where: Path, manifest: dict[str, Any], source: dict[str, Any]) -> n
         model = build(source)
         for mpath, spec in manifest["modules"].items():
             _check_path(mpath)
-            model = _set_submodule(model, mpath, build_module(spec))
+            model = set_submodule(model, mpath, build_module(spec))
         for mpath, changed in manifest["attrs"].items():
             _check_path(mpath)
             mod = model.get_submodule(mpath) if mpath else model
@@ -484,7 +476,7 @@ def _rebuild(where: Path, manifest: dict[str, Any], source: dict[str, Any]) -> n
                 new = build_module(module_spec(mod))
                 for k, v in changed.items():
                     setattr(new, k, tuple(v) if isinstance(v, list) else v)
-                model = _set_submodule(model, mpath, new)
+                model = set_submodule(model, mpath, new)
     return model
 
 
@@ -591,7 +583,7 @@ def load(
             set_mask(mod, pname, getattr(mod, pname) != 0)
         mi = ModelInfo.from_dict({**manifest["model"], "source": source})
         object.__setattr__(model, ATTR, mi)
-        for hook in _LOAD_HOOKS:
+        for _, hook in LOAD_HOOKS.items():
             hook(model, manifest)
     except ArtifactError:
         raise
@@ -609,13 +601,10 @@ def code_file(model: nn.Module) -> str | None:
     return str(source["file"]) if source.get("kind") == "python" else None
 
 
-_LOAD_HOOKS: list[Any] = []
-
-
-def register_load_hook(fn: Any) -> Any:
-    """``fn(model, manifest)`` runs after every load (e.g. to re-pack quantized weights)."""
-    _LOAD_HOOKS.append(fn)
-    return fn
+@SOURCES.register("slim")
+def _slim_source(path: str, *, policy: LoadPolicy | None = None, **_: Any) -> nn.Module:
+    """The model source for a ``.slim`` path (see :func:`slimguard.models.sources.load_model`)."""
+    return (policy or LoadPolicy()).load(path)
 
 
 def file_size(model: nn.Module, **save_kwargs: Any) -> int:

@@ -1,7 +1,8 @@
 """The ``slimguard`` command line: a thin layer over the Python API.
 
 Every command lives in its own module here and defines ``register(app)``; they are discovered at
-start-up. User errors print one line and exit with code 2.
+start-up. User errors print one line and exit with code 2. As an entry point, the CLI imports the plugin
+index (:mod:`slimguard.plugins`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import importlib
 import pkgutil
 
 import typer
+
+from slimguard import plugins as _plugins  # noqa: F401  (the CLI is an entry point: every plugin registers)
 
 
 def build_app() -> typer.Typer:

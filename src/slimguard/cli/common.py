@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -19,9 +19,10 @@ from slimguard.core.errors import ConfigError, UserError
 if TYPE_CHECKING:
     import torch.nn as nn
 
-    from slimguard.core.artifact import LoadPolicy
+    from slimguard.artifact import LoadPolicy
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (no tables, no progress).")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; errors still print.")
@@ -37,11 +38,11 @@ KEY_ENV_OPT = typer.Option(
          "(default: SLIMGUARD_SIGNING_KEY). Once a key is set, unsigned files are refused.")
 
 
-def handle_errors(fn: F) -> F:
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn UserError into one line on stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -51,13 +52,13 @@ def handle_errors(fn: F) -> F:
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def load_policy(trust_code: Path | None, require_signature: bool, key_env: str | None) -> LoadPolicy:
-    """The :class:`~slimguard.core.artifact.LoadPolicy` of the shared loading options; ConfigError when
+    """The :class:`~slimguard.artifact.LoadPolicy` of the shared loading options; ConfigError when
     ``--key-env`` names a variable that is unset or holds no key."""
-    from slimguard.core.artifact import LoadPolicy, parse_keys
+    from slimguard.artifact import LoadPolicy, parse_keys
 
     keys = None
     if key_env is not None:

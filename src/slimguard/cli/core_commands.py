@@ -52,20 +52,20 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JSON_OPT,
         quiet: bool = QUIET_OPT,
     ) -> None:
-        """Compress LeNet-5 on digits end to end: evaluate, prune 80% + fine-tune, int8, save, reload, evaluate."""
+        """Compress LeNet-5 on digits end to end: evaluate, prune 80% + fine-tune, int8, save, reload, evaluate.
+
+        Writes model.slim, metrics.json and report.html (the shape of metrics.json is documented in
+        slimguard.pipeline); --json prints the metrics.json object.
+        """
         from slimguard.core.recipe import loads
-        from slimguard.pipeline import check_compress_output, compress, rejection_message, write_json_atomic
+        from slimguard.pipeline import check_compress_output, compress, rejection_message
 
         set_output(json_out, quiet)
         check_compress_output(out)  # before any work
         recipe = loads(resources.files("slimguard.recipes").joinpath("demo.yaml").read_text(), "demo.yaml")
         result = compress(recipe, out, progress=not (json_out or quiet))
-        metrics = {"baseline": _summary(result["baseline"]), "compressed": _summary(result["compressed"]),
-                   "budget": result["budget"], "recipe": result["recipe"], "artifact": result["artifact"],
-                   "accepted": result["accepted"]}
-        write_json_atomic(result["metrics_file"], metrics)
         if json_out:
-            print_json(metrics)
+            print_json(result)
         elif not quiet:
             before_after_table("slimguard demo: digits-lenet5 on digits32 (test split)", result["baseline"],
                                result["compressed"])
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a zoo model on its built-in data (cached for later use)."""
         from slimguard import data as sgdata
-        from slimguard.core.artifact import save
+        from slimguard.artifact import save
         from slimguard.core.outputs import check_output_file
         from slimguard.evaluate import evaluate
         from slimguard.models import zoo
@@ -97,16 +97,17 @@ def register(app: typer.Typer) -> None:
             check_output_file(out, "--out")  # before training
         name = model.removeprefix("zoo:")
         m = zoo.load(name, seed=seed, retrain=retrain, progress=not (json_out or quiet))
-        data = sgdata.load(zoo.ZOO[name].data, seed=seed)
+        data = sgdata.load(zoo.ZOO.get(name).data, seed=seed)
         metrics = evaluate(m, data.test)
         if out is not None:
             save(m, out, metrics=metrics)
-        result = {"model": name, "data": data.name, "test": _summary(metrics)}
+        summary = _summary(metrics)
+        result = {"model": name, "data": data.name, "test": summary}
         if json_out:
             print_json(result)
         elif not quiet:
             print_table(f"{name} on {data.name} (test split)", ["metric", "value"],
-                        [(k, v) for k, v in result["test"].items()])
+                        [(k, v) for k, v in summary.items()])
 
     @app.command()
     @handle_errors

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         import copy
 
         from slimguard import data as sgdata
-        from slimguard.core.artifact import save
+        from slimguard.artifact import save
         from slimguard.core.errors import ConfigError
         from slimguard.core.outputs import check_output_file
         from slimguard.distill import DistillConfig, drop_layers_, width_student

@@ -4,6 +4,7 @@ on ONNX Runtime."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -59,8 +60,9 @@ def register(app: typer.Typer) -> None:
         if isinstance(m, SentenceEmbedder):
             path = sgonnx.export_embedder(m, out)
             if int8:
-                path = sgonnx.quantize_onnx_dynamic(path, out, num_heads=m.encoder.config.num_attention_heads,
-                                                    hidden_size=m.encoder.config.hidden_size)
+                hf_config: Any = m.encoder.config  # a transformers config; torch's stub says Tensor | Module
+                path = sgonnx.quantize_onnx_dynamic(path, out, num_heads=hf_config.num_attention_heads,
+                                                    hidden_size=hf_config.hidden_size)
             inputs: tuple = tuple(m.tokenize(["slimguard checks the exported model.", "a second sentence"]).values())
         else:
             shape = info(m).data.get("input_shape")
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
         if ref.dim() == 2 and not isinstance(m, SentenceEmbedder):
             result["argmax_agreement"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
         if embed_into is not None:
-            from slimguard.core.artifact import save
+            from slimguard.artifact import save
 
             save(m, embed_into, extra_entries={"model.onnx": path.read_bytes()})
             result["artifact"] = str(embed_into)

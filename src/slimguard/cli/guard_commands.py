@@ -22,7 +22,7 @@ from slimguard.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from slimguard.core.artifact import LoadPolicy
+    from slimguard.artifact import LoadPolicy
 
 
 def _model_and_data(model: str, data: str | None, quiet: bool, policy: LoadPolicy) -> tuple[Any, Any, str]:
@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def faults(
         model: str = typer.Argument(..., help="zoo:NAME, a .slim file, python:FILE.py:factory."),
-        data: str | None = typer.Option(None, help="Inputs drawn from this data set's test split (default: the model's)."),
+        data: str | None = typer.Option(
+            None, help="Inputs drawn from this data set's test split (default: the model's)."),
         trials: int = typer.Option(1000, help="Number of faults (one input each)."),
         target: str = typer.Option("weights", help="weights or activations."),
         bits: str = typer.Option("all", help="all, sign, exponent, mantissa, magnitude, or positions like 30,29."),
@@ -120,7 +121,8 @@ def register(app: typer.Typer) -> None:
                 bit_spec = [int(b) for b in bits.split(",")]
             except ValueError:
                 raise typer.BadParameter(f"bits: {bits!r} is not a list of integers") from None
-        cfg = FaultCampaignConfig(trials=trials, target=target, bits=bit_spec, layers=_split_list(layers) or [], seed=seed)
+        cfg = FaultCampaignConfig(trials=trials, target=target, bits=bit_spec, layers=_split_list(layers) or [],
+                                  seed=seed)
         policy = load_policy(trust_code, require_signature, key_env)
         m, bundle, dname = _model_and_data(model, data, json_out or quiet, policy)
         x = bundle.test.x

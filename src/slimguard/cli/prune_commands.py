@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
             print_json(result)
         elif not quiet:
             keys = [f"{s:g}" for s in values]
-            rows = [(layer, rec["params"], *(rec["scores"][k] for k in keys)) for layer, rec in result["layers"].items()]
+            rows = [(layer, rec["params"], *(rec["scores"][k] for k in keys))
+                    for layer, rec in result["layers"].items()]
             print_table(f"{model} on {name}: {result['metric']} (baseline {result['baseline']:.4f}), {method}",
                         ["layer", "params", *keys], rows)
             typer.echo(f"suggested ratios (drop <= {max_drop}): {result['suggested_ratios']}")

@@ -1,4 +1,4 @@
-"""Codec registry and the two basic codecs."""
+"""The codec registry and the two basic codecs, ``dense`` and ``sparse``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from slimguard.core.errors import ArtifactError
+from slimguard.core.registry import Registry
 
 Part = torch.Tensor | bytes
 
@@ -32,30 +33,22 @@ class Codec(Protocol):
     def decode(self, header: dict[str, Any], parts: dict[str, Part]) -> torch.Tensor: ...
 
 
-_CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("tensor codec", error=ArtifactError)
+"""Codec name (as a manifest records it) -> codec."""
 
 
 def register_codec(c: Codec) -> Codec:
-    if c.name in _CODECS and _CODECS[c.name] is not c:
-        raise ValueError(f"codec {c.name!r} is already registered")
-    _CODECS[c.name] = c
-    return c
+    """Make ``c`` known under ``c.name``; another codec under a taken name is refused (ValueError)."""
+    return CODECS.register(c.name, c)
 
 
 def codec(name: str) -> Codec:
-    _ensure()
-    if name not in _CODECS:
-        raise ArtifactError(f"unknown tensor codec {name!r}; this slimguard knows: {', '.join(sorted(_CODECS))}")
-    return _CODECS[name]
+    """The codec named ``name``; ArtifactError naming the known codecs otherwise."""
+    return CODECS.get(name)
 
 
 def codec_names() -> list[str]:
-    _ensure()
-    return sorted(_CODECS)
-
-
-def _ensure() -> None:
-    import slimguard.registry_index  # noqa: F401
+    return CODECS.names()
 
 
 DTYPES = {str(t).removeprefix("torch."): t for t in (
@@ -118,9 +111,9 @@ register_codec(SparseCodec())
 
 def auto_encode(tensor: torch.Tensor) -> tuple[str, Encoded]:
     """``sparse`` when it saves at least 10% over ``dense``, else ``dense``."""
-    dense = _CODECS["dense"].encode(tensor)
+    dense = codec("dense").encode(tensor)
     if tensor.numel() >= 64 and tensor.dtype != torch.bool:
         density = float((tensor != 0).float().mean())
         if density < 0.9 - 1.0 / (8 * tensor.element_size()):
-            return "sparse", _CODECS["sparse"].encode(tensor)
+            return "sparse", codec("sparse").encode(tensor)
     return "dense", dense

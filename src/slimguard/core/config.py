@@ -12,50 +12,35 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from slimguard.core.errors import ConfigError
+from slimguard.core.registry import Registry
 
 C = TypeVar("C", bound="Config")
 
-_CONFIGS: dict[str, type[Config]] = {}
+CONFIGS: Registry[type[Config]] = Registry("step")
+"""Config name -> class, for recipes and manifests (filled by the techniques' modules as they import)."""
 
 
-def register_config(name: str):
+def register_config(name: str) -> Callable[[type[C]], type[C]]:
     """Class decorator: make a config class known under ``name`` (used by recipes and manifests).
 
-    Registering a second class under the same name is refused.
+    Registering a second class under the same name is refused (ValueError).
     """
 
     def deco(cls: type[C]) -> type[C]:
-        existing = _CONFIGS.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"config name {name!r} is already registered by {existing.__qualname__}")
+        CONFIGS.register(name, cls)
         cls.config_name = name
-        _CONFIGS[name] = cls
         return cls
 
     return deco
 
 
-def config_names() -> list[str]:
-    return sorted(_CONFIGS)
-
-
 def config_class(name: str) -> type[Config]:
-    _ensure_builtin_configs()
-    try:
-        return _CONFIGS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown step {name!r}; allowed: {', '.join(sorted(_CONFIGS))}"
-        ) from None
-
-
-def _ensure_builtin_configs() -> None:
-    """Import the modules that define the built-in configs (they register themselves)."""
-    import slimguard.registry_index  # noqa: F401
+    """The config class registered under ``name``; ConfigError naming the registered steps otherwise."""
+    return CONFIGS.get(name)
 
 
 @dataclasses.dataclass

@@ -60,6 +60,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {_label(key)!r} is already registered ({_label(existing)})")
         self._items[key] = obj
 
+    def unregister(self, key: Hashable) -> T:
+        """Remove and return the object under ``key`` (a plugin made for one test, for example); the
+        registry's error when there is none."""
+        found = self.get(key)
+        del self._items[key]
+        return found
+
     def get(self, key: Hashable) -> T:
         """The object under ``key``; the registry's error (naming the allowed keys) when there is none."""
         try:

@@ -1,4 +1,4 @@
-"""Data bundles, the data set registry, and ``load``."""
+"""Data bundles, the data set and source-prefix registries, and ``load``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from slimguard.core.errors import DataError
+from slimguard.core.registry import Registry
 
 DEFAULT_SEED = 0
 
@@ -134,17 +135,30 @@ class DataBundle:
 
 
 Loader = Callable[..., DataBundle]
-_DATASETS: dict[str, tuple[Loader, str]] = {}
-_PREFIXES: dict[str, Loader] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """A built-in data set: its loader ``fn(seed=0, **options) -> DataBundle`` and a one-line description."""
+
+    loader: Loader
+    description: str
+
+
+DATASETS: Registry[DatasetEntry] = Registry("data set", error=DataError)
+"""Name (``digits``) -> :class:`DatasetEntry` of every built-in data set."""
+PREFIXES: Registry[Loader] = Registry("data source prefix", error=DataError)
+"""Prefix (``npz``) -> loader ``fn(arg, seed=0, **options) -> DataBundle`` of sources ``PREFIX:ARG``."""
 
 
 def register_dataset(name: str, description: str = "") -> Callable[[Loader], Loader]:
-    """Register a built-in data set loader ``fn(seed=0) -> DataBundle`` under ``name``."""
+    """Register a built-in data set loader ``fn(seed=0) -> DataBundle`` under ``name`` (a taken name is
+    refused); ``description`` defaults to the first line of its docstring."""
 
     def deco(fn: Loader) -> Loader:
-        if name in _DATASETS and _DATASETS[name][0] is not fn:
-            raise ValueError(f"data set {name!r} is already registered")
-        _DATASETS[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        if name in DATASETS and DATASETS.get(name).loader is fn:
+            return fn
+        DATASETS.register(name, DatasetEntry(fn, description or (fn.__doc__ or "").strip().splitlines()[0]))
         return fn
 
     return deco
@@ -152,25 +166,12 @@ def register_dataset(name: str, description: str = "") -> Callable[[Loader], Loa
 
 def register_prefix(prefix: str) -> Callable[[Loader], Loader]:
     """Register a loader for sources written ``prefix:ARG`` (``npz:FILE``, ``csv:FILE``, ...)."""
-
-    def deco(fn: Loader) -> Loader:
-        _PREFIXES[prefix] = fn
-        return fn
-
-    return deco
-
-
-def _ensure_builtins() -> None:
-    import slimguard.data.builtin
-    import slimguard.data.files
-    import slimguard.data.text
-    import slimguard.registry_index  # noqa: F401
+    return PREFIXES.register(prefix)
 
 
 def available() -> dict[str, str]:
     """Names of the built-in data sets with one-line descriptions."""
-    _ensure_builtins()
-    return {k: v[1] for k, v in sorted(_DATASETS.items())}
+    return {str(name): entry.description for name, entry in sorted(DATASETS.items())}
 
 
 def load(source: str, seed: int = DEFAULT_SEED, **options: Any) -> DataBundle:
@@ -186,15 +187,13 @@ def load(source: str, seed: int = DEFAULT_SEED, **options: Any) -> DataBundle:
         >>> data.train.x.shape[1:]
         torch.Size([1, 8, 8])
     """
-    _ensure_builtins()
-    if source in _DATASETS:
-        return _DATASETS[source][0](seed=seed, **options)
+    if source in DATASETS:
+        return DATASETS.get(source).loader(seed=seed, **options)
     prefix, sep, arg = source.partition(":")
-    if sep and prefix in _PREFIXES:
-        return _PREFIXES[prefix](arg, seed=seed, **options)
-    names = ", ".join(sorted(_DATASETS))
-    prefixes = ", ".join(f"{p}:FILE" for p in sorted(_PREFIXES))
-    raise DataError(f"unknown data set {source!r}; built-in: {names}; or a file: {prefixes}")
+    if sep and prefix in PREFIXES:
+        return PREFIXES.get(prefix)(arg, seed=seed, **options)
+    prefixes = ", ".join(f"{p}:FILE" for p in PREFIXES.names())
+    raise DataError(f"unknown data set {source!r}; built-in: {DATASETS.allowed()}; or a file: {prefixes}")
 
 
 # ---- helpers shared by loaders ---------------------------------------------------------------------
@@ -213,7 +212,8 @@ def stratified_split(
         parts[0] += idx[:n_train].tolist()
         parts[1] += idx[n_train : n_train + n_val].tolist()
         parts[2] += idx[n_train + n_val :].tolist()
-    return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)  # type: ignore[return-value]
+    train, val, test = (np.sort(np.array(p, dtype=np.int64)) for p in parts)
+    return train, val, test
 
 
 def make_bundle(

@@ -152,8 +152,8 @@ def _near(base: str, seed: int) -> DataBundle:
     rng = np.random.default_rng(seed + 2029)
     splits = {}
     for split in ("train", "val", "test"):
-        src = ref.split(split)
-        splits[split] = corrupt_digits(src.x, src.y, rng)
+        x, y = ref.split(split).tensors
+        splits[split] = corrupt_digits(x, y, rng)
     return _unlabelled_bundle(meta, splits, seed)
 
 

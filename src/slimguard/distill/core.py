@@ -36,7 +36,7 @@ from slimguard.core.errors import ConfigError, DataError, ModelError
 from slimguard.data.core import DataBundle, Split
 from slimguard.distill import losses as L
 from slimguard.distill.teachers import Ensemble, Taps
-from slimguard.train.loop import FinetuneConfig, finetune
+from slimguard.train.loop import FinetuneConfig, check_finetune, finetune, finetune_block
 
 TEACHER_KEY = "_teacher"
 TENSOR_KEY = "_x"
@@ -60,12 +60,20 @@ class DistillConfig(Config):
         attention_weight: weight of the summed attention terms (default 1).
         max_length: token limit when the data are texts (default 128).
         cache_teacher: compute the teacher's outputs once when only outputs are matched (default True).
-        epochs, lr, batch_size, optimizer, weight_decay, patience, seed, max_steps: as in
-            :class:`~slimguard.train.loop.FinetuneConfig` (defaults 10, 1e-3, 64, adamw, 0, 3, 0, 0).
+        finetune: the training loop's options (:class:`~slimguard.train.loop.FinetuneConfig`; default
+            10 epochs, otherwise FinetuneConfig's defaults). In a recipe, keys the block leaves out keep
+            these defaults; the old spelling with ``epochs``, ``lr``, ``batch_size``, ``optimizer``,
+            ``weight_decay``, ``patience``, ``seed``, ``max_steps`` beside the step's options is still
+            read, with a deprecation warning.
         teacher: recipe steps only: ``""`` = the model at the start of the recipe, or a model source.
 
     Example:
-        >>> distill(teacher, student, sg.data.load("digits32"), DistillConfig(temperature=4, alpha=0.9))
+        >>> cfg = DistillConfig(temperature=4, alpha=0.9, finetune=FinetuneConfig(epochs=10, lr=1e-3))
+        >>> distill(teacher, student, sg.data.load("digits32"), cfg)
+
+    In a recipe::
+
+        - distill: {temperature: 4, finetune: {epochs: 10, lr: 0.001}}
     """
 
     needs_original: ClassVar[bool] = True
@@ -81,15 +89,12 @@ class DistillConfig(Config):
     attention_weight: float = 1.0
     max_length: int = 128
     cache_teacher: bool = True
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 64
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    patience: int = 3
-    seed: int = 0
-    max_steps: int = 0
+    finetune: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(epochs=10))
     teacher: str = ""
+
+    # training options older recipes wrote beside the step's own (read into ``finetune``, with a warning)
+    FLAT_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "optimizer",
+                                                     "weight_decay", "patience", "seed", "max_steps")
 
     def validate(self) -> None:
         check_range("temperature", self.temperature, 0.0, 1000.0, low_inclusive=False)
@@ -97,12 +102,12 @@ class DistillConfig(Config):
         check_range("feature_weight", self.feature_weight, 0.0)
         check_range("attention_weight", self.attention_weight, 0.0)
         check_range("max_length", self.max_length, 2, 1 << 16)
-        self.finetune_config()  # checks the training fields
+        check_finetune(self.finetune)
 
-    def finetune_config(self) -> FinetuneConfig:
-        return FinetuneConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer,
-                              weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
-                              max_steps=self.max_steps)
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], where: str = "") -> DistillConfig:
+        where = where or cls.config_name
+        return super().from_fields(finetune_block(cls, fields, where, cls.FLAT_TRAINING_KEYS), where)
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -242,7 +247,7 @@ def distill(
     Example:
         >>> teacher = sg.zoo.load("digits32-resnet")
         >>> student = sg.zoo.create("digits32-resnet", widths=(16, 32, 64))
-        >>> sg.distill(teacher, student, sg.data.load("digits32"), sg.DistillConfig(epochs=10))
+        >>> sg.distill(teacher, student, sg.data.load("digits32"), sg.DistillConfig())
     """
     cfg = config or DistillConfig()
     if not isinstance(teacher, nn.Module):
@@ -320,10 +325,10 @@ def distill(
                 return loss
 
             score_fn = None
-            if cached_val is not None and (embedding or data.val.y is None):
+            if cached_val is not None and val_in is not None and (embedding or data.val.y is None):
                 def score_fn(m: nn.Module) -> float:
                     with _evaluating(m, frozen=False), torch.no_grad():
-                        s_val = _outputs(m, val_in)  # type: ignore[arg-type]
+                        s_val = _outputs(m, val_in)
                     if embedding:
                         return float(torch.nn.functional.cosine_similarity(s_val, cached_val, dim=-1).mean())
                     return -float(L.kd_loss(s_val, cached_val, None, temperature=cfg.temperature,
@@ -334,7 +339,7 @@ def distill(
                                 val=data.val, test=data.test, calib=data.calib)
             if embedding:  # the loop scores texts itself only through score_fn
                 bundle = dataclasses.replace(bundle, val=Split("val", list(range(len(data.val))), None, meta))
-            history = finetune(student, bundle, cfg.finetune_config(), loss_fn=loss_fn, callbacks=callbacks,
+            history = finetune(student, bundle, cfg.finetune, loss_fn=loss_fn, callbacks=callbacks,
                                extra_parameters=list(projections.parameters()), score_fn=score_fn,
                                progress=progress, description="distilling")
     finally:

@@ -115,7 +115,8 @@ def attention_map(feature: torch.Tensor, mask: torch.Tensor | None = None) -> to
         if mask is not None:
             a = a * mask.to(a.dtype)
     else:
-        raise ModelError(f"attention transfer needs (N, C, H, W) or (N, T, D) features, got shape {tuple(feature.shape)}")
+        raise ModelError("attention transfer needs (N, C, H, W) or (N, T, D) features, "
+                         f"got shape {tuple(feature.shape)}")
     return F.normalize(a, dim=1)
 
 
@@ -169,5 +170,5 @@ def align_spatial(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.T
     if student.ndim != 4 or student.shape[-2:] == teacher.shape[-2:]:
         return student, teacher
     if student.shape[-1] > teacher.shape[-1]:
-        return F.adaptive_avg_pool2d(student, teacher.shape[-2:]), teacher
-    return student, F.adaptive_avg_pool2d(teacher, student.shape[-2:])
+        return F.adaptive_avg_pool2d(student, (teacher.shape[-2], teacher.shape[-1])), teacher
+    return student, F.adaptive_avg_pool2d(teacher, (student.shape[-2], student.shape[-1]))

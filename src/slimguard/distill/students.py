@@ -75,7 +75,8 @@ def drop_layers_(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     for new, layer in enumerate(layers):
         for sub in layer.modules():
             if isinstance(getattr(sub, "layer_idx", None), int):
-                sub.layer_idx = new
+                # torch's stub types Module.__setattr__ values as Tensor | Module; any value is accepted
+                sub.layer_idx = new  # type: ignore[assignment]
     setattr(parent, attr, nn.ModuleList(layers))
     for cfg in _config_objects(model):
         cfg.num_hidden_layers = len(layers)
@@ -129,7 +130,7 @@ def width_student(teacher: nn.Module | str, width: float = 0.5, seed: int = 0) -
         raise ConfigError(f"width: {width!r} is out of range; allowed: (0, 4]")
     if isinstance(teacher, str):
         name = teacher.removeprefix("zoo:")
-        entry = zoo._entry(name)
+        entry = zoo.ZOO.get(name)
         kwargs, factory = dict(entry.kwargs), zoo._factory_name(entry.factory)
     else:
         src = info(teacher).source

@@ -51,8 +51,8 @@ class Ensemble(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
         for t in self.teachers:
-            if hasattr(t, "tokenize"):
-                return t.tokenize(texts, max_length)
+            if hasattr(t, "tokenize"):  # torch's stub types the attribute Tensor | Module, hiding the method
+                return t.tokenize(texts, max_length)  # type: ignore[operator]
         raise ModelError("no ensemble member has a tokenizer")
 
 

@@ -11,17 +11,30 @@
 """
 
 from slimguard.guard.contract import Contract, ContractViolation, Violation
-from slimguard.guard.faults import CampaignResult, FaultCampaign, flip_bit_, flipped, run_campaign, wilson
-from slimguard.guard.guard import Guard, GuardResult
+from slimguard.guard.faults import (
+    CampaignResult,
+    FaultCampaignConfig,
+    flip_bit_,
+    flipped,
+    run_campaign,
+    wilson,
+)
+from slimguard.guard.guard import PROTECTIONS, Guard, GuardResult
 from slimguard.guard.monitor import Monitor, MonitorConfig, ks_statistic, psi
 from slimguard.guard.ood import (
+    DETECTORS,
     KNN,
     MSP,
     ODIN,
     Detector,
+    DetectorConfig,
     Energy,
+    EnergyConfig,
+    KNNConfig,
     Mahalanobis,
+    MahalanobisConfig,
     MaxLogit,
+    ODINConfig,
     auroc,
     detector_names,
     evaluate_detectors,
@@ -30,29 +43,45 @@ from slimguard.guard.ood import (
     register_detector,
     threshold_at_tpr,
 )
-from slimguard.guard.protect import Cascade, RangeRestriction, RangeRestrictionConfig, WeightChecksums
+from slimguard.guard.protect import (
+    Cascade,
+    CascadeConfig,
+    RangeRestriction,
+    RangeRestrictionConfig,
+    WeightChecksums,
+    WeightChecksumsConfig,
+)
 
 __all__ = [
+    "DETECTORS",
     "KNN",
     "MSP",
     "ODIN",
+    "PROTECTIONS",
     "CampaignResult",
     "Cascade",
+    "CascadeConfig",
     "Contract",
     "ContractViolation",
     "Detector",
+    "DetectorConfig",
     "Energy",
-    "FaultCampaign",
+    "EnergyConfig",
+    "FaultCampaignConfig",
     "Guard",
     "GuardResult",
+    "KNNConfig",
     "Mahalanobis",
+    "MahalanobisConfig",
     "MaxLogit",
     "Monitor",
     "MonitorConfig",
+    "ODINConfig",
     "RangeRestriction",
     "RangeRestrictionConfig",
     "Violation",
     "WeightChecksums",
+    "WeightChecksumsConfig",
     "auroc",
     "detector_names",
     "evaluate_detectors",

@@ -333,7 +333,7 @@ class Contract:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Contract:
         """Read a contract YAML file (UTF-8, at most :data:`MAX_CONTRACT_BYTES`, no anchors/aliases)."""
-        return cls.from_dict(read_yaml_file(path, "contract", MAX_CONTRACT_BYTES), str(path))
+        return cls.from_dict(read_yaml_file(os.fspath(path), "contract", MAX_CONTRACT_BYTES), str(path))
 
 
 def basic_check(x: Any) -> list[Violation]:

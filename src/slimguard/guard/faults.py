@@ -10,7 +10,7 @@ References: PyTorchFI (Mahmoud et al., 2020) for hook-based activation faults; R
 for the SDC metric under range restriction.
 
 Example:
-    >>> cfg = FaultCampaign(trials=1000, bits="exponent")
+    >>> cfg = FaultCampaignConfig(trials=1000, bits="exponent")
     >>> result = run_campaign(model, data.test.x, cfg)
     >>> result.rate, result.ci
 """
@@ -86,9 +86,9 @@ def flip_bit_(tensor: torch.Tensor, index: int, bit: int) -> None:
         index: flat element index in ``[0, numel)``.
         bit: bit position, 0 = least significant.
     """
-    view_dtype = _INT_VIEW.get(tensor.dtype)
-    if view_dtype is None:
+    if tensor.dtype not in _INT_VIEW:
         bit_fields(tensor.dtype)  # raises the one-line error
+    view_dtype = _INT_VIEW[tensor.dtype]
     if not tensor.is_contiguous():
         raise ModelError("bit flips need a contiguous tensor; call .contiguous() on the model's weights first")
     if not 0 <= index < tensor.numel():
@@ -138,7 +138,7 @@ def activation_targets(model: nn.Module, layers: Sequence[str] | None = None) ->
             raise ConfigError(f"layers: {missing[0]!r} is not a module of the model")
         return {n: mods[n] for n in layers}
     kinds = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ReLU, nn.ReLU6, nn.GELU, nn.MaxPool2d, nn.AvgPool2d)
-    out = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
+    out: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
     if not out:
         raise ModelError("no activation modules found to inject faults into; pass `layers`")
     return out
@@ -167,7 +167,7 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 @dataclasses.dataclass
-class FaultCampaign(Config):
+class FaultCampaignConfig(Config):
     """A bit-flip campaign.
 
     Args:
@@ -242,7 +242,7 @@ def _tally(counts: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def draw_weight_faults(model: nn.Module, cfg: FaultCampaign, gen: torch.Generator) -> list[Fault]:
+def draw_weight_faults(model: nn.Module, cfg: FaultCampaignConfig, gen: torch.Generator) -> list[Fault]:
     """``cfg.trials`` faults drawn uniformly over the eligible (element, bit) pairs of every target."""
     targets = weight_targets(model, cfg.layers or None)
     names, sizes, bitsets = [], [], []
@@ -312,8 +312,8 @@ class ActivationFault:
 
 
 @torch.no_grad()
-def run_campaign(model: nn.Module, inputs: torch.Tensor, cfg: FaultCampaign | None = None,
-                 progress: bool = False) -> CampaignResult:
+def run_campaign(model: nn.Module, inputs: torch.Tensor, cfg: FaultCampaignConfig | None = None,
+                 progress: bool = False, **options: Any) -> CampaignResult:
     """Run a bit-flip campaign and count silent corruptions (top-1 changes).
 
     Each trial draws a fault and an input (seeded), applies the fault in place, runs the model on the
@@ -324,14 +324,16 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, cfg: FaultCampaign | No
     Args:
         model: the model (eval mode during the campaign; mode restored).
         inputs: ``(N, *input_shape)`` candidate inputs; each trial uses one of them.
-        cfg: the campaign (default ``FaultCampaign()``).
+        cfg: the campaign (default ``FaultCampaignConfig()``), or its keys as keywords
+            (``run_campaign(model, x, trials=100)``).
+        progress: show a progress bar.
 
     Returns:
         :class:`CampaignResult` (SDC count and rate with 95% Wilson interval, by bit/field/layer).
     """
     from slimguard.ui import progress as bar
 
-    cfg = cfg or FaultCampaign()
+    cfg = FaultCampaignConfig.build(cfg, options, where="fault campaign")
     if not torch.is_tensor(inputs) or len(inputs) == 0:
         raise DataError("fault campaigns need a non-empty tensor of inputs")
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -153,7 +153,9 @@ class Guard:
         if self.detector is not None:
             score_logits = getattr(self.detector, "score_logits", None)
             score = score_logits(logits) if score_logits is not None else self.detector.score(x)
-            ood = score > self.detector.threshold
+            threshold = self.detector.threshold
+            assert threshold is not None  # __init__ refuses an uncalibrated detector
+            ood = score > threshold
         latency = (time.perf_counter() - t0) * 1e3
         if self.monitor is not None:
             self.monitor.observe(probs, ood, latency, ids)

@@ -4,21 +4,24 @@ Convention: ``score(x)`` is an **OOD score**, higher = more likely out of distri
 picks the threshold on in-distribution validation data so that a target share of it (TPR, default 95%)
 is accepted; ``predict(x)`` is then ``score(x) > threshold``.
 
-| name          | score                                                       | paper                         |
-|---------------|-------------------------------------------------------------|-------------------------------|
-| ``msp``       | ``-max softmax``                                            | Hendrycks & Gimpel, ICLR 2017 |
-| ``max-logit`` | ``-max logit``                                              | Hendrycks et al., ICML 2022   |
-| ``energy``    | ``-T logsumexp(logits / T)``                                | Liu et al., NeurIPS 2020      |
-| ``odin``      | ``-max softmax(f(x~) / T)``, ``x~`` = input nudged by eps   | Liang et al., ICLR 2018       |
-| ``mahalanobis`` | min over classes of the Mahalanobis distance of features, shared covariance | Lee et al., NeurIPS 2018 |
-| ``knn``       | distance to the k-th nearest L2-normalised train feature    | Sun et al., ICML 2022         |
+| name            | score                                                       | paper                         |
+|-----------------|-------------------------------------------------------------|-------------------------------|
+| ``msp``         | ``-max softmax``                                            | Hendrycks & Gimpel, ICLR 2017 |
+| ``max-logit``   | ``-max logit``                                              | Hendrycks et al., ICML 2022   |
+| ``energy``      | ``-T logsumexp(logits / T)``                                | Liu et al., NeurIPS 2020      |
+| ``odin``        | ``-max softmax(f(x~) / T)``, ``x~`` = input nudged by eps   | Liang et al., ICLR 2018       |
+| ``mahalanobis`` | min over classes of the feature Mahalanobis distance        | Lee et al., NeurIPS 2018      |
+| ``knn``         | distance to the k-th nearest L2-normalised train feature    | Sun et al., ICML 2022         |
 
 Features (Mahalanobis, KNN) are the input of the last linear layer by default (the penultimate
 features), or the output of a named layer (spatial dimensions are averaged). Mahalanobis keeps only
 running sums (``D`` class means and one ``D x D`` covariance), never the features themselves.
 
+Each detector's options are a config (:class:`DetectorConfig` and its subclasses ``EnergyConfig``,
+``ODINConfig``, ``MahalanobisConfig``, ``KNNConfig``), given as an object or as keywords.
+
 Example:
-    >>> det = make_detector("energy", model).fit(data.train).calibrate(data.val)
+    >>> det = make_detector("energy", model, temperature=2.0).fit(data.train).calibrate(data.val)
     >>> det.predict(x)                     # bool (N,)
     >>> auroc(det.score(data.test.x), det.score(ood.test.x))
 """
@@ -26,42 +29,40 @@ Example:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimguard.core.config import check_range
+from slimguard.core.config import Config, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError, NotFittedError
+from slimguard.core.registry import Registry
 
-_DETECTORS: dict[str, type[Detector]] = {}
+DETECTORS: Registry[type[Detector]] = Registry("OOD detector")
 
 
 def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
-    """Class decorator: make a detector available to :func:`make_detector` and the CLI."""
+    """Class decorator: make a detector available under ``name`` to :func:`make_detector` and the CLI."""
 
     def deco(cls: type[Detector]) -> type[Detector]:
-        if name in _DETECTORS and _DETECTORS[name] is not cls:
-            raise ValueError(f"detector {name!r} is already registered")
         cls.name = name
-        _DETECTORS[name] = cls
-        return cls
+        return DETECTORS.register(name, cls)
 
     return deco
 
 
 def detector_names() -> list[str]:
-    return sorted(_DETECTORS)
+    return DETECTORS.names()
 
 
 def make_detector(name: str, model: nn.Module, **options: Any) -> Detector:
-    """Build a registered detector by name (``msp``, ``max-logit``, ``energy``, ``odin``, ``mahalanobis``, ``knn``)."""
-    if name not in _DETECTORS:
-        raise ConfigError(f"detector: {name!r} is not known; allowed: {', '.join(detector_names())}")
-    return _DETECTORS[name](model, **options)
+    """Build a registered detector by name (``msp``, ``max-logit``, ``energy``, ``odin``, ``mahalanobis``,
+    ``knn``); ``options`` are its config's (an unknown key is named with the allowed ones)."""
+    return DETECTORS.get(name)(model, **options)
 
 
 def _inputs(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,20 +100,36 @@ class _Eval:
             p.requires_grad_(g)
 
 
-class Detector(abc.ABC):
-    """Base class. Subclasses implement ``_fit(x, y)`` (optional) and ``_score(x)`` for one batch.
+@dataclasses.dataclass
+class DetectorConfig(Config):
+    """Options every detector has (MSP and max logit have no others).
 
     Args:
-        model: the classifier; its mode and ``requires_grad`` are restored after every call.
         batch_size: scoring batch size (default 256).
     """
 
-    name = "detector"
+    batch_size: int = 256
 
-    def __init__(self, model: nn.Module, batch_size: int = 256) -> None:
-        check_range("batch_size", batch_size, 1)
+    def validate(self) -> None:
+        check_range("batch_size", self.batch_size, 1)
+
+
+class Detector(abc.ABC):
+    """Base class. Subclasses set ``config_class`` and implement ``_fit(x, y)`` (optional) and ``_score(x)``
+    for one batch.
+
+    Args:
+        model: the classifier; its mode and ``requires_grad`` are restored after every call.
+        config: the detector's config (:class:`DetectorConfig` or a subclass), or its options as keywords:
+            ``Energy(model, temperature=2.0)`` is ``Energy(model, EnergyConfig(temperature=2.0))``.
+    """
+
+    name = "detector"
+    config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init__(self, model: nn.Module, config: DetectorConfig | None = None, **options: Any) -> None:
+        self.config = self.config_class.build(config, options, where=self.name)
         self.model = model
-        self.batch_size = batch_size
         self.threshold: float | None = None
         self.tpr: float | None = None
         self.fitted = False
@@ -138,8 +155,8 @@ class Detector(abc.ABC):
             raise NotFittedError(f"{self.name} detector is not fitted; call .fit(train) first")
         x, _ = _inputs(x)
         with _Eval(self.model):
-            return torch.cat([self._score(x[i : i + self.batch_size]).detach().float()
-                              for i in range(0, len(x), self.batch_size)])
+            bs = self.config.batch_size
+            return torch.cat([self._score(x[i : i + bs]).detach().float() for i in range(0, len(x), bs)])
 
     def calibrate(self, val: Any, tpr: float = 0.95) -> Detector:
         """Choose the threshold that accepts ``tpr`` of in-distribution ``val`` (default 95%)."""
@@ -186,22 +203,31 @@ class MaxLogit(Detector):
         return self.score_logits(self.model(x))
 
 
-@register_detector("energy")
-class Energy(Detector):
-    """Energy score (Liu et al., 2020): ``-T * logsumexp(f(x) / T)``.
+@dataclasses.dataclass
+class EnergyConfig(DetectorConfig):
+    """Options of :class:`Energy`.
 
     Args:
-        temperature: T (default 1).
+        temperature: T, > 0 (default 1).
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, batch_size: int = 256) -> None:
-        super().__init__(model, batch_size)
-        check_range("temperature", temperature, 0.0, low_inclusive=False)
-        self.temperature = temperature
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+
+
+@register_detector("energy")
+class Energy(Detector):
+    """Energy score (Liu et al., 2020): ``-T * logsumexp(f(x) / T)`` (options: :class:`EnergyConfig`)."""
+
+    config_class = EnergyConfig
+    config: EnergyConfig
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Scores from logits already computed (no second forward)."""
-        t = self.temperature
+        t = self.config.temperature
         return -t * torch.logsumexp(logits.detach().float() / t, dim=-1)
 
     @torch.no_grad()
@@ -209,31 +235,42 @@ class Energy(Detector):
         return self.score_logits(self.model(x))
 
 
+@dataclasses.dataclass
+class ODINConfig(DetectorConfig):
+    """Options of :class:`ODIN`.
+
+    Args:
+        temperature: T, > 0 (default 1000).
+        epsilon: step size in raw input units, >= 0 (default 0.002 for inputs in [0, 1]).
+    """
+
+    temperature: float = 1000.0
+    epsilon: float = 0.002
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+        check_range("epsilon", self.epsilon, 0.0)
+
+
 @register_detector("odin")
 class ODIN(Detector):
     """ODIN (Liang et al., 2018): temperature scaling plus a small input step that raises the max
-    softmax; in-distribution inputs gain more than OOD ones. Score ``-max softmax(f(x~) / T)``.
-
-    Args:
-        temperature: T (default 1000).
-        epsilon: step size in raw input units (default 0.002 for inputs in [0, 1]).
+    softmax; in-distribution inputs gain more than OOD ones. Score ``-max softmax(f(x~) / T)``
+    (options: :class:`ODINConfig`).
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1000.0, epsilon: float = 0.002,
-                 batch_size: int = 256) -> None:
-        super().__init__(model, batch_size)
-        check_range("temperature", temperature, 0.0, low_inclusive=False)
-        check_range("epsilon", epsilon, 0.0)
-        self.temperature, self.epsilon = temperature, epsilon
+    config_class = ODINConfig
+    config: ODINConfig
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        if self.epsilon > 0:
+        t, epsilon = self.config.temperature, self.config.epsilon
+        if epsilon > 0:
             with torch.enable_grad():
                 xg = x.detach().clone().requires_grad_(True)
                 loss = -F.log_softmax(self.model(xg).float() / t, dim=-1).amax(-1).sum()
                 (grad,) = torch.autograd.grad(loss, xg)
-            x = (xg - self.epsilon * grad.sign()).detach()
+            x = (xg - epsilon * grad.sign()).detach()
         with torch.no_grad():
             return -F.softmax(self.model(x).float() / t, dim=-1).amax(-1)
 
@@ -279,24 +316,38 @@ class _Features:
         return f.flatten(1), logits
 
 
+@dataclasses.dataclass
+class MahalanobisConfig(DetectorConfig):
+    """Options of :class:`Mahalanobis`.
+
+    Args:
+        layer: module whose output is used (default None: the input of the last linear layer).
+        shrinkage: added to the covariance diagonal, relative to its mean variance, >= 0 (default 1e-3).
+    """
+
+    layer: str | None = None
+    shrinkage: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("shrinkage", self.shrinkage, 0.0)
+
+
 @register_detector("mahalanobis")
 class Mahalanobis(Detector):
     """Class-conditional Gaussians with a shared covariance on a feature layer (Lee et al., 2018).
 
     Score: ``min_c (f - mu_c)^T Sigma^-1 (f - mu_c)``. Fitting streams batches and keeps only per-class
     sums and one ``D x D`` scatter matrix (memory ``O(C*D + D^2)``, independent of the data size).
-
-    Args:
-        layer: module whose output is used (default: input of the last linear layer).
-        shrinkage: added to the covariance diagonal, relative to its mean variance (default 1e-3).
+    Options: :class:`MahalanobisConfig`.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, shrinkage: float = 1e-3,
-                 batch_size: int = 256) -> None:
-        super().__init__(model, batch_size)
-        check_range("shrinkage", shrinkage, 0.0)
-        self.features = _Features(model, layer)
-        self.shrinkage = shrinkage
+    config_class = MahalanobisConfig
+    config: MahalanobisConfig
+
+    def __init__(self, model: nn.Module, config: MahalanobisConfig | None = None, **options: Any) -> None:
+        super().__init__(model, config, **options)
+        self.features = _Features(model, self.config.layer)
         self.means: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
 
@@ -304,12 +355,13 @@ class Mahalanobis(Detector):
         sums: torch.Tensor | None = None
         counts: torch.Tensor | None = None
         outer: torch.Tensor | None = None
-        for i in range(0, len(x), self.batch_size):
-            f, logits = self.features(x[i : i + self.batch_size])
+        bs = self.config.batch_size
+        for i in range(0, len(x), bs):
+            f, logits = self.features(x[i : i + bs])
             f = f.double()
-            yb = y[i : i + self.batch_size] if y is not None else logits.argmax(-1)
+            yb = y[i : i + bs] if y is not None else logits.argmax(-1)
             k = logits.shape[-1]
-            if sums is None:
+            if sums is None or counts is None or outer is None:  # first batch: all three are set together
                 sums = torch.zeros(k, f.shape[1], dtype=torch.float64)
                 counts = torch.zeros(k, dtype=torch.float64)
                 outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
@@ -322,7 +374,8 @@ class Mahalanobis(Detector):
         n = counts.sum()
         # shared within-class covariance: E[f f^T] - sum_c n_c mu_c mu_c^T / n
         cov = (outer - (means * counts[present, None]).T @ means) / n
-        cov += torch.eye(len(cov), dtype=cov.dtype) * self.shrinkage * cov.diagonal().mean().clamp_min(1e-12)
+        shrink = self.config.shrinkage
+        cov += torch.eye(len(cov), dtype=cov.dtype) * shrink * cov.diagonal().mean().clamp_min(1e-12)
         self.means = means.float()
         self.precision = torch.linalg.pinv(cov, hermitian=True).float()
 
@@ -334,41 +387,56 @@ class Mahalanobis(Detector):
         return m.amin(-1)
 
 
+@dataclasses.dataclass
+class KNNConfig(DetectorConfig):
+    """Options of :class:`KNN`.
+
+    Args:
+        k: neighbour rank, >= 1 (default 10).
+        layer: feature layer (default None: the input of the last linear layer).
+        max_bank: keep at most this many train features, >= 1 (default 20000).
+    """
+
+    k: int = 10
+    layer: str | None = None
+    max_bank: int = 20000
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("k", self.k, 1)
+        check_range("max_bank", self.max_bank, 1)
+
+
 @register_detector("knn")
 class KNN(Detector):
     """Deep nearest neighbours (Sun et al., 2022): distance to the k-th nearest L2-normalised train
     feature. Keeps the normalised train features ``(N_train, D)`` (optionally a seeded subsample).
-
-    Args:
-        k: neighbour rank (default 10).
-        layer: feature layer (default: input of the last linear layer).
-        max_bank: keep at most this many train features (default 20000).
+    Options: :class:`KNNConfig`.
     """
 
-    def __init__(self, model: nn.Module, k: int = 10, layer: str | None = None, max_bank: int = 20000,
-                 batch_size: int = 256) -> None:
-        super().__init__(model, batch_size)
-        check_range("k", k, 1)
-        check_range("max_bank", max_bank, 1)
-        self.k, self.max_bank = k, max_bank
-        self.features = _Features(model, layer)
+    config_class = KNNConfig
+    config: KNNConfig
+
+    def __init__(self, model: nn.Module, config: KNNConfig | None = None, **options: Any) -> None:
+        super().__init__(model, config, **options)
+        self.features = _Features(model, self.config.layer)
         self.bank: torch.Tensor | None = None
 
     def _fit(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        if len(x) > self.max_bank:
+        k, max_bank, bs = self.config.k, self.config.max_bank, self.config.batch_size
+        if len(x) > max_bank:
             g = torch.Generator().manual_seed(0)
-            x = x[torch.randperm(len(x), generator=g)[: self.max_bank]]
-        feats = [F.normalize(self.features(x[i : i + self.batch_size])[0], dim=-1)
-                 for i in range(0, len(x), self.batch_size)]
+            x = x[torch.randperm(len(x), generator=g)[:max_bank]]
+        feats = [F.normalize(self.features(x[i : i + bs])[0], dim=-1) for i in range(0, len(x), bs)]
         self.bank = torch.cat(feats)
-        if len(self.bank) < self.k:
-            raise DataError(f"knn: k={self.k} but only {len(self.bank)} training examples; lower k")
+        if len(self.bank) < k:
+            raise DataError(f"knn: k={k} but only {len(self.bank)} training examples; lower k")
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         assert self.bank is not None
         f = F.normalize(self.features(x)[0], dim=-1)
         d = torch.cdist(f, self.bank)
-        return d.topk(self.k, dim=-1, largest=False).values[:, -1]
+        return d.topk(self.config.k, dim=-1, largest=False).values[:, -1]
 
 
 # ---- calibration and metrics -------------------------------------------------------------------------------
@@ -421,11 +489,13 @@ def evaluate_detectors(model: nn.Module, train: Any, val: Any, test: Any, ood: d
     for name in names or detector_names():
         det = make_detector(name, model, **(options or {}).get(name, {})).fit(train).calibrate(val, tpr)
         s_id = det.score(test)
-        row: dict[str, Any] = {"threshold": det.threshold}
+        threshold = det.threshold
+        assert threshold is not None  # calibrate() just set it
+        row: dict[str, Any] = {"threshold": threshold}
         for oname, odata in ood.items():
             s_ood = det.score(odata)
             row[oname] = {"auroc": auroc(s_id, s_ood), "fpr95": fpr_at_tpr(s_id, s_ood, tpr),
-                          "ood_flagged": float((s_ood > det.threshold).double().mean()),
-                          "id_flagged": float((s_id > det.threshold).double().mean())}
+                          "ood_flagged": float((s_ood > threshold).double().mean()),
+                          "id_flagged": float((s_id > threshold).double().mean())}
         out[name] = row
     return out

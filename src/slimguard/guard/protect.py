@@ -58,13 +58,15 @@ class RangeRestriction:
 
     Use: ``profile(model, x)`` once on training inputs, then ``attach(model)`` (forward hooks) and
     ``detach()``. Bounds are plain tensors, so ``state_dict()`` / ``from_state_dict`` store them.
+    Options: :class:`RangeRestrictionConfig`, or its keys as keywords
+    (``RangeRestriction(granularity="layer")``).
 
     Shape:
         Bounds are scalars (``layer``) or ``(1, C, 1, ...)`` (``channel``) for outputs ``(N, C, ...)``.
     """
 
-    def __init__(self, config: RangeRestrictionConfig | None = None) -> None:
-        self.config = config or RangeRestrictionConfig()
+    def __init__(self, config: RangeRestrictionConfig | None = None, **options: Any) -> None:
+        self.config = RangeRestrictionConfig.build(config, options, where="range restriction")
         self.bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
@@ -168,6 +170,24 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.view(-1).view(torch.uint8).numpy().data)
 
 
+@dataclasses.dataclass
+class WeightChecksumsConfig(Config):
+    """How attached checksums check the model (:meth:`WeightChecksums.attach`).
+
+    Args:
+        tensors_per_call: verify this many tensors before each forward, in round robin (amortised
+            cost); None verifies every tensor on every call (default).
+        repair: copy damaged tensors back from the source (default True); False raises ArtifactError.
+    """
+
+    tensors_per_call: int | None = None
+    repair: bool = True
+
+    def validate(self) -> None:
+        if self.tensors_per_call is not None:
+            check_range("tensors_per_call", self.tensors_per_call, 1)
+
+
 class WeightChecksums:
     """One CRC-32 per state tensor (parameters and buffers).
 
@@ -231,9 +251,15 @@ class WeightChecksums:
             raise ArtifactError(f"tensor {still[0]!r} does not match its checksum after repair; wrong source?")
         return bad
 
-    def attach(self, model: nn.Module, tensors_per_call: int | None = None, repair: bool = True) -> WeightChecksums:
+    def attach(self, model: nn.Module, config: WeightChecksumsConfig | None = None,
+               **options: Any) -> WeightChecksums:
         """Verify before every forward: all tensors, or ``tensors_per_call`` of them in round robin
-        (amortised cost). Damaged tensors are repaired (``repair=True``) or an ArtifactError is raised."""
+        (amortised cost). Damaged tensors are repaired (``repair=True``) or an ArtifactError is raised.
+        Options: :class:`WeightChecksumsConfig`, or its keys as keywords
+        (``attach(model, tensors_per_call=1)``).
+        """
+        cfg = WeightChecksumsConfig.build(config, options, where="weight checksums")
+        tensors_per_call, repair = cfg.tensors_per_call, cfg.repair
         self.detach()
         keys = list(self.checksums)
 
@@ -259,13 +285,26 @@ class WeightChecksums:
 
 
 def _artifact_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from slimguard.core.artifact import TENSORS, decode_tensors, read_entry, read_manifest
+    from slimguard.artifact import TENSORS, decode_tensors, read_entry, read_manifest
 
     manifest = read_manifest(path)
     return decode_tensors(manifest, read_entry(path, TENSORS), str(path))
 
 
 # ---- cascade ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CascadeConfig(Config):
+    """Args:
+    threshold: confidence (max softmax probability of the small model) below which a row falls back to
+        the large model, in [0, 1] (default 0.9).
+    """
+
+    threshold: float = 0.9
+
+    def validate(self) -> None:
+        check_range("threshold", self.threshold, 0.0, 1.0)
+
+
 class Cascade(nn.Module):
     """Answer with ``small``; rows it is unsure of go to ``large``.
 
@@ -275,7 +314,7 @@ class Cascade(nn.Module):
     Args:
         small: the compressed model.
         large: the original model.
-        threshold: confidence below which a row falls back (default 0.9).
+        config: :class:`CascadeConfig`, or its keys as keywords (``Cascade(small, large, threshold=0.8)``).
         detector: optional fitted and calibrated OOD detector (see :mod:`slimguard.guard.ood`).
 
     Shape:
@@ -283,10 +322,11 @@ class Cascade(nn.Module):
         boolean mask ``(N,)`` of rows answered by ``large``.
     """
 
-    def __init__(self, small: nn.Module, large: nn.Module, threshold: float = 0.9, detector: Any = None) -> None:
+    def __init__(self, small: nn.Module, large: nn.Module, config: CascadeConfig | None = None, *,
+                 detector: Any = None, **options: Any) -> None:
         super().__init__()
-        check_range("threshold", threshold, 0.0, 1.0)
-        self.small, self.large, self.threshold, self.detector = small, large, threshold, detector
+        self.config = CascadeConfig.build(config, options, where="cascade")
+        self.small, self.large, self.detector = small, large, detector
         self.last_fallback: torch.Tensor | None = None
         self.calls = 0
         self.fallback_rows = 0
@@ -295,7 +335,7 @@ class Cascade(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.small(x)
-        fallback = F.softmax(logits.float(), dim=-1).amax(-1) < self.threshold
+        fallback = F.softmax(logits.float(), dim=-1).amax(-1) < self.config.threshold
         if self.detector is not None:
             fallback |= self.detector.predict(x)
         if bool(fallback.any()):

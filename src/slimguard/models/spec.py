@@ -15,6 +15,7 @@ from typing import Any
 import torch.nn as nn
 
 from slimguard.core.errors import ModelError
+from slimguard.core.registry import Registry
 
 ATTR = "_slimguard_info"
 
@@ -26,7 +27,7 @@ class ModelInfo:
         ``{"kind": "python", "file": ..., "factory": ..., "kwargs": {...}, "sha256": ...}`` or
         ``{"kind": "hf", "config": {...}, "pooling": "mean"}``. A python source runs user code: an
         artifact rebuilds it only from a file its caller names (``sg.load(path, trust_code=FILE)``),
-        whose sha256 must match the recorded one; see :mod:`slimguard.core.artifact`.
+        whose sha256 must match the recorded one; see :mod:`slimguard.artifact.slim`.
     task: ``classification`` or ``embedding``.
     data: the training data's :class:`~slimguard.data.DataMeta` as a dict (may be empty).
     history: the transforms applied so far (config dicts), for the manifest and reports.
@@ -43,11 +44,6 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         return cls(**{k: d[k] for k in ("source", "task", "data", "history") if k in d})
-
-    @property
-    def name(self) -> str:
-        s = self.source
-        return s.get("name") or s.get("factory") or s.get("kind", "model")
 
 
 def info(model: nn.Module) -> ModelInfo:
@@ -78,23 +74,15 @@ def record(model: nn.Module, step: dict[str, Any]) -> None:
 
 
 Builder = Callable[[dict[str, Any]], nn.Module]
-_BUILDERS: dict[str, Builder] = {}
+BUILDERS: Registry[Builder] = Registry("model source kind", error=ModelError)
+"""Source kind (``zoo``, ``python``, ``hf``) -> ``fn(source) -> nn.Module`` building the architecture."""
 
 
 def register_builder(kind: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        _BUILDERS[kind] = fn
-        return fn
-
-    return deco
+    """Decorator: ``fn(source)`` builds untrained architectures of sources of ``kind``."""
+    return BUILDERS.register(kind)
 
 
 def build(source: dict[str, Any]) -> nn.Module:
     """Build an untrained architecture from a source spec (weights come from elsewhere)."""
-    import slimguard.models.sources
-    import slimguard.models.zoo  # noqa: F401
-
-    kind = source.get("kind")
-    if kind not in _BUILDERS:
-        raise ModelError(f"unknown model source kind {kind!r}; allowed: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[kind](source)
+    return BUILDERS.get(source.get("kind"))(source)

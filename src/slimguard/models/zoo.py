@@ -7,10 +7,15 @@
 | ``digits32-resnet`` | digits32    | ResNet with BN and residual blocks, widths 32/64/128 |
 | ``tabular-mlp``   | breast-cancer | 30-64-32-2                                         |
 
-Training is seeded; the trained weights are cached as a ``.slim`` artifact (checksummed) under
-``$SLIMGUARD_CACHE`` or the user cache directory. A cached file is loaded like any artifact (signed with
-``$SLIMGUARD_SIGNING_KEY`` when it is set, and refused unsigned once it is); one that is refused is
-deleted and trained again, never trusted.
+Zoo models are registered in :data:`ZOO` (name -> :class:`ZooEntry`); their architectures are built
+by the factories in :data:`FACTORIES`, the only code a ``zoo`` model source can name.
+
+Training is seeded. A zoo model is an unmodified build of its factory, so the cache keeps only its
+weights: ``NAME-KEY.safetensors`` plus ``NAME-KEY.json`` holding the sha256 and size of the weights, under
+``$SLIMGUARD_CACHE`` or the user cache directory (``KEY`` hashes everything training depends on). A
+cached model is rebuilt from its factory and the weights are loaded into it (safetensors: no pickle);
+an entry whose weights do not match their record, or do not fit the model, is deleted and trained
+again, never trusted.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ModelError
+from slimguard.core.outputs import write_bytes_atomic, write_json_atomic
+from slimguard.core.registry import Registry
 from slimguard.models.layers import BasicBlock, Normalize
 from slimguard.models.spec import ModelInfo, register_builder, set_info
 
 ZOO_VERSION = 1
+CACHE_FORMAT = "slimguard-zoo-weights"
 
 
 def digits_mlp(mean: list[float], std: list[float], hidden: tuple[int, int] = (300, 100),
@@ -104,14 +112,28 @@ class ZooEntry:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-ZOO: dict[str, ZooEntry] = {}
+ZOO: Registry[ZooEntry] = Registry("zoo model", error=ModelError)
+"""Name -> :class:`ZooEntry` of every zoo model."""
+
+FACTORIES: Registry[Callable[..., nn.Module]] = Registry("zoo factory", error=ModelError)
+"""Factory name (as a manifest records it) -> the function or class that builds the architecture."""
+FACTORIES.register("digits_mlp", digits_mlp)
+FACTORIES.register("lenet5", lenet5)
+FACTORIES.register("resnet", ResNet)
+FACTORIES.register("tabular_mlp", tabular_mlp)
+
+
+def _factory_name(fn: Callable[..., nn.Module]) -> str:
+    for name, factory in FACTORIES.items():
+        if factory is fn:
+            return str(name)
+    raise ModelError(f"zoo factory {fn!r} is not in FACTORIES; allowed: {FACTORIES.allowed()}")
 
 
 def register_zoo(entry: ZooEntry) -> ZooEntry:
-    if entry.name in ZOO:
-        raise ValueError(f"zoo model {entry.name!r} is already registered")
-    ZOO[entry.name] = entry
-    return entry
+    """Add a zoo model (its factory must be in :data:`FACTORIES`); a taken name is refused."""
+    _factory_name(entry.factory)
+    return ZOO.register(entry.name, entry)
 
 
 register_zoo(ZooEntry("digits-mlp", "digits", digits_mlp, "LeNet-300-100 shape MLP (64-300-100-10) on digits",
@@ -125,33 +147,14 @@ register_zoo(ZooEntry("digits32-resnet", "digits32", ResNet,
 register_zoo(ZooEntry("tabular-mlp", "breast-cancer", tabular_mlp, "MLP 30-64-32-2 on breast cancer",
                       epochs=60, lr=1e-3))
 
-FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "digits_mlp": digits_mlp, "lenet5": lenet5, "resnet": ResNet, "tabular_mlp": tabular_mlp,
-}
-
 
 def names() -> list[str]:
-    return sorted(ZOO)
-
-
-def _entry(name: str) -> ZooEntry:
-    if name not in ZOO:
-        raise ModelError(f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}")
-    return ZOO[name]
-
-
-def _factory_name(fn: Callable[..., nn.Module]) -> str:
-    for k, v in FACTORIES.items():
-        if v is fn:
-            return k
-    raise ModelError(f"zoo factory {fn!r} is not in FACTORIES")
+    return ZOO.names()
 
 
 @register_builder("zoo")
 def _build_zoo(source: dict[str, Any]) -> nn.Module:
     factory = FACTORIES.get(source.get("factory", ""))
-    if factory is None:
-        raise ModelError(f"unknown zoo factory {source.get('factory')!r}; allowed: {', '.join(FACTORIES)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
     return factory(**kwargs)
 
@@ -160,7 +163,7 @@ def create(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     """An untrained zoo model with its info attached (statistics taken from its data's train split)."""
     from slimguard import data as sgdata
 
-    entry = _entry(name)
+    entry = ZOO.get(name)
     bundle = sgdata.load(entry.data, seed=seed)
     kwargs: dict[str, Any] = {"mean": bundle.meta.mean, "std": bundle.meta.std, **entry.kwargs, **overrides}
     if entry.factory is tabular_mlp:
@@ -189,26 +192,57 @@ def _cache_key(entry: ZooEntry, seed: int) -> str:
 
 
 def load(name: str, seed: int = 0, *, retrain: bool = False, progress: bool = True) -> nn.Module:
-    """A trained zoo model: from the cache, or trained now on its built-in data (seeded) and cached.
+    """A trained zoo model (eval mode): from the cache, or trained now on its built-in data (seeded) and
+    cached. A damaged cache entry is deleted and trained again.
 
     Example:
         >>> model = load("digits-mlp")
     """
-    from slimguard.core.artifact import load as load_artifact
-    from slimguard.core.artifact import save as save_artifact
-    from slimguard.core.errors import ArtifactError
-
-    entry = _entry(name)
-    path = cache_dir() / f"{name}-{_cache_key(entry, seed)}.slim"
-    if path.exists() and not retrain:
+    entry = ZOO.get(name)
+    stem = cache_dir() / f"{name}-{_cache_key(entry, seed)}"
+    weights, record = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if weights.exists() and record.exists() and not retrain:
         try:
-            return load_artifact(path)
-        except ArtifactError:
-            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+            return _read_cache(name, seed, weights, record)
+        except Exception:  # any entry that does not check out is rebuilt, never trusted
+            weights.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
     model = train_zoo(name, seed=seed, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_artifact(model, path)
+    _write_cache(model, weights, record)
     return model.eval()  # as a cached load returns it
+
+
+def _write_cache(model: nn.Module, weights: Path, record: Path) -> None:
+    """The weights as safetensors, then the record of their sha256 and size (written last: an entry
+    without its record is not used)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    write_bytes_atomic(weights, blob)
+    write_json_atomic(record, {"format": CACHE_FORMAT, "version": ZOO_VERSION,
+                               "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+
+
+def _read_cache(name: str, seed: int, weights: Path, record: Path) -> nn.Module:
+    """The cached model: built by its factory (global RNG untouched), weights checked against their record
+    and loaded strictly. Raises (OSError, ValueError, RuntimeError, ...) for an entry that does not check
+    out."""
+    from safetensors.torch import load as st_load
+
+    meta = json.loads(record.read_text())
+    if meta.get("format") != CACHE_FORMAT or meta.get("version") != ZOO_VERSION:
+        raise ValueError(f"{record}: not a zoo cache record of version {ZOO_VERSION}")
+    with torch.random.fork_rng(devices=[]):
+        model = create(name, seed=seed)
+    expected = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = weights.stat().st_size
+    if size != meta["bytes"] or size > expected + (1 << 20):  # the header is a small JSON table
+        raise ValueError(f"{weights}: {size} bytes, the record says {meta['bytes']}")
+    blob = weights.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{weights}: sha256 does not match its record")
+    model.load_state_dict(st_load(blob), strict=True)
+    return model.eval()
 
 
 def train_zoo(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
@@ -216,7 +250,7 @@ def train_zoo(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
     from slimguard import data as sgdata
     from slimguard.train.loop import FinetuneConfig, finetune
 
-    entry = _entry(name)
+    entry = ZOO.get(name)
     model = create(name, seed=seed)
     bundle = sgdata.load(entry.data, seed=seed)
     cfg = FinetuneConfig(epochs=entry.epochs, lr=entry.lr, batch_size=entry.batch_size,

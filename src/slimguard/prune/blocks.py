@@ -26,27 +26,27 @@ Paper: Michel et al., "Are Sixteen Heads Really Better than One?", NeurIPS 2019 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn as nn
 
 from slimguard.prune.importance import Importance, get_importance
-from slimguard.prune.rules import LINEAR, Call, LabelGraph, Labels, LayerRule, register_rule, rule_for
+from slimguard.prune.rules import LINEAR, Call, LabelGraph, Labels, LayerRule, ModuleT, register_rule, rule_for
 from slimguard.prune.surgery import complement, keep_count, lowest
 
 
-class BlockRule(LayerRule):
+class BlockRule(LayerRule[ModuleT]):
     """A transformer block: one leaf of the dependency graph whose outer channels stay fixed (the
     residual stream keeps its width), pruned from the inside by :meth:`prune_block`."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[ModuleT]) -> Labels | None:
         for labels in call.inputs:
             graph.fix(labels)
         return None
 
     @abc.abstractmethod
-    def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
+    def prune_block(self, block: ModuleT, head_ratio: float, ffn_ratio: float, importance: Importance,
                     round_to: int = 1) -> dict[str, Any]:
         """Remove ``head_ratio`` of the attention heads and ``ffn_ratio`` of the FFN neurons in place.
 
@@ -95,6 +95,17 @@ def _prune_ffn(first: nn.Linear, second: nn.Linear, ratio: float, imp: Importanc
     return n, len(keep)
 
 
+class _BertSelfAttention(Protocol):
+    """What :func:`_is_bert_layer` checks a BERT self-attention has (and what head pruning updates)."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    num_attention_heads: int
+    attention_head_size: int
+    all_head_size: int
+
+
 def _is_bert_layer(m: nn.Module) -> bool:
     att = getattr(m, "attention", None)
     sa = getattr(att, "self", None)
@@ -105,12 +116,14 @@ def _is_bert_layer(m: nn.Module) -> bool:
             and hasattr(sa, "num_attention_heads") and hasattr(sa, "attention_head_size"))
 
 
-class BertLayerRule(BlockRule):
+class BertLayerRule(BlockRule[nn.Module]):
     """Hugging Face BERT-family layer: attention heads and FFN neurons."""
 
     def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
                     round_to: int = 1) -> dict[str, Any]:
-        sa, out = block.attention.self, block.attention.output.dense
+        # the rule is registered under _is_bert_layer, which checked these submodules
+        sa = cast(_BertSelfAttention, block.get_submodule("attention.self"))
+        out = cast(nn.Linear, block.get_submodule("attention.output.dense"))
         heads, d = int(sa.num_attention_heads), int(sa.attention_head_size)
         kept_heads = heads
         if head_ratio > 0:
@@ -128,16 +141,17 @@ class BertLayerRule(BlockRule):
             pruned = getattr(block.attention, "pruned_heads", None)
             if isinstance(pruned, set):
                 pruned.update(set(range(heads)) - set(kept.tolist()))
-        before, after = _prune_ffn(block.intermediate.dense, block.output.dense, ffn_ratio, importance, round_to,
-                                   "a BERT layer")
+        before, after = _prune_ffn(cast(nn.Linear, block.get_submodule("intermediate.dense")),
+                                   cast(nn.Linear, block.get_submodule("output.dense")), ffn_ratio, importance,
+                                   round_to, "a BERT layer")
         return {"heads": [heads, kept_heads], "ffn": [before, after]}
 
 
-class TorchEncoderLayerRule(BlockRule):
+class TorchEncoderLayerRule(BlockRule[nn.TransformerEncoderLayer]):
     """``nn.TransformerEncoderLayer``: FFN neurons (its fused attention keeps every head)."""
 
-    def prune_block(self, block: nn.Module, head_ratio: float, ffn_ratio: float, importance: Importance,
-                    round_to: int = 1) -> dict[str, Any]:
+    def prune_block(self, block: nn.TransformerEncoderLayer, head_ratio: float, ffn_ratio: float,
+                    importance: Importance, round_to: int = 1) -> dict[str, Any]:
         heads = int(block.self_attn.num_heads)
         before, after = _prune_ffn(block.linear1, block.linear2, ffn_ratio, importance, round_to,
                                    "a TransformerEncoderLayer")

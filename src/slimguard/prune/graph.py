@@ -172,6 +172,23 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def _int_arg(node: fx.Node, index: int, name: str, default: int) -> int | None:
+    """Argument ``index`` (or keyword ``name``, else ``default``) of ``node`` when it is a plain int; None when
+    the traced code computes it at run time (then it is a graph node the labels cannot follow)."""
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    return value if isinstance(value, int) else None
+
+
+def _int_list(value: fx.node.Argument) -> list[int] | None:
+    """An int or a sequence of ints (a ``dim`` argument) as a list; None when any is computed at run time."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        ints = [d for d in value if isinstance(d, int)]
+        return ints if len(ints) == len(value) else None
+    return None
+
+
 class DependencyGraph:
     """Trace ``model``, propagate channel labels and build the :class:`Group` list.
 
@@ -347,8 +364,10 @@ class DependencyGraph:
                     self.fix(lab)
                 return x
         if (not is_method and t is torch.flatten) or (is_method and t == "flatten"):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            start, end = _int_arg(node, 1, "start_dim", 0), _int_arg(node, 2, "end_dim", -1)
+            if start is None or end is None:
+                self._refuse(node, "a flatten over dims computed at run time", ins)
+                return None
             return flatten_labels(self, x, _shape(node.args[0]), start, end, _where(node), ins)
         if (is_method and t in ("view", "reshape")) or t is torch.reshape:
             xs = _shape(node.args[0])
@@ -362,7 +381,10 @@ class DependencyGraph:
         if (not is_method and t in REDUCE) or (is_method and t in REDUCE_METHODS):
             return self._reduce(node, x, shape, ins)
         if t is F.normalize and x is not None:
-            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
+            dim = _int_arg(node, 2, "dim", 1)
+            if dim is None:
+                self._refuse(node, "a normalize over a dim computed at run time", ins)
+                return None
             if dim % x.rank == x.dim:
                 self.fix(x)
             return x
@@ -414,15 +436,18 @@ class DependencyGraph:
     def _cat(self, node: fx.Node, labels: dict[fx.Node, Labels | None],
              shape: tuple[int, ...] | None) -> Labels | None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = _int_arg(node, 1, "dim", 0)
         if shape is None or not isinstance(tensors, (list, tuple)):
             return None
         r = len(shape)
-        dim %= r
         labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in tensors]
         ref = next((lab for lab in labs if lab is not None), None)
         if ref is None:
             return None
+        if dim is None:
+            self._refuse(node, "a concatenation along a dim computed at run time", labs)
+            return None
+        dim %= r
         if ref.dim == dim:
             ids: list[int] = []
             for t, lab in zip(tensors, labs, strict=True):
@@ -447,12 +472,16 @@ class DependencyGraph:
                 ins: list[Labels | None]) -> Labels | None:
         if x is None or shape is None:
             return None
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        if dims is None:
+        if arg is None:
             self.fix(x)
             return None
-        dims = [d % x.rank for d in ((dims,) if isinstance(dims, int) else dims)]
+        given = _int_list(arg)
+        if given is None:
+            self._refuse(node, "a reduction over dims computed at run time", ins)
+            return None
+        dims = [d % x.rank for d in given]
         if x.dim in dims:
             self.fix(x)
             return None

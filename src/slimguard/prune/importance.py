@@ -26,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -33,34 +35,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.registry import Registry
 
-_IMPORTANCES: dict[str, Callable[[], Importance]] = {}
+ImportanceFactory = Callable[..., "Importance"]
+IMPORTANCES: Registry[ImportanceFactory] = Registry("importance")
 
 
-def register_importance(name: str) -> Callable[[Callable[[], Importance]], Callable[[], Importance]]:
-    """Make an importance factory known under ``name``; a second registration is refused."""
-
-    def deco(factory: Callable[[], Importance]) -> Callable[[], Importance]:
-        if name in _IMPORTANCES:
-            raise ValueError(f"importance {name!r} is already registered")
-        _IMPORTANCES[name] = factory
-        return factory
-
-    return deco
+def register_importance(name: str) -> Callable[[ImportanceFactory], ImportanceFactory]:
+    """Make an importance factory (a class, or a function of its options) known under ``name``; a
+    second registration is refused."""
+    return IMPORTANCES.register(name)
 
 
 def importance_names() -> list[str]:
-    return sorted(_IMPORTANCES)
+    return IMPORTANCES.names()
 
 
-def get_importance(name: str | Importance) -> Importance:
-    """An importance object from its name (``l1``, ``l2``, ``taylor``, ``bn``, ``random``)."""
+def get_importance(name: str | Importance, **options: Any) -> Importance:
+    """An importance object from its name (``l1``, ``l2``, ``taylor``, ``bn``, ``random``, ``wanda``) and
+    its config's options (``get_importance("taylor", max_batches=4)``); an object passes through."""
     if isinstance(name, Importance):
+        if options:
+            raise ConfigError(f"importance: options ({', '.join(options)}) go with a name, not an object")
         return name
-    if name not in _IMPORTANCES:
-        raise ConfigError(f"importance: {name!r} is not allowed; allowed: {', '.join(importance_names())}")
-    return _IMPORTANCES[name]()
+    return IMPORTANCES.get(name)(**options)
 
 
 def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -68,14 +68,25 @@ def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
+@dataclasses.dataclass
+class ImportanceConfig(Config):
+    """Options of an importance; the base has none (``bn`` needs none), subclasses add theirs."""
+
+
 class Importance(abc.ABC):
     """Base: override :meth:`score` (per weight); :meth:`channel_score` sums it over a slice by default.
 
+    An importance takes its config (``config_class``), or the config's options as keywords:
+    ``TaylorImportance(max_batches=4)`` is ``TaylorImportance(TaylorImportanceConfig(max_batches=4))``.
     ``needs_data`` importances are given batches through :meth:`prepare` before scoring.
     """
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    config_class: ClassVar[type[ImportanceConfig]] = ImportanceConfig
+
+    def __init__(self, config: ImportanceConfig | None = None, **options: Any) -> None:
+        self.config = self.config_class.build(config, options, where=type(self).__name__)
 
     def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],  # noqa: B027 (optional hook)
                 loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
@@ -93,22 +104,42 @@ class Importance(abc.ABC):
         return _reduce(self.score(module, name), dim)
 
 
+@dataclasses.dataclass
+class MagnitudeImportanceConfig(ImportanceConfig):
+    """Args:
+    p: the power of ``|w|``: 1 (L1) or 2 (squared L2) (default 1).
+    """
+
+    p: int = 1
+
+    def validate(self) -> None:
+        check_choice("p", self.p, (1, 2))
+
+
 class MagnitudeImportance(Importance):
     """``|w|^p`` per weight; per channel the sum, i.e. the L1 (p=1) or squared L2 (p=2) norm.
 
-    Args:
-        p: 1 or 2 (default 1).
+    Options: :class:`MagnitudeImportanceConfig` (``p``, default 1).
     """
 
     name = "l1"
-
-    def __init__(self, p: int = 1) -> None:
-        if p not in (1, 2):
-            raise ConfigError(f"p: {p!r} is not allowed; allowed: 1, 2")
-        self.p = p
+    config_class = MagnitudeImportanceConfig
+    config: MagnitudeImportanceConfig
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
-        return getattr(module, name).detach().abs().pow(self.p).float()
+        return getattr(module, name).detach().abs().pow(self.config.p).float()
+
+
+@dataclasses.dataclass
+class TaylorImportanceConfig(ImportanceConfig):
+    """Args:
+    max_batches: batches :meth:`TaylorImportance.prepare` accumulates gradients over, >= 1 (default 8).
+    """
+
+    max_batches: int = 8
+
+    def validate(self) -> None:
+        check_range("max_batches", self.max_batches, 1)
 
 
 class TaylorImportance(Importance):
@@ -117,15 +148,16 @@ class TaylorImportance(Importance):
     Paper: Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
     Without :meth:`prepare` it uses the gradients already in ``.grad`` (e.g. after a backward pass).
 
-    Args:
-        max_batches: batches used by :meth:`prepare` (default 8).
+    Options: :class:`TaylorImportanceConfig` (``max_batches``, default 8).
     """
 
     name = "taylor"
     needs_data = True
+    config_class = TaylorImportanceConfig
+    config: TaylorImportanceConfig
 
-    def __init__(self, max_batches: int = 8) -> None:
-        self.max_batches = max_batches
+    def __init__(self, config: TaylorImportanceConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
         self._grads: dict[int, torch.Tensor] = {}
 
     def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
@@ -139,7 +171,7 @@ class TaylorImportance(Importance):
             p.requires_grad_(True)
         try:
             for i, (x, y) in enumerate(batches):
-                if i >= self.max_batches:
+                if i >= self.config.max_batches:
                     break
                 if loss_fn is None:
                     if y is None:
@@ -195,17 +227,31 @@ class BNScaleImportance(Importance):
         return None
 
 
+@dataclasses.dataclass
+class RandomImportanceConfig(ImportanceConfig):
+    """Args:
+    seed: seed of the score generator, >= 0 (default 0).
+    """
+
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("seed", self.seed, 0)
+
+
 class RandomImportance(Importance):
     """Seeded random scores: the control every importance should beat.
 
-    Args:
-        seed: generator seed (default 0).
+    Options: :class:`RandomImportanceConfig` (``seed``, default 0).
     """
 
     name = "random"
+    config_class = RandomImportanceConfig
+    config: RandomImportanceConfig
 
-    def __init__(self, seed: int = 0) -> None:
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, config: RandomImportanceConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.gen = torch.Generator().manual_seed(self.config.seed)
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         w = getattr(module, name)
@@ -225,6 +271,18 @@ def run_batch(model: nn.Module, x: Any) -> Any:
     return model(**x) if isinstance(x, dict) else model(x)
 
 
+@dataclasses.dataclass
+class ActivationImportanceConfig(ImportanceConfig):
+    """Args:
+    max_batches: calibration batches :meth:`ActivationImportance.prepare` runs, >= 1 (default 8).
+    """
+
+    max_batches: int = 8
+
+    def validate(self) -> None:
+        check_range("max_batches", self.max_batches, 1)
+
+
 class ActivationImportance(Importance):
     """Weight magnitude times the L2 norm of the input feature it multiplies, over calibration data.
 
@@ -235,15 +293,16 @@ class ActivationImportance(Importance):
     Paper: Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda),
     ICLR 2024.
 
-    Args:
-        max_batches: calibration batches used by :meth:`prepare` (default 8).
+    Options: :class:`ActivationImportanceConfig` (``max_batches``, default 8).
     """
 
     name = "wanda"
     needs_data = True
+    config_class = ActivationImportanceConfig
+    config: ActivationImportanceConfig
 
-    def __init__(self, max_batches: int = 8) -> None:
-        self.max_batches = max_batches
+    def __init__(self, config: ActivationImportanceConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
         self._norms: dict[int, torch.Tensor] = {}
 
     def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
@@ -269,7 +328,7 @@ class ActivationImportance(Importance):
         try:
             with torch.no_grad():
                 for i, (x, _) in enumerate(batches):
-                    if i >= self.max_batches:
+                    if i >= self.config.max_batches:
                         break
                     run_batch(model, x)
         finally:
@@ -290,12 +349,12 @@ class ActivationImportance(Importance):
         return w * norm.reshape(1, -1)
 
 
-register_importance("l1")(lambda: MagnitudeImportance(1))
-register_importance("l2")(lambda: MagnitudeImportance(2))
-register_importance("taylor")(TaylorImportance)
-register_importance("bn")(BNScaleImportance)
-register_importance("random")(RandomImportance)
-register_importance("wanda")(ActivationImportance)
+IMPORTANCES.register("l1", functools.partial(MagnitudeImportance, p=1))
+IMPORTANCES.register("l2", functools.partial(MagnitudeImportance, p=2))
+IMPORTANCES.register("taylor", TaylorImportance)
+IMPORTANCES.register("bn", BNScaleImportance)
+IMPORTANCES.register("random", RandomImportance)
+IMPORTANCES.register("wanda", ActivationImportance)
 
 
 def prepare_importance(imp: Importance, model: nn.Module, context: dict[str, Any],

@@ -17,11 +17,12 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
+from slimguard.core.masks import get_mask, set_mask
 from slimguard.core.registry import register_handler
 from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
-from slimguard.prune.masks import get_mask, set_mask
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # a module of one of the PRUNABLE types
 
 
 @register_config("magnitude")
@@ -55,7 +56,7 @@ class MagnitudePruning(Config):
             check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
 
 
-def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, PrunableLayer]:
     """Linear/Conv modules by qualified name; every ``ignore`` entry must name a module."""
     names = dict(model.named_modules())
     for entry in ignore:
@@ -66,7 +67,7 @@ def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) 
             and not any(n.startswith(i + ".") for i in ignore)}
 
 
-def _scores(module: nn.Module, imp: Importance | None = None) -> torch.Tensor:
+def _scores(module: PrunableLayer, imp: Importance | None = None) -> torch.Tensor:
     w = module.weight.detach().abs().float() if imp is None else imp.score(module, "weight")
     old = get_mask(module, "weight")
     return w if old is None else w.masked_fill(~old, -1.0)  # already-pruned stay pruned
@@ -113,9 +114,9 @@ def prune_unstructured(model: nn.Module, config: MagnitudePruning, imp: Importan
         flat = torch.cat([s.flatten() for s in scores.values()])
         gmask = _layer_mask(flat, config.sparsity)
         offset = 0
-        for n, s in scores.items():
-            mask = gmask[offset : offset + s.numel()].view_as(s)
-            offset += s.numel()
+        for n, score in scores.items():
+            mask = gmask[offset : offset + score.numel()].view_as(score)
+            offset += score.numel()
             if not mask.any():
                 raise ConfigError(f"sparsity {config.sparsity} would empty layer {n!r}; lower it or use scope: layer")
             set_mask(global_layers[n], "weight", mask)

@@ -22,10 +22,10 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, ModelError
+from slimguard.core.masks import get_mask, set_mask
 from slimguard.core.registry import register_handler
 from slimguard.prune.importance import get_importance, importance_names, prepare_importance
 from slimguard.prune.magnitude import prunable_layers
-from slimguard.prune.masks import get_mask, set_mask
 
 
 @register_config("nm")

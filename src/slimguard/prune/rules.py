@@ -40,13 +40,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar, cast
 
 import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError
+from slimguard.core.registry import Registry
 from slimguard.models.layers import Normalize
 from slimguard.prune.surgery import keep_slices
 
@@ -69,8 +70,11 @@ class Labels:
     rank: int
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # the module type a rule handles (its registration keys say so)
+
+
 @dataclasses.dataclass
-class Call:
+class Call(Generic[ModuleT]):
     """One call of a leaf module in the traced graph, as its rule sees it.
 
     Attributes:
@@ -82,7 +86,7 @@ class Call:
     """
 
     name: str
-    module: nn.Module
+    module: ModuleT
     inputs: list[Labels | None]
     in_shape: tuple[int, ...] | None
     out_shape: tuple[int, ...] | None
@@ -116,11 +120,13 @@ class LabelGraph(Protocol):
         """``what`` in module ``where`` cannot be followed: an error if any of ``labels`` is prunable."""
 
 
-class LayerRule(abc.ABC):
+class LayerRule(abc.ABC, Generic[ModuleT]):
     """How one layer type takes part in structured pruning.
 
     Subclasses implement :meth:`trace`; a rule that records channel positions (:meth:`LabelGraph.record`)
-    also implements :meth:`size` and :meth:`prune` for the roles it records.
+    also implements :meth:`size` and :meth:`prune` for the roles it records. ``LayerRule[M]`` handles
+    modules of type ``M`` (``LinearRule`` is a ``ChannelRule[nn.Linear]``); the keys it is registered
+    under promise that type.
 
     Attributes:
         weight_dims: role -> dimension of ``module.weight`` that indexes the channels of that role, for
@@ -130,19 +136,19 @@ class LayerRule(abc.ABC):
     weight_dims: ClassVar[Mapping[str, int]] = {"out": 0, "in": 1, "feat": 0}
 
     @abc.abstractmethod
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[ModuleT]) -> Labels | None:
         """Propagate labels through one call: record what the module holds, return the output's labels
         (``None``: the output carries no prunable channels)."""
 
-    def size(self, module: nn.Module, role: str) -> int:
+    def size(self, module: ModuleT, role: str) -> int:
         """How many channels ``module`` has in ``role``."""
         raise TypeError(f"{type(self).__name__} records no {role!r} channels")
 
-    def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor], name: str) -> None:
+    def prune(self, module: ModuleT, keep: Mapping[str, torch.Tensor], name: str) -> None:
         """Shrink ``module`` in place to the positions ``keep[role]`` (sorted indices) of each role."""
         raise TypeError(f"{type(self).__name__} records no channels to cut (module {name!r})")
 
-    def score(self, module: nn.Module, role: str, importance: Importance) -> torch.Tensor | None:
+    def score(self, module: ModuleT, role: str, importance: Importance) -> torch.Tensor | None:
         """One score per channel of ``role`` (``None``: this module has nothing to say)."""
         dim = self.weight_dims.get(role)
         if dim is None or not torch.is_tensor(getattr(module, "weight", None)):
@@ -150,11 +156,12 @@ class LayerRule(abc.ABC):
         return importance.channel_score(module, dim)
 
 
-_BY_TYPE: dict[type, LayerRule] = {}
-_BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], LayerRule]] = []
+RuleKey = type[nn.Module] | Callable[[nn.Module], bool]
+RULES: Registry[LayerRule] = Registry("pruning rule")
+"""Module type or predicate -> the :class:`LayerRule` that traces and shrinks matching modules."""
 
 
-def register_rule(*keys: type[nn.Module] | Callable[[nn.Module], bool]) -> Callable[[LayerRule], LayerRule]:
+def register_rule(*keys: RuleKey) -> Callable[[LayerRule], LayerRule]:
     """Use ``rule`` for modules of each key: a module type (its subclasses too) or a predicate.
 
     A module whose own type is registered (or that matches a predicate) is one leaf when the graph
@@ -168,14 +175,10 @@ def register_rule(*keys: type[nn.Module] | Callable[[nn.Module], bool]) -> Calla
 
     def deco(rule: LayerRule) -> LayerRule:
         for key in keys:
-            taken = key in _BY_TYPE if isinstance(key, type) else any(p is key for p, _ in _BY_PREDICATE)
-            if taken:
+            if key in RULES:
                 raise ValueError(f"a pruning rule for {getattr(key, '__qualname__', key)} is already registered")
         for key in keys:
-            if isinstance(key, type):
-                _BY_TYPE[key] = rule
-            else:
-                _BY_PREDICATE.append((key, rule))
+            RULES.register(cast(Hashable, key), rule)  # classes hash; mypy reads type[Module] as unhashable
         return rule
 
     return deco
@@ -184,18 +187,18 @@ def register_rule(*keys: type[nn.Module] | Callable[[nn.Module], bool]) -> Calla
 def rule_for(module: nn.Module, *, inherited: bool = True) -> LayerRule | None:
     """The rule for ``module``: its type's, else the nearest base class's (``inherited``), else the first
     matching predicate's; ``None`` when no rule applies."""
-    types = type(module).__mro__ if inherited else (type(module),)
-    for cls in types:
-        if cls in _BY_TYPE:
-            return _BY_TYPE[cls]
-    for predicate, rule in _BY_PREDICATE:
-        if predicate(module):
+    own = type(module)
+    found = RULES.for_type(own) if inherited or own in RULES else None  # the MRO starts with ``own``
+    if found is not None:
+        return found
+    for key, rule in RULES.items():
+        if not isinstance(key, type) and callable(key) and key(module):
             return rule
     return None
 
 
 # ---- layers with weights: Conv, Linear --------------------------------------------------------------
-class ChannelRule(LayerRule):
+class ChannelRule(LayerRule[ModuleT]):
     """A layer whose weight maps input channels to a new space of output channels (Conv, Linear).
 
     Implement the channel counts and the two cuts; :attr:`channels_last` says where the channels sit.
@@ -209,26 +212,26 @@ class ChannelRule(LayerRule):
     channels_last: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def in_channels(self, module: nn.Module) -> int:
+    def in_channels(self, module: ModuleT) -> int:
         """Number of input channels."""
 
     @abc.abstractmethod
-    def out_channels(self, module: nn.Module) -> int:
+    def out_channels(self, module: ModuleT) -> int:
         """Number of output channels."""
 
     @abc.abstractmethod
-    def prune_out(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_out(self, module: ModuleT, keep: torch.Tensor) -> None:
         """Keep only output channels ``keep`` (weights, bias and the size attribute)."""
 
     @abc.abstractmethod
-    def prune_in(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_in(self, module: ModuleT, keep: torch.Tensor) -> None:
         """Keep only input channels ``keep`` (weights and the size attribute)."""
 
-    def groups(self, module: nn.Module) -> int:
+    def groups(self, module: ModuleT) -> int:
         """Channel groups (1: every output sees every input)."""
         return 1
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[ModuleT]) -> Labels | None:
         m, x = call.module, call.x
         if call.in_shape is None or call.out_shape is None:
             graph.refuse(call.name, f"a {type(m).__name__}", call.inputs)
@@ -251,14 +254,14 @@ class ChannelRule(LayerRule):
         graph.record(call.name, "out", out_ids)
         return Labels(out_ids, out_rank - 1 if self.channels_last else 1, out_rank)
 
-    def size(self, module: nn.Module, role: str) -> int:
+    def size(self, module: ModuleT, role: str) -> int:
         if role == "out":
             return self.out_channels(module)
         if role in ("in", "gin"):
             return self.in_channels(module)
         return super().size(module, role)
 
-    def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor], name: str) -> None:
+    def prune(self, module: ModuleT, keep: Mapping[str, torch.Tensor], name: str) -> None:
         if "gin" in keep:
             raise TypeError(f"{type(self).__name__} has channel groups but no cut for them (module {name!r})")
         if "out" in keep:
@@ -267,25 +270,28 @@ class ChannelRule(LayerRule):
             self.prune_in(module, keep["in"])
 
 
-class ConvRule(ChannelRule):
+ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the modules ConvRule handles
+
+
+class ConvRule(ChannelRule[ConvNd]):
     """``nn.Conv1d/2d/3d``, including grouped and depthwise convolutions (weight ``(out, in/groups, k...)``)."""
 
-    def in_channels(self, module: nn.Module) -> int:
+    def in_channels(self, module: ConvNd) -> int:
         return int(module.in_channels)
 
-    def out_channels(self, module: nn.Module) -> int:
+    def out_channels(self, module: ConvNd) -> int:
         return int(module.out_channels)
 
-    def groups(self, module: nn.Module) -> int:
+    def groups(self, module: ConvNd) -> int:
         return int(module.groups)
 
-    def prune_out(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_out(self, module: ConvNd, keep: torch.Tensor) -> None:
         module.out_channels = keep_slices(module, ("weight", "bias"), 0, keep)
 
-    def prune_in(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_in(self, module: ConvNd, keep: torch.Tensor) -> None:
         module.in_channels = keep_slices(module, ("weight",), 1, keep)
 
-    def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor], name: str) -> None:
+    def prune(self, module: ConvNd, keep: Mapping[str, torch.Tensor], name: str) -> None:
         bo, bi = module.out_channels // module.groups, module.in_channels // module.groups
         super().prune(module, {role: k for role, k in keep.items() if role != "gin"}, name)
         if "gin" in keep:  # whole groups went: the weight keeps its per-group input width
@@ -295,30 +301,31 @@ class ConvRule(ChannelRule):
                 raise ConfigError(f"grouped convolution {name!r} lost a partial group; add ignore=[{name!r}]")
 
 
-class LinearRule(ChannelRule):
+class LinearRule(ChannelRule[nn.Linear]):
     """``nn.Linear`` (weight ``(out, in)``; channels on the last dimension)."""
 
     channels_last = True
 
-    def in_channels(self, module: nn.Module) -> int:
+    def in_channels(self, module: nn.Linear) -> int:
         return int(module.in_features)
 
-    def out_channels(self, module: nn.Module) -> int:
+    def out_channels(self, module: nn.Linear) -> int:
         return int(module.out_features)
 
-    def prune_out(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_out(self, module: nn.Linear, keep: torch.Tensor) -> None:
         module.out_features = keep_slices(module, ("weight", "bias"), 0, keep)
 
-    def prune_in(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_in(self, module: nn.Linear, keep: torch.Tensor) -> None:
         module.in_features = keep_slices(module, ("weight",), 1, keep)
 
 
-LINEAR = register_rule(nn.Linear)(LinearRule())
+LINEAR = LinearRule()
+register_rule(nn.Linear)(LINEAR)
 register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)(ConvRule())
 
 
 # ---- per-channel layers: norms ------------------------------------------------------------------------
-class ChannelwiseRule(LayerRule):
+class ChannelwiseRule(LayerRule[ModuleT]):
     """A layer with one slice per channel whose input and output channel are one (role ``feat``).
 
     The labels pass through; the layer records them when they sit on its channel dimension and their
@@ -327,25 +334,25 @@ class ChannelwiseRule(LayerRule):
     """
 
     @abc.abstractmethod
-    def channels(self, module: nn.Module) -> int:
+    def channels(self, module: ModuleT) -> int:
         """Number of channels."""
 
     @abc.abstractmethod
-    def channel_dim(self, module: nn.Module, rank: int) -> int | None:
+    def channel_dim(self, module: ModuleT, rank: int) -> int | None:
         """The dimension the layer keeps per channel, for an input of ``rank`` (``None``: none)."""
 
     @abc.abstractmethod
-    def prune_channels(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_channels(self, module: ModuleT, keep: torch.Tensor) -> None:
         """Keep only channels ``keep`` (parameters, buffers and size attributes)."""
 
-    def untouched(self, module: nn.Module, labels: Labels) -> bool:
+    def untouched(self, module: ModuleT, labels: Labels) -> bool:
         """The layer does not look across this dimension: labels pass without being recorded."""
         return False
 
-    def couple(self, graph: LabelGraph, module: nn.Module, ids: list[int]) -> None:
+    def couple(self, graph: LabelGraph, module: ModuleT, ids: list[int]) -> None:
         """Unite channels that must go together (default: none)."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[ModuleT]) -> Labels | None:
         m, x = call.module, call.x
         if x is None or self.untouched(m, x):
             return x
@@ -356,67 +363,70 @@ class ChannelwiseRule(LayerRule):
         graph.record(call.name, "feat", x.ids)
         return x
 
-    def size(self, module: nn.Module, role: str) -> int:
+    def size(self, module: ModuleT, role: str) -> int:
         if role == "feat":
             return self.channels(module)
         return super().size(module, role)
 
-    def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor], name: str) -> None:
+    def prune(self, module: ModuleT, keep: Mapping[str, torch.Tensor], name: str) -> None:
         if "feat" in keep:
             self.prune_channels(module, keep["feat"])
 
 
-class BatchNormRule(ChannelwiseRule):
+BatchNormNd = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d  # the modules BatchNormRule handles
+
+
+class BatchNormRule(ChannelwiseRule[BatchNormNd]):
     """``nn.BatchNorm1d/2d/3d``: per-channel statistics and affine on dimension 1."""
 
-    def channels(self, module: nn.Module) -> int:
+    def channels(self, module: BatchNormNd) -> int:
         return int(module.num_features)
 
-    def channel_dim(self, module: nn.Module, rank: int) -> int | None:
+    def channel_dim(self, module: BatchNormNd, rank: int) -> int | None:
         return 1
 
-    def prune_channels(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_channels(self, module: BatchNormNd, keep: torch.Tensor) -> None:
         module.num_features = keep_slices(module, ("weight", "bias", "running_mean", "running_var"), 0, keep)
 
 
-class LayerNormRule(ChannelwiseRule):
+class LayerNormRule(ChannelwiseRule[nn.LayerNorm]):
     """``nn.LayerNorm`` over the last dimension; a channel dimension it does not normalise passes freely.
 
     Normalised over several trailing dimensions, it keeps channels on them whole.
     """
 
-    def channels(self, module: nn.Module) -> int:
+    def channels(self, module: nn.LayerNorm) -> int:
         return int(module.normalized_shape[-1])
 
-    def channel_dim(self, module: nn.Module, rank: int) -> int | None:
+    def channel_dim(self, module: nn.LayerNorm, rank: int) -> int | None:
         return rank - 1 if len(module.normalized_shape) == 1 else None
 
-    def untouched(self, module: nn.Module, labels: Labels) -> bool:
+    def untouched(self, module: nn.LayerNorm, labels: Labels) -> bool:
         return labels.dim < labels.rank - len(module.normalized_shape)
 
-    def prune_channels(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_channels(self, module: nn.LayerNorm, keep: torch.Tensor) -> None:
         module.normalized_shape = (keep_slices(module, ("weight", "bias"), 0, keep),)
 
 
-class GroupNormRule(ChannelwiseRule):
+class GroupNormRule(ChannelwiseRule[nn.GroupNorm]):
     """``nn.GroupNorm``: channels are normalised in ``num_groups`` groups, so whole groups go.
 
     Each group's channels are united; the cut keeps whole groups and updates ``num_channels`` and
     ``num_groups`` (the channels per group stay).
     """
 
-    def channels(self, module: nn.Module) -> int:
+    def channels(self, module: nn.GroupNorm) -> int:
         return int(module.num_channels)
 
-    def channel_dim(self, module: nn.Module, rank: int) -> int | None:
+    def channel_dim(self, module: nn.GroupNorm, rank: int) -> int | None:
         return 1
 
-    def couple(self, graph: LabelGraph, module: nn.Module, ids: list[int]) -> None:
+    def couple(self, graph: LabelGraph, module: nn.GroupNorm, ids: list[int]) -> None:
         per = module.num_channels // module.num_groups
         for j in range(module.num_groups):
             graph.unite(ids[j * per : (j + 1) * per])
 
-    def prune_channels(self, module: nn.Module, keep: torch.Tensor) -> None:
+    def prune_channels(self, module: nn.GroupNorm, keep: torch.Tensor) -> None:
         per = module.num_channels // module.num_groups
         whole = len(keep) % per == 0
         if whole:
@@ -435,11 +445,11 @@ register_rule(nn.GroupNorm)(GroupNormRule())
 
 
 # ---- layers that pass channels on ---------------------------------------------------------------------
-class PassRule(LayerRule):
+class PassRule(LayerRule[nn.Module]):
     """Elementwise and per-channel layers that keep the tensor's rank: labels pass unchanged
     (activations, dropout, pooling)."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[nn.Module]) -> Labels | None:
         x, shape = call.x, call.out_shape
         if x is not None and shape is not None and len(shape) == x.rank:
             return x
@@ -475,18 +485,18 @@ def flatten_labels(graph: LabelGraph, x: Labels | None, shape: tuple[int, ...] |
     return Labels([e for e in x.ids for _ in range(inner)], start, rank - (end - start))
 
 
-class FlattenRule(LayerRule):
+class FlattenRule(LayerRule[nn.Flatten]):
     """``nn.Flatten``: see :func:`flatten_labels` (a following Linear loses whole blocks of inputs)."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[nn.Flatten]) -> Labels | None:
         m = call.module
         return flatten_labels(graph, call.x, call.in_shape, m.start_dim, m.end_dim, call.name, call.inputs)
 
 
-class SoftmaxRule(LayerRule):
+class SoftmaxRule(LayerRule[nn.Softmax]):
     """``nn.Softmax``: a softmax over the channel dimension mixes every channel, so they stay whole."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[nn.Softmax]) -> Labels | None:
         x, dim = call.x, call.module.dim
         if dim is not None and dim < 0:
             dim = x.rank + dim if x is not None else dim
@@ -495,11 +505,11 @@ class SoftmaxRule(LayerRule):
         return x
 
 
-class FixedChannelsRule(LayerRule):
+class FixedChannelsRule(LayerRule[nn.Module]):
     """A layer with stored per-channel constants that pruning must not change (slimguard's input
     ``Normalize``): its channels stay whole and pass on."""
 
-    def trace(self, graph: LabelGraph, call: Call) -> Labels | None:
+    def trace(self, graph: LabelGraph, call: Call[nn.Module]) -> Labels | None:
         graph.fix(call.x)
         return call.x
 

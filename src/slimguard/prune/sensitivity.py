@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.masks import set_mask
 from slimguard.data.core import DataBundle, Split
 from slimguard.prune.magnitude import _layer_mask, prunable_layers
-from slimguard.prune.masks import set_mask
 from slimguard.ui import progress as progress_bar
 
 
@@ -49,6 +49,14 @@ def _scorer(model: nn.Module, split: Split, max_examples: int) -> tuple[str, Cal
     from slimguard.train.loop import accuracy
 
     return "accuracy", lambda m: accuracy(m, sub)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` of a prunable layer or a channel-group member (TypeError when it is not a tensor)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
 
 
 def _example(model: nn.Module, data: DataBundle) -> Any:
@@ -74,7 +82,7 @@ def _candidates(model: nn.Module, method: str, example: Any, ignore: Sequence[st
         for group in graph.groups:
             if group.units:
                 name = group.modules[0]
-                out[name] = sum(model.get_submodule(m).weight.numel() for m in group.modules)
+                out[name] = sum(_weight(model.get_submodule(m)).numel() for m in group.modules)
     return out
 
 
@@ -82,7 +90,7 @@ def _candidates(model: nn.Module, method: str, example: Any, ignore: Sequence[st
 def _prune_one(model: nn.Module, method: str, name: str, sparsity: float, example: Any) -> None:
     if method == "magnitude":
         m = model.get_submodule(name)
-        set_mask(m, "weight", _layer_mask(m.weight.detach().abs(), sparsity))
+        set_mask(m, "weight", _layer_mask(_weight(m).detach().abs(), sparsity))
         return
     from slimguard.prune.structured import ChannelPruning, prune_channels
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError
-from slimguard.prune.masks import SUFFIX
+from slimguard.core.masks import SUFFIX
 
 
 @torch.no_grad()
@@ -17,14 +17,12 @@ def keep_slices(module: nn.Module, names: tuple[str, ...], dim: int, keep: torch
     for the module's size attribute: ``m.out_features = keep_slices(m, ("weight", "bias"), 0, keep)``.
     """
     for name in names:
-        if name in module._parameters and module._parameters[name] is not None:
-            old = module._parameters[name]
-            module._parameters[name] = nn.Parameter(old.detach().index_select(dim, keep.to(old.device)).clone(),
-                                                    requires_grad=old.requires_grad)
-        elif name in module._buffers and module._buffers[name] is not None:
-            old = module._buffers[name]
-            if old.dim() > dim:
-                module._buffers[name] = old.index_select(dim, keep.to(old.device)).clone()
+        if (param := module._parameters.get(name)) is not None:
+            module._parameters[name] = nn.Parameter(param.detach().index_select(dim, keep.to(param.device)).clone(),
+                                                    requires_grad=param.requires_grad)
+        elif (buf := module._buffers.get(name)) is not None:
+            if buf.dim() > dim:
+                module._buffers[name] = buf.index_select(dim, keep.to(buf.device)).clone()
         mask = module._buffers.get(name + SUFFIX)
         if mask is not None and mask.dim() > dim:
             module._buffers[name + SUFFIX] = mask.index_select(dim, keep.to(mask.device)).clone()

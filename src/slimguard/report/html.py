@@ -94,7 +94,8 @@ td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;mar
 <body><h1>{html.escape(title)}</h1>
 <p>model <code>{html.escape(str(recipe.get("model", "")))}</code> on data
 <code>{html.escape(str(recipe.get("data", "")))}</code>; metrics on the held-out test split.</p>
-<table><tr><th>metric</th><th>baseline</th><th>compressed</th><th>change (baseline / compressed)</th></tr>{"".join(rows)}</table>
+<table><tr><th>metric</th><th>baseline</th><th>compressed</th><th>change (baseline / compressed)</th></tr>
+{"".join(rows)}</table>
 {budget_html}<h2>Plots</h2>{plots or "<p>(install slimguard[report] for plots)</p>"}
 <h2>Steps</h2><ol>{steps_html}</ol></body></html>
 """

@@ -9,8 +9,15 @@ Example:
     >>> card = sg.scorecard(model, data)
 """
 
-from slimguard.robust.attacks import APGD, CW, FGSM, PGD
-from slimguard.robust.base import Attack, accuracy_on, frozen_eval, perturbation_norm, random_targets
+from slimguard.robust.attacks import APGD, CW, FGSM, PGD, APGDConfig, CWConfig, FGSMConfig, PGDConfig
+from slimguard.robust.base import (
+    Attack,
+    AttackConfig,
+    accuracy_on,
+    frozen_eval,
+    perturbation_norm,
+    random_targets,
+)
 from slimguard.robust.corruptions import SEVERITIES, corrupt, names_for, register_corruption
 from slimguard.robust.scorecard import Scorecard, attack_accuracy, scorecard
 from slimguard.robust.training import AdversarialFinetune, adversarial_finetune, pgd_at_loss, trades_loss
@@ -22,8 +29,13 @@ __all__ = [
     "FGSM",
     "PGD",
     "SEVERITIES",
+    "APGDConfig",
     "AdversarialFinetune",
     "Attack",
+    "AttackConfig",
+    "CWConfig",
+    "FGSMConfig",
+    "PGDConfig",
     "Scorecard",
     "accuracy_on",
     "adversarial_finetune",

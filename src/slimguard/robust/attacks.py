@@ -14,14 +14,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+from typing import Any, ClassVar
 
 import torch
 
+from slimguard.core.config import check_choice, check_range
 from slimguard.core.errors import ConfigError
 from slimguard.robust.base import (
     OBJECTIVES,
     Attack,
+    AttackConfig,
     Forward,
     direction,
     grad_of,
@@ -30,13 +34,6 @@ from slimguard.robust.base import (
     random_start,
     success,
 )
-
-
-def _check_steps(name: str, steps: int, restarts: int = 1) -> None:
-    if steps < 1:
-        raise ConfigError(f"{name}: steps {steps!r} is out of range; use >= 1")
-    if restarts < 1:
-        raise ConfigError(f"{name}: restarts {restarts!r} is out of range; use >= 1")
 
 
 def _keep_best(best_x: torch.Tensor | None, best_key: torch.Tensor | None, x_new: torch.Tensor,
@@ -49,6 +46,13 @@ def _keep_best(best_x: torch.Tensor | None, best_key: torch.Tensor | None, x_new
     return torch.where(better.view(shape), x_new, best_x), torch.where(better, key_new, best_key)
 
 
+def _budget(attack: Attack) -> float:
+    """``eps`` of an attack that needs a budget (only CW may run without one)."""
+    if attack.config.eps is None:
+        raise ConfigError(f"{attack.name}: eps is None but this attack needs a budget; give one (e.g. 0.1)")
+    return attack.config.eps
+
+
 def _key(f: Forward, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
          objective: str) -> torch.Tensor:
     with torch.no_grad():
@@ -58,83 +62,135 @@ def _key(f: Forward, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor 
         return success(logits, y, target).float() * 1e6 + obj.clamp(-1e5, 1e5)
 
 
+@dataclasses.dataclass
+class FGSMConfig(AttackConfig):
+    """Options of :class:`FGSM`: those of :class:`~slimguard.robust.base.AttackConfig` (eps default 0.1)."""
+
+
 class FGSM(Attack):
     """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): one step of size ``eps``.
 
     With ``norm="l2"`` it is the fast gradient method: one step of L2 length ``eps`` along the gradient.
 
     Args:
-        eps: perturbation size in raw input units (default 0.1).
-        norm: ``linf`` (default) or ``l2``.
-        relative, batch_size, seed: see :class:`~slimguard.robust.base.Attack`.
+        config: :class:`FGSMConfig`, or its options as keywords: ``eps`` (raw input units, default 0.1),
+            ``norm`` (``linf`` default, or ``l2``), ``relative``, ``batch_size``, ``seed``.
 
     Example:
         >>> x_adv = FGSM(eps=0.05)(model, x, y, bounds=data.meta.bounds())
     """
 
     name = "fgsm"
+    config_class = FGSMConfig
 
-    def __init__(self, eps: float = 0.1, *, norm: str = "linf", **kw: Any) -> None:
-        super().__init__(eps, norm=norm, **kw)
-
-    def _perturb(self, f, x, y, target, low, high, gen):  # type: ignore[no-untyped-def]
+    def _perturb(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        eps, norm = _budget(self), self.config.norm
         _, _, g = grad_of(f, x, y, target)
-        return project(x + self.eps * direction(g, self.norm), x, self.eps, self.norm, low, high)
+        return project(x + eps * direction(g, norm), x, eps, norm, low, high)
+
+
+@dataclasses.dataclass
+class PGDConfig(AttackConfig):
+    """Options of :class:`PGD` (besides those of :class:`~slimguard.robust.base.AttackConfig`).
+
+    Args:
+        steps: gradient steps per restart (default 10).
+        alpha: step size; None means ``2.5 * eps / steps`` (default None).
+        random_start: start from a uniform point of the ball (default True).
+        restarts: independent runs; per example the most successful one is kept (default 1).
+        loss: ``ce`` (default) or ``dlr``.
+    """
+
+    steps: int = 10
+    alpha: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("steps", self.steps, 1)
+        check_range("restarts", self.restarts, 1)
+        check_choice("loss", self.loss, OBJECTIVES)
+        if self.alpha is not None:
+            check_range("alpha", self.alpha, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
 
 
 class PGD(Attack):
     """Projected Gradient Descent (Madry et al., ICLR 2018), L-inf or L2, with random start and restarts.
 
     Args:
-        eps: radius of the ball in raw input units (default 0.1).
-        steps: gradient steps per restart (default 10).
-        alpha: step size (default ``2.5 * eps / steps``).
-        norm: ``linf`` (default) or ``l2``.
-        random_start: start from a uniform point of the ball (default True).
-        restarts: independent runs; per example the most successful one is kept (default 1).
-        loss: ``ce`` (default) or ``dlr``.
-        relative, batch_size, seed: see :class:`~slimguard.robust.base.Attack`.
+        config: :class:`PGDConfig`, or its options as keywords: ``eps`` (radius in raw input units,
+            default 0.1), ``steps`` (10), ``alpha`` (``2.5 * eps / steps``), ``norm`` (``linf``),
+            ``random_start`` (True), ``restarts`` (1), ``loss`` (``ce`` or ``dlr``), ``relative``,
+            ``batch_size``, ``seed``.
 
     Example:
         >>> x_adv = PGD(eps=0.1, steps=20, restarts=2)(model, x, y, bounds=data.meta.bounds())
     """
 
     name = "pgd"
+    config_class = PGDConfig
+    config: PGDConfig
 
-    def __init__(self, eps: float = 0.1, *, steps: int = 10, alpha: float | None = None, norm: str = "linf",
-                 random_start: bool = True, restarts: int = 1, loss: str = "ce", **kw: Any) -> None:
-        super().__init__(eps, norm=norm, **kw)
-        _check_steps(self.name, steps, restarts)
-        if loss not in OBJECTIVES:
-            raise ConfigError(f"pgd: loss {loss!r} is not allowed; allowed: {', '.join(OBJECTIVES)}")
-        if alpha is not None and alpha <= 0:
-            raise ConfigError(f"pgd: alpha {alpha!r} is out of range; use alpha > 0")
-        self.steps, self.random_start, self.restarts, self.loss = steps, random_start, restarts, loss
-        self.alpha = alpha if alpha is not None else 2.5 * self.eps / steps
+    @property
+    def alpha(self) -> float:
+        """The step size: ``alpha``, or ``2.5 * eps / steps`` when it is not set."""
+        c = self.config
+        return c.alpha if c.alpha is not None else 2.5 * (c.eps or 0.0) / c.steps
 
-    def _extra_settings(self) -> dict[str, Any]:
-        return {"steps": self.steps, "alpha": self.alpha, "random_start": self.random_start,
-                "restarts": self.restarts, "loss": self.loss}
+    def _resolved_settings(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
 
-    def _perturb(self, f, x, y, target, low, high, gen):  # type: ignore[no-untyped-def]
+    def _perturb(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c, alpha, eps = self.config, self.alpha, _budget(self)
         best_x = best_key = None
-        for _ in range(self.restarts):
+        for _ in range(c.restarts):
             x_adv = x.clone()
-            if self.random_start:
-                x_adv = project(x + random_start(x, self.eps, self.norm, gen), x, self.eps, self.norm, low, high)
-            for _ in range(self.steps):
-                _, _, g = grad_of(f, x_adv, y, target, self.loss)
-                x_adv = project(x_adv + self.alpha * direction(g, self.norm), x, self.eps, self.norm, low, high)
-            best_x, best_key = _keep_best(best_x, best_key, x_adv, _key(f, x_adv, y, target, self.loss))
+            if c.random_start:
+                x_adv = project(x + random_start(x, eps, c.norm, gen), x, eps, c.norm, low, high)
+            for _ in range(c.steps):
+                _, _, g = grad_of(f, x_adv, y, target, c.loss)
+                x_adv = project(x_adv + alpha * direction(g, c.norm), x, eps, c.norm, low, high)
+            best_x, best_key = _keep_best(best_x, best_key, x_adv, _key(f, x_adv, y, target, c.loss))
+        assert best_x is not None  # restarts >= 1 (validated)
         return best_x
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
-    """Iterations where APGD may halve its step: ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``."""
+    """Iterations where APGD may halve its step: ``p_0 = 0, p_1 = 0.22``,
+    ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``."""
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     return sorted({round(q * steps) for q in p if 0 < q < 1 and round(q * steps) > 0})
+
+
+@dataclasses.dataclass
+class APGDConfig(AttackConfig):
+    """Options of :class:`APGD` (besides those of :class:`~slimguard.robust.base.AttackConfig`).
+
+    Args:
+        steps: iterations per restart (default 20).
+        loss: ``ce`` (default) or ``dlr`` (scale-invariant margin; targeted when a target is given).
+        restarts: independent runs from random starts (default 1).
+        rho: fraction of improving steps under which the step is halved at a checkpoint, in (0, 1]
+            (default 0.75).
+    """
+
+    steps: int = 20
+    loss: str = "ce"
+    restarts: int = 1
+    rho: float = 0.75
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("steps", self.steps, 1)
+        check_range("restarts", self.restarts, 1)
+        check_choice("loss", self.loss, OBJECTIVES)
+        check_range("rho", self.rho, 0.0, 1.0, low_inclusive=False)
 
 
 class APGD(Attack):
@@ -145,50 +201,40 @@ class APGD(Attack):
     does for ``apgd``).
 
     Args:
-        eps: radius in raw input units (default 0.1).
-        steps: iterations per restart (default 20).
-        norm: ``linf`` (default) or ``l2``.
-        loss: ``ce`` (default) or ``dlr`` (scale-invariant margin; targeted when a target is given).
-        restarts: independent runs from random starts (default 1).
-        rho: fraction of improving steps under which the step is halved at a checkpoint (default 0.75).
-        relative, batch_size, seed: see :class:`~slimguard.robust.base.Attack`.
+        config: :class:`APGDConfig`, or its options as keywords: ``eps`` (radius in raw input units,
+            default 0.1), ``steps`` (20), ``norm`` (``linf``), ``loss`` (``ce`` or ``dlr``), ``restarts``
+            (1), ``rho`` (0.75), ``relative``, ``batch_size``, ``seed``.
 
     Example:
         >>> x_adv = APGD(eps=0.1, loss="dlr")(model, x, y, bounds=data.meta.bounds())
     """
 
     name = "apgd"
-
-    def __init__(self, eps: float = 0.1, *, steps: int = 20, norm: str = "linf", loss: str = "ce",
-                 restarts: int = 1, rho: float = 0.75, **kw: Any) -> None:
-        super().__init__(eps, norm=norm, **kw)
-        _check_steps(self.name, steps, restarts)
-        if loss not in OBJECTIVES:
-            raise ConfigError(f"apgd: loss {loss!r} is not allowed; allowed: {', '.join(OBJECTIVES)}")
-        if not 0 < rho <= 1:
-            raise ConfigError(f"apgd: rho {rho!r} is out of range; allowed: (0, 1]")
-        self.steps, self.loss, self.restarts, self.rho = steps, loss, restarts, rho
+    config_class = APGDConfig
+    config: APGDConfig
 
     @property
     def label(self) -> str:
-        return f"apgd-{self.loss}-{self.norm} eps={self.eps:g}"
+        return f"apgd-{self.config.loss}-{self.config.norm} eps={self.config.eps:g}"
 
-    def _extra_settings(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss": self.loss, "restarts": self.restarts, "rho": self.rho}
-
-    def _perturb(self, f, x, y, target, low, high, gen):  # type: ignore[no-untyped-def]
+    def _perturb(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         best_x = best_key = None
-        for _ in range(self.restarts):
+        loss = self.config.loss
+        for _ in range(self.config.restarts):
             x_adv = self._one_run(f, x, y, target, low, high, gen)
-            best_x, best_key = _keep_best(best_x, best_key, x_adv, _key(f, x_adv, y, target, self.loss))
+            best_x, best_key = _keep_best(best_x, best_key, x_adv, _key(f, x_adv, y, target, loss))
+        assert best_x is not None  # restarts >= 1 (validated)
         return best_x
 
-    def _one_run(self, f, x, y, target, low, high, gen):  # type: ignore[no-untyped-def]
-        eps, norm = self.eps, self.norm
+    def _one_run(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.config
+        eps, norm = _budget(self), c.norm
         shape = (-1,) + (1,) * (x.ndim - 1)
-        checkpoints = set(apgd_checkpoints(self.steps))
+        checkpoints = set(apgd_checkpoints(c.steps))
         x_adv = project(x + random_start(x, eps, norm, gen), x, eps, norm, low, high)
-        logits, loss, g = grad_of(f, x_adv, y, target, self.loss)
+        logits, loss, g = grad_of(f, x_adv, y, target, c.loss)
         step = torch.full((len(x),), 2.0 * eps, device=x.device)
         best_loss, x_best, g_best = loss.clone(), x_adv.clone(), g.clone()
         won = success(logits, y, target)
@@ -196,14 +242,14 @@ class APGD(Attack):
         loss_at_ck, reduced_last = best_loss.clone(), torch.ones_like(won)
         improving = torch.zeros(len(x), device=x.device)
         prev_loss, x_prev, last_ck = loss.clone(), x_adv.clone(), 0
-        for i in range(self.steps):
+        for i in range(c.steps):
             with torch.no_grad():
                 momentum = 0.75 if i > 0 else 1.0
                 z = project(x_adv + step.view(shape) * direction(g, norm), x, eps, norm, low, high)
                 z = project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm,
                             low, high)
                 x_prev, x_adv = x_adv, z
-            logits, loss, g = grad_of(f, x_adv, y, target, self.loss)
+            logits, loss, g = grad_of(f, x_adv, y, target, c.loss)
             now = success(logits, y, target)
             x_won = torch.where((now & ~won).view(shape), x_adv, x_won)
             won |= now
@@ -214,7 +260,7 @@ class APGD(Attack):
             g_best = torch.where(better.view(shape), g, g_best)
             best_loss = torch.where(better, loss, best_loss)
             if i + 1 in checkpoints:
-                few_gains = improving < self.rho * (i + 1 - last_ck)
+                few_gains = improving < c.rho * (i + 1 - last_ck)
                 stalled = ~reduced_last & (loss_at_ck >= best_loss)
                 halve = few_gains | stalled
                 reduced_last, loss_at_ck = halve, best_loss.clone()
@@ -226,6 +272,39 @@ class APGD(Attack):
         return torch.where(won.view(shape), x_won, x_best)
 
 
+@dataclasses.dataclass
+class CWConfig(AttackConfig):
+    """Options of :class:`CW` (besides those of :class:`~slimguard.robust.base.AttackConfig`; L2 only).
+
+    Args:
+        eps: optional L2 budget: examples whose smallest found perturbation is larger come back unchanged
+            (so accuracy under CW can be read at a fixed budget); None = unbounded (default).
+        c: initial trade-off constant, > 0 (default 1.0).
+        kappa: confidence margin, >= 0 (default 0).
+        steps: Adam steps per search step (default 50).
+        lr: Adam learning rate in tanh space, > 0 (default 0.05).
+        binary_search_steps: searches over ``c`` (default 5).
+    """
+
+    norms: ClassVar[tuple[str, ...]] = ("l2",)
+
+    eps: float | None = None
+    norm: str = "l2"
+    c: float = 1.0
+    kappa: float = 0.0
+    steps: int = 50
+    lr: float = 0.05
+    binary_search_steps: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("c", self.c, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+        check_range("kappa", self.kappa, 0.0, math.inf, high_inclusive=False)
+        check_range("steps", self.steps, 1)
+        check_range("lr", self.lr, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+        check_range("binary_search_steps", self.binary_search_steps, 1)
+
+
 class CW(Attack):
     """Carlini-Wagner L2 attack (Carlini & Wagner, IEEE S&P 2017) with a binary search over ``c``.
 
@@ -233,58 +312,41 @@ class CW(Attack):
     lies in the valid range) with Adam; per example the smallest successful perturbation is kept.
 
     Args:
-        eps: optional L2 budget: examples whose smallest found perturbation is larger come back unchanged
-            (so accuracy under CW can be read at a fixed budget); None = unbounded (default).
-        c: initial trade-off constant (default 1.0).
-        kappa: confidence margin (default 0).
-        steps: Adam steps per search step (default 50).
-        lr: Adam learning rate in tanh space (default 0.05).
-        binary_search_steps: searches over ``c`` (default 5).
-        relative, batch_size, seed: see :class:`~slimguard.robust.base.Attack`.
+        config: :class:`CWConfig`, or its options as keywords: ``eps`` (optional L2 budget, default
+            None), ``c`` (1.0), ``kappa`` (0), ``steps`` (50), ``lr`` (0.05), ``binary_search_steps`` (5),
+            ``relative``, ``batch_size``, ``seed``.
 
     Example:
         >>> x_adv = CW(steps=100)(model, x, y, bounds=data.meta.bounds())
     """
 
     name = "cw"
-    norms = ("l2",)
-
-    def __init__(self, eps: float | None = None, *, c: float = 1.0, kappa: float = 0.0, steps: int = 50,
-                 lr: float = 0.05, binary_search_steps: int = 5, norm: str = "l2", **kw: Any) -> None:
-        super().__init__(eps, norm=norm, **kw)
-        _check_steps(self.name, steps, binary_search_steps)
-        for key, value in (("c", c), ("lr", lr)):
-            if value <= 0:
-                raise ConfigError(f"cw: {key} {value!r} is out of range; use {key} > 0")
-        if kappa < 0:
-            raise ConfigError(f"cw: kappa {kappa!r} is out of range; use kappa >= 0")
-        self.c, self.kappa, self.steps, self.lr, self.binary_search_steps = c, kappa, steps, lr, binary_search_steps
-
-    def _extra_settings(self) -> dict[str, Any]:
-        return {"c": self.c, "kappa": self.kappa, "steps": self.steps, "lr": self.lr,
-                "binary_search_steps": self.binary_search_steps}
+    config_class = CWConfig
+    config: CWConfig
 
     def _margin(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         onehot = torch.nn.functional.one_hot(target if target is not None else y, logits.shape[1]).bool()
         chosen = logits.masked_fill(~onehot, -torch.inf).amax(1)
         other = logits.masked_fill(onehot, -torch.inf).amax(1)
         margin = other - chosen if target is not None else chosen - other
-        return margin.clamp(min=-self.kappa)
+        return margin.clamp(min=-self.config.kappa)
 
-    def _perturb(self, f, x, y, target, low, high, gen):  # type: ignore[no-untyped-def]
+    def _perturb(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                 low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.config
         width = (high - low).clamp_min(1e-12)
         shape = (-1,) + (1,) * (x.ndim - 1)
         w0 = torch.atanh(((x - low) / width * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
         n = len(x)
-        c = torch.full((n,), self.c, device=x.device)
+        c = torch.full((n,), cfg.c, device=x.device)
         lo_c, hi_c = torch.zeros(n, device=x.device), torch.full((n,), 1e10, device=x.device)
         best_dist = torch.full((n,), torch.inf, device=x.device)
         best_x = x.clone()
-        for _ in range(self.binary_search_steps):
+        for _ in range(cfg.binary_search_steps):
             w = w0.clone().requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=self.lr)
+            opt = torch.optim.Adam([w], lr=cfg.lr)
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
-            for _ in range(self.steps):
+            for _ in range(cfg.steps):
                 with torch.enable_grad():
                     x_adv = low + width * (torch.tanh(w) + 1) / 2
                     logits = f(x_adv)
@@ -294,7 +356,8 @@ class CW(Attack):
                     loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    ok = success(logits, y, target) & (self.kappa == 0 or self._margin(logits, y, target) <= -self.kappa)
+                    confident = cfg.kappa == 0 or self._margin(logits, y, target) <= -cfg.kappa
+                    ok = success(logits, y, target) & confident
                     l2 = dist.sqrt()
                     better = ok & (l2 < best_dist)
                     best_dist = torch.where(better, l2, best_dist)
@@ -303,7 +366,7 @@ class CW(Attack):
             hi_c = torch.where(found, torch.minimum(hi_c, c), hi_c)
             lo_c = torch.where(found, lo_c, torch.maximum(lo_c, c))
             c = torch.where(hi_c < 1e9, (lo_c + hi_c) / 2, c * 10)
-        if self.eps is not None:
-            too_far = perturbation_norm(best_x, x, "l2") > self.eps
+        if cfg.eps is not None:
+            too_far = perturbation_norm(best_x, x, "l2") > cfg.eps
             best_x = torch.where(too_far.view(shape), x, best_x)
         return torch.maximum(torch.minimum(best_x, high), low)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError
 
 Bounds = tuple[torch.Tensor | float, torch.Tensor | float]
@@ -54,8 +56,8 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
 def device_of(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -180,69 +182,83 @@ def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.
     return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
-class Attack(abc.ABC):
-    """Base of every attack. Subclasses set ``name`` and implement :meth:`_perturb`.
+@dataclasses.dataclass
+class AttackConfig(Config):
+    """Options every attack shares (each attack's config adds its own).
 
     Args:
         eps: size of the perturbation budget in raw input units (or a fraction of each feature's range when
-            ``relative``); must be >= 0 and not beyond the input range.
+            ``relative``); must be finite and >= 0 (0 means no attack) and not beyond the input range.
         norm: ``linf`` or ``l2``.
         relative: measure ``eps`` as a fraction of the valid range of every feature (for tabular data whose
             features have different scales); the attack then runs in the rescaled ``[0, 1]`` space.
         batch_size: examples attacked at once (default 256).
         seed: seed of random starts (default 0).
+    """
+
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    eps: float | None = 0.1
+    norm: str = "linf"
+    relative: bool = False
+    batch_size: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.eps is not None:
+            check_range("eps", self.eps, 0.0, math.inf, high_inclusive=False)
+        check_choice("norm", self.norm, self.norms)
+        check_range("batch_size", self.batch_size, 1)
+
+
+class Attack(abc.ABC):
+    """Base of every attack. Subclasses set ``name`` and ``config_class`` and implement :meth:`_perturb`.
+
+    An attack takes its config, or the config's options as keywords (``PGD(eps=0.1)`` is
+    ``PGD(PGDConfig(eps=0.1))``); ``attack.config`` holds them (see :class:`AttackConfig`).
 
     Calling ``attack(model, x, y, target=None, bounds=None)`` returns adversarial inputs of ``x``'s shape:
     untargeted (make the model miss ``y``) or, with ``target``, targeted (make it answer ``target``).
     """
 
     name: ClassVar[str] = "attack"
-    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    config_class: ClassVar[type[AttackConfig]] = AttackConfig
 
-    def __init__(self, eps: float | None, *, norm: str = "linf", relative: bool = False, batch_size: int = 256,
-                 seed: int = 0) -> None:
-        if norm not in self.norms:
-            raise ConfigError(f"{self.name}: norm {norm!r} is not allowed; allowed: {', '.join(self.norms)}")
-        if eps is not None and (not math.isfinite(float(eps)) or eps < 0):
-            raise ConfigError(f"{self.name}: eps {eps!r} is out of range; use eps >= 0 (0 means no attack)")
-        if batch_size < 1:
-            raise ConfigError(f"{self.name}: batch_size {batch_size!r} is out of range; use >= 1")
-        self.eps = None if eps is None else float(eps)
-        self.norm = norm
-        self.relative = relative
-        self.batch_size = batch_size
-        self.seed = seed
+    def __init__(self, config: AttackConfig | None = None, **options: Any) -> None:
+        self.config = self.config_class.build(config, options, where=self.name)
 
     # ---- description ------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """JSON description of the attack (recorded by the scorecard)."""
-        out = {"attack": self.name, "eps": self.eps, "norm": self.norm, "relative": self.relative,
-               "seed": self.seed}
-        out.update(self._extra_settings())
+        """JSON description of the attack (recorded by the scorecard): its options, batch size aside."""
+        out: dict[str, Any] = {"attack": self.name}
+        out.update((f.name, getattr(self.config, f.name)) for f in dataclasses.fields(self.config)
+                   if f.name != "batch_size")
+        out.update(self._resolved_settings())
         return out
 
-    def _extra_settings(self) -> dict[str, Any]:
+    def _resolved_settings(self) -> dict[str, Any]:
+        """Options whose value is derived when left unset (PGD's step size)."""
         return {}
 
     @property
     def label(self) -> str:
-        eps = "" if self.eps is None else f" eps={self.eps:g}"
-        return f"{self.name}-{self.norm}{eps}"
+        eps = "" if self.config.eps is None else f" eps={self.config.eps:g}"
+        return f"{self.name}-{self.config.norm}{eps}"
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "attack")
-        return f"{type(self).__name__}({args})"
+        return f"{type(self).__name__}({self.config!r})"
 
     # ---- running ----------------------------------------------------------------------------------------
     def _check_eps(self, low: torch.Tensor, high: torch.Tensor, numel: int) -> None:
-        if self.eps is None:
+        c = self.config
+        if c.eps is None:
             return
-        width = torch.ones(()) if self.relative else (high - low)
-        limit = float(width.max()) if self.norm == "linf" else float(
+        width = torch.ones(()) if c.relative else (high - low)
+        limit = float(width.max()) if c.norm == "linf" else float(
             (width.expand(numel) if width.numel() == 1 else width).float().norm())
-        if self.eps > limit + 1e-9:
-            unit = "fraction of the range" if self.relative else "input units"
-            raise ConfigError(f"{self.name}: eps {self.eps:g} is beyond the input range ({self.norm} size "
+        if c.eps > limit + 1e-9:
+            unit = "fraction of the range" if c.relative else "input units"
+            raise ConfigError(f"{self.name}: eps {c.eps:g} is beyond the input range ({c.norm} size "
                               f"{limit:g} in {unit}); use a smaller eps")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None,
@@ -271,17 +287,18 @@ class Attack(abc.ABC):
                             f"{float(high.max()):g}]; pass raw (unnormalised) inputs and the data's bounds")
         device = device_of(model)
         low, high = low.to(device), high.to(device)
-        gen = torch.Generator(device=device).manual_seed(self.seed)
+        gen = torch.Generator(device=device).manual_seed(self.config.seed)
+        bs = self.config.batch_size
         outs = []
         with frozen_eval(model):
-            for i in range(0, len(x), self.batch_size):
-                xb = x[i : i + self.batch_size].to(device).float()
-                yb = y[i : i + self.batch_size].to(device).long()
-                tb = None if target is None else target[i : i + self.batch_size].to(device).long()
+            for i in range(0, len(x), bs):
+                xb = x[i : i + bs].to(device).float()
+                yb = y[i : i + bs].to(device).long()
+                tb = None if target is None else target[i : i + bs].to(device).long()
                 if i == 0:  # one tiny forward/backward: label range and a gradient path to the input
                     n_out = model(xb[:1]).shape[-1]
                     check_labels(y, n_out)
-                    if tb is not None:
+                    if target is not None:  # exactly when tb is not None
                         check_labels(target, n_out, "targets")
                     grad_of(model, xb[:1], yb[:1], None if tb is None else tb[:1])
                 outs.append(self._run_batch(model, xb, yb, tb, low, high, gen).to(x.device))
@@ -290,9 +307,9 @@ class Attack(abc.ABC):
     def _run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                    low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         xb = torch.maximum(torch.minimum(x, high), low)
-        if self.eps == 0:
+        if self.config.eps == 0:
             return xb.clone()
-        if not self.relative:
+        if not self.config.relative:
             return self._perturb(model, xb, y, target, low, high, gen).detach()
         width = (high - low).clamp_min(1e-12)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.registry import Registry
 from slimguard.data.core import DataMeta
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -43,7 +44,7 @@ class Corruption:
     description: str
 
 
-_CORRUPTIONS: dict[str, Corruption] = {}
+CORRUPTIONS: Registry[Corruption] = Registry("corruption")
 
 
 def register_corruption(name: str, kinds: tuple[str, ...], levels: tuple[float, ...],
@@ -51,11 +52,9 @@ def register_corruption(name: str, kinds: tuple[str, ...], levels: tuple[float, 
     """Register ``fn(x, severity, gen, meta)`` under ``name``; ``levels[s - 1]`` is severity ``s``'s strength."""
 
     def deco(fn: CorruptionFn) -> CorruptionFn:
-        if name in _CORRUPTIONS:
-            raise ValueError(f"corruption {name!r} is already registered")
         if len(levels) != len(SEVERITIES):
             raise ValueError(f"corruption {name!r} needs {len(SEVERITIES)} levels")
-        _CORRUPTIONS[name] = Corruption(name, kinds, fn, levels, description)
+        CORRUPTIONS.register(name, Corruption(name, kinds, fn, levels, description))
         return fn
 
     return deco
@@ -63,13 +62,12 @@ def register_corruption(name: str, kinds: tuple[str, ...], levels: tuple[float, 
 
 def names_for(kind: str) -> list[str]:
     """The corruptions that apply to a data kind (``image``, ``tabular``, ``text``)."""
-    return sorted(n for n, c in _CORRUPTIONS.items() if kind in c.kinds)
+    return sorted(str(n) for n, c in CORRUPTIONS.items() if kind in c.kinds)
 
 
 def get(name: str) -> Corruption:
-    if name not in _CORRUPTIONS:
-        raise ConfigError(f"unknown corruption {name!r}; allowed: {', '.join(sorted(_CORRUPTIONS))}")
-    return _CORRUPTIONS[name]
+    """The registered corruption ``name`` (ConfigError naming the allowed ones otherwise)."""
+    return CORRUPTIONS.get(name)
 
 
 def corrupt(x: Any, name: str, severity: int, meta: DataMeta, seed: int = 0) -> Any:
@@ -101,7 +99,7 @@ def corrupt(x: Any, name: str, severity: int, meta: DataMeta, seed: int = 0) -> 
 
 
 def _level(name: str, severity: int) -> float:
-    return _CORRUPTIONS[name].levels[severity - 1]
+    return CORRUPTIONS.get(name).levels[severity - 1]
 
 
 def _width(meta: DataMeta) -> torch.Tensor:

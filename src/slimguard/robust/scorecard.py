@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.registry import Registry
 from slimguard.data.core import DataBundle, Split
 from slimguard.robust import corruptions as corr
 from slimguard.robust.attacks import APGD, FGSM, PGD
@@ -49,7 +50,7 @@ class Scorecard:
 
     def save(self, path: str | Path) -> Path:
         """Write the scorecard as JSON (atomically)."""
-        from slimguard.pipeline import write_json_atomic
+        from slimguard.core.outputs import write_json_atomic
 
         p = Path(path)
         write_json_atomic(p, self.to_dict())
@@ -78,8 +79,9 @@ class Scorecard:
             metrics.append((f"corruption mean {key}", [m.get("corruption_mean") for m in self.models.values()]))
         rows = []
         for label, values in metrics:
-            change = (f"{(values[-1] - values[0]) * 100:+.1f} pts" if len(values) > 1 and None not in values
-                      else "")
+            known = [v for v in values if v is not None]
+            complete = len(values) > 1 and len(known) == len(values)
+            change = f"{(known[-1] - known[0]) * 100:+.1f} pts" if complete else ""
             rows.append((label, *values, change) if len(values) > 1 else (label, *values))
         return rows
 
@@ -92,7 +94,8 @@ class Scorecard:
         cols = self.columns()
         body = [list(cols)] + [[_fmt(v) for v in r] for r in self.rows()]
         widths = [max(len(r[i]) for r in body) for i in range(len(cols))]
-        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                          for r in body)
 
 
@@ -106,6 +109,29 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+# Attacks a scorecard runs over its eps grid, by name: ``fn(eps, *, pgd_steps, apgd_steps, relative, seed)``
+GridAttack = Callable[..., "Attack | tuple[APGD, APGD]"]
+GRID_ATTACKS: Registry[GridAttack] = Registry("attack")
+
+
+@GRID_ATTACKS.register("fgsm")
+def _fgsm(eps: float, *, relative: bool, seed: int, **_: Any) -> Attack:
+    return FGSM(eps=eps, relative=relative, seed=seed)
+
+
+@GRID_ATTACKS.register("pgd")
+def _pgd(eps: float, *, pgd_steps: int, relative: bool, seed: int, **_: Any) -> Attack:
+    return PGD(eps=eps, steps=pgd_steps, relative=relative, seed=seed)
+
+
+@GRID_ATTACKS.register("apgd")
+def _apgd(eps: float, *, apgd_steps: int, relative: bool, seed: int, **_: Any) -> tuple[APGD, APGD]:
+    def one(loss: str) -> APGD:
+        return APGD(eps=eps, steps=apgd_steps, loss=loss, relative=relative, seed=seed)
+
+    return one("ce"), one("dlr")
+
+
 def build_attacks(names: Sequence[str | Attack], eps: Sequence[float], *, pgd_steps: int, apgd_steps: int,
                   relative: bool, seed: int) -> list[Attack | tuple[APGD, APGD]]:
     """Attack objects for names over the eps grid (``apgd`` is the pair CE + DLR); instances pass through."""
@@ -114,22 +140,15 @@ def build_attacks(names: Sequence[str | Attack], eps: Sequence[float], *, pgd_st
         if isinstance(a, Attack):
             out.append(a)
             continue
-        if a not in ATTACK_NAMES:
-            raise ConfigError(f"unknown attack {a!r}; allowed: {', '.join(ATTACK_NAMES)}")
-        for e in eps:
-            if a == "fgsm":
-                out.append(FGSM(e, relative=relative, seed=seed))
-            elif a == "pgd":
-                out.append(PGD(e, steps=pgd_steps, relative=relative, seed=seed))
-            else:
-                out.append((APGD(e, steps=apgd_steps, loss="ce", relative=relative, seed=seed),
-                            APGD(e, steps=apgd_steps, loss="dlr", relative=relative, seed=seed)))
+        make = GRID_ATTACKS.get(a)
+        steps = {"pgd_steps": pgd_steps, "apgd_steps": apgd_steps}
+        out.extend(make(e, relative=relative, seed=seed, **steps) for e in eps)
     return out
 
 
 def _label(attack: Attack | tuple[APGD, APGD]) -> str:
     if isinstance(attack, tuple):
-        return f"apgd-ce+dlr-{attack[0].norm} eps={attack[0].eps:g}"
+        return f"apgd-ce+dlr-{attack[0].config.norm} eps={attack[0].config.eps:g}"
     return attack.label
 
 
@@ -177,12 +196,14 @@ def attack_accuracy(model: nn.Module, attack: Attack | tuple[APGD, APGD], x: tor
 
 
 def _text_fidelity(model: nn.Module, reference: nn.Module, texts: list[str], clean_ref: torch.Tensor) -> float:
-    tok = reference.tokenize  # type: ignore[attr-defined]
+    tok = reference.tokenize
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            emb = torch.cat([model(**tok(texts[i : i + 32])) for i in range(0, len(texts), 32)])
+            # torch's stub types every Module attribute as Tensor | Module, hiding the tokenize method
+            emb = torch.cat([model(**tok(texts[i : i + 32]))  # type: ignore[operator]
+                             for i in range(0, len(texts), 32)])
     finally:
         model.train(was)
     return float(torch.nn.functional.cosine_similarity(emb.float(), clean_ref.float(), dim=-1).mean())
@@ -252,7 +273,7 @@ def scorecard(
     from slimguard.evaluate import _check_fits
 
     for m in models.values():
-        _check_fits(m, split)  # type: ignore[arg-type]
+        _check_fits(m, split)
     x_all, y_all = split.tensors
     sub = split.subset(attack_examples, seed=seed) if attack_examples else split
     csub = split.subset(corruption_examples, seed=seed) if corruption_examples else split
@@ -267,7 +288,6 @@ def scorecard(
     results: dict[str, dict[str, Any]] = {}
     with progress_bar(total, "robustness scorecard", enabled=progress) as bar:
         for name, m in models.items():
-            assert m is not None
             check_labels(y_all, _correct_shape(m, x_all[:1]))
             r: dict[str, Any] = {"clean_accuracy": accuracy_on(m, x_all, y_all),
                                  "clean_accuracy_attack_subset": accuracy_on(m, x, y),
@@ -295,7 +315,7 @@ def _correct_shape(model: nn.Module, x1: torch.Tensor) -> int:
         return int(model(x1.to(device_of(model))).shape[-1])
 
 
-def _text_scorecard(models: dict[str, nn.Module | None], split: Split, reference: nn.Module,
+def _text_scorecard(models: dict[str, nn.Module], split: Split, reference: nn.Module,
                     corr_names: list[str], severities: Sequence[int], n: int, seed: int,
                     settings: dict[str, Any]) -> Scorecard:
     sub = split.subset(n, seed=seed) if n else split
@@ -308,7 +328,6 @@ def _text_scorecard(models: dict[str, nn.Module | None], split: Split, reference
                      "metric": "cosine of the model's embedding to the reference's embedding of the clean text"})
     results: dict[str, dict[str, Any]] = {}
     for name, m in models.items():
-        assert m is not None
         r: dict[str, Any] = {"clean_cosine": _text_fidelity(m, reference, texts, clean_ref), "attacks": {},
                              "corruptions": {}}
         for c in corr_names:

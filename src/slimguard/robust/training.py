@@ -29,9 +29,9 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError, ModelError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import DataBundle
-from slimguard.robust.attacks import PGD
+from slimguard.robust.attacks import PGD, PGDConfig
 from slimguard.robust.base import Attack, accuracy_on, direction, frozen_eval, project, resolve_bounds
-from slimguard.train.loop import FinetuneConfig, LossFn, finetune
+from slimguard.train.loop import FinetuneConfig, LossFn, check_finetune, finetune
 
 
 def pgd_at_loss(attack: Attack, bounds: Any = None, clean_weight: float = 0.0) -> LossFn:
@@ -139,11 +139,12 @@ class AdversarialFinetune(Config):
         check_range("val_examples", self.val_examples, 1, None)
         if self.relative and self.method == "trades":
             raise ConfigError("relative: true is supported for method pgd-at only; use pgd-at or raw eps")
+        check_finetune(self.finetune)
 
     def attack(self, seed: int = 0) -> PGD:
         """The inner PGD attack of this config."""
-        return PGD(self.eps, steps=self.steps, alpha=self.alpha or None, norm=self.norm, relative=self.relative,
-                   seed=seed)
+        return PGD(PGDConfig(eps=self.eps, steps=self.steps, alpha=self.alpha or None, norm=self.norm,
+                             relative=self.relative, seed=seed))
 
 
 def adversarial_finetune(model: nn.Module, data: DataBundle, config: AdversarialFinetune | None = None, *,
@@ -171,14 +172,14 @@ def adversarial_finetune(model: nn.Module, data: DataBundle, config: Adversarial
                               seed=cfg.finetune.seed)
     else:
         loss_fn = pgd_at_loss(cfg.attack(seed=cfg.finetune.seed), bounds, cfg.clean_weight)
-    val = data.val.subset(cfg.val_examples, seed=cfg.finetune.seed)
+    val_x, val_y = data.val.subset(cfg.val_examples, seed=cfg.finetune.seed).tensors
     val_attack = cfg.attack(seed=cfg.finetune.seed + 1)
 
     def score(m: nn.Module) -> float:
-        clean = accuracy_on(m, val.x, val.y)
+        clean = accuracy_on(m, val_x, val_y)
         if cfg.select == "clean":
             return clean
-        robust = accuracy_on(m, val_attack(m, val.x, val.y, bounds=bounds), val.y)
+        robust = accuracy_on(m, val_attack(m, val_x, val_y, bounds=bounds), val_y)
         return robust if cfg.select == "robust" else 0.5 * (clean + robust)
 
     history = finetune(model, data, cfg.finetune, loss_fn=loss_fn, score_fn=score, progress=progress,

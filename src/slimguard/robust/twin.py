@@ -1,6 +1,6 @@
 """Fake-quant twins: differentiable stand-ins for quantized models, so gradient attacks can reach them.
 
-Integer kernels (``quantized::linear_dynamic`` and friends) have no gradient. A quantized model is
+Integer kernels (``torch._int_mm`` and friends) have no gradient. A quantized model is
 attacked through its *twin*: a deep copy in which every quantized module is swapped for the float module
 its ``fake_quant_twin()`` method returns (dequantized weights, activations rounded like the int8 kernel in
 the forward pass and passed straight through in the backward pass). The adversarial examples found on
@@ -22,24 +22,24 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-_TWINS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {}
+from slimguard.core.registry import Registry
+
+TwinBuilder = Callable[[nn.Module], nn.Module]
+TWINS: Registry[TwinBuilder] = Registry("fake-quant twin builder")
 
 
-def register_twin(cls: type[nn.Module]) -> Callable[[Callable[[nn.Module], nn.Module]], Callable[[nn.Module], nn.Module]]:
-    """Register ``fn(module) -> twin module`` for a quantized class that has no ``fake_quant_twin`` method."""
-
-    def deco(fn: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
-        _TWINS[cls] = fn
-        return fn
-
-    return deco
+def register_twin(cls: type[nn.Module]) -> Callable[[TwinBuilder], TwinBuilder]:
+    """Register ``fn(module) -> twin module`` for a quantized class (and its subclasses) that has no
+    ``fake_quant_twin`` method; a second builder for the same class is refused."""
+    key: type = cls
+    return TWINS.register(key)
 
 
 def _twin_builder(module: nn.Module) -> Callable[[], nn.Module] | None:
     method = getattr(module, "fake_quant_twin", None)
     if callable(method):
         return method
-    fn = _TWINS.get(type(module))
+    fn = TWINS.for_type(type(module))
     return None if fn is None else (lambda: fn(module))
 
 

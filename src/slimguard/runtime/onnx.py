@@ -119,21 +119,22 @@ def export_embedder(model: nn.Module, path: PathLike, *, max_length: int = 128, 
     Shape:
         ``input_ids``, ``attention_mask``: ``(N, L)`` int64; ``embedding``: ``(N, D)``.
     """
-    enc = model.tokenize(["slimguard exports sentence embedders to ONNX.", "a second, longer example sentence "
-                          "so that padding is exercised"], max_length)
+    # torch's stub types every Module attribute as Tensor | Module, hiding the embedder's tokenize method
+    enc = model.tokenize(["slimguard exports sentence embedders to ONNX.",  # type: ignore[operator]
+                          "a second, longer example sentence so that padding is exercised"], max_length)
     axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
             "embedding": {0: "batch"}}
     encoder = getattr(model, "encoder", None)
     before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
     switch = attention is not None and before is not None and hasattr(encoder, "set_attn_implementation")
-    if switch:
+    if switch and encoder is not None:  # switch implies an encoder (None has no set_attn_implementation)
         encoder.set_attn_implementation(attention)
     try:
         return export_onnx(model, (enc["input_ids"], enc["attention_mask"]), path,
                            input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                            dynamic_axes=axes, opset=opset)
     finally:
-        if switch:
+        if switch and encoder is not None:
             encoder.set_attn_implementation(before)
 
 

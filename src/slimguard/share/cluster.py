@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
+from slimguard.core.modules import register_load_hook
 from slimguard.core.registry import register_handler
 
 SUFFIX = "_cluster"
@@ -208,13 +209,13 @@ def share_(module: nn.Module, pname: str, centroids: torch.Tensor, index: torch.
         module.register_buffer(bname, index, persistent=False)
     if not getattr(module, "_slimguard_share_hook", False):
         module.register_forward_pre_hook(_hook_params)
-        module._slimguard_share_hook = True
+        module._slimguard_share_hook = True  # type: ignore[assignment]  # stub: Module.__setattr__ takes tensors/modules
 
 
 def centroids_of(module: nn.Module, pname: str) -> torch.Tensor:
     """The current shared values of ``module.<pname>`` (per-cluster means; exact while shared)."""
     param = getattr(module, pname).detach()
-    idx = module._buffers[pname + SUFFIX].reshape(-1).long()
+    idx = module.get_buffer(pname + SUFFIX).reshape(-1).long()
     k = int(idx.max()) + 1 if idx.numel() else 0
     keep = idx >= 0
     sums = torch.zeros(k, dtype=torch.float64, device=param.device).index_add_(
@@ -310,7 +311,7 @@ def _huffman_coding(model: nn.Module, config: HuffmanCoding, **_: Any) -> dict[s
         c = centroids_of(module, pname)
         if config.codebook_dtype == "float16":
             c = c.to(torch.float16).to(c.dtype)
-        share_(module, pname, c, module._buffers[pname + SUFFIX])
+        share_(module, pname, c, module.get_buffer(pname + SUFFIX))
         _set_hint(model, qualified, options)
         report[qualified] = {"clusters": int(torch.unique(c).numel())}
     return {"layers": report}
@@ -323,10 +324,4 @@ def _reattach_on_load(model: nn.Module, manifest: dict[str, Any]) -> None:
             _set_hint(model, key, {})
 
 
-def _register_load_hook() -> None:
-    from slimguard.core.artifact import register_load_hook
-
-    register_load_hook(_reattach_on_load)
-
-
-_register_load_hook()
+register_load_hook(_reattach_on_load)

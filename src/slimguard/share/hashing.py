@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
-from slimguard.core.modules import register_module
+from slimguard.core.modules import register_module, set_submodule
 from slimguard.core.registry import register_handler
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -75,6 +75,9 @@ class HashedLinear(nn.Module):
         torch.Size([8, 300])
     """
 
+    index: torch.Tensor  # (out_features, in_features) int64 bucket of each virtual weight, a buffer
+    sign: torch.Tensor  # (out_features, in_features) +-1 sign of each virtual weight, a buffer
+
     def __init__(self, in_features: int, out_features: int, buckets: int, seed: int = 0, bias: bool = True) -> None:
         super().__init__()
         if buckets < 1:
@@ -115,7 +118,7 @@ class HashedLinear(nn.Module):
             sums = torch.zeros(buckets, dtype=w.dtype, device=w.device).index_add_(0, idx, w)
             counts = torch.bincount(idx, minlength=buckets).clamp(min=1)
             layer.weight_pool.copy_(sums / counts)
-            if linear.bias is not None:
+            if linear.bias is not None and layer.bias is not None:  # built with a bias exactly when linear has one
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
@@ -150,8 +153,6 @@ class Hashing(Config):
 
 @register_handler("cluster", Hashing)
 def _hashing(model: nn.Module, config: Hashing, **_: Any) -> dict[str, Any]:
-    from slimguard.core.artifact import _set_submodule
-
     names = dict(model.named_modules())
     for entry in [*config.ignore, *config.overrides]:
         if not isinstance(names.get(entry), nn.Linear):
@@ -165,6 +166,6 @@ def _hashing(model: nn.Module, config: Hashing, **_: Any) -> dict[str, Any]:
         linear = names[name]
         ratio = config.overrides.get(name, config.compression)
         buckets = max(1, round(ratio * linear.weight.numel()))
-        model = _set_submodule(model, name, HashedLinear.from_linear(linear, buckets, config.seed + k))
+        model = set_submodule(model, name, HashedLinear.from_linear(linear, buckets, config.seed + k))
         report[name] = {"virtual": linear.weight.numel(), "buckets": buckets}
     return {"layers": report}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
-from slimguard.core.errors import DataError
+from slimguard.core.errors import ConfigError, DataError
 from slimguard.data.core import DataBundle, Split
 from slimguard.ui import progress as progress_bar
 
@@ -64,6 +65,56 @@ class FinetuneConfig(Config):
         check_range("patience", self.patience, 0, 10_000)
         check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_inclusive=False)
         check_range("max_steps", self.max_steps, 0)
+
+
+def finetune_block(step: type[Config], fields: Any, where: str, flat: Sequence[str] = ()) -> Any:
+    """Recipe fields of a step that trains (``distill``, ``sparsity-train``, ...), with its training
+    options in the one nested ``finetune:`` block.
+
+    * Keys the block leaves out keep the step's own default block (``distill`` trains 10 epochs by
+      default, ``sparsity-train`` uses SGD at lr 0.01), not :class:`FinetuneConfig`'s.
+    * Older recipes wrote some training options (``flat``) beside the step's own; they are moved into
+      the block with a ``FutureWarning`` (shown to command-line users too) naming the new spelling.
+      Giving a key both ways is refused.
+
+    Steps call it from their ``from_fields``; ``fields`` that are not a mapping pass through unchanged
+    (``from_fields`` then says what is wrong).
+    """
+    if not isinstance(fields, dict):
+        return fields
+    fields = dict(fields)
+    moved = {k: fields.pop(k) for k in flat if k in fields}
+    block = fields.get("finetune")
+    if isinstance(block, dict) and "_type" in block:  # a stored config (manifest): complete as it is
+        if moved:
+            raise ConfigError(f"{where}: {', '.join(moved)} given beside a stored finetune block; drop them")
+        return fields
+    if block is None and not moved:
+        return fields
+    if block is not None and not isinstance(block, dict):
+        return fields  # from_fields reports the type
+    block = block or {}
+    both = sorted(set(moved) & set(block))
+    if both:
+        raise ConfigError(f"{where}: {both[0]!r} is given both beside the step and in its finetune block; "
+                          "keep the one in finetune")
+    if moved:
+        spelled = ", ".join(f"{k}: {v!r}" for k, v in moved.items())
+        warnings.warn(f"{where}: training options beside the step ({', '.join(moved)}) are deprecated; "
+                      f"write them in its finetune block: finetune: {{{spelled}}}", FutureWarning,
+                      stacklevel=3)
+    factory = next(f for f in dataclasses.fields(step) if f.name == "finetune").default_factory
+    default = factory() if callable(factory) else FinetuneConfig()
+    fields["finetune"] = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, **moved,
+                          **block}
+    return fields
+
+
+def check_finetune(value: Any) -> None:
+    """ConfigError unless ``value`` is a :class:`FinetuneConfig` (a step's ``finetune`` field)."""
+    if not isinstance(value, FinetuneConfig):
+        raise ConfigError(f"finetune: expected a FinetuneConfig, got {type(value).__name__}; "
+                          "write finetune=FinetuneConfig(epochs=...)")
 
 
 class Callback:
@@ -179,7 +230,7 @@ def finetune(
     Example:
         >>> finetune(model, sg.data.load("digits"), FinetuneConfig(epochs=3))
     """
-    from slimguard.prune.masks import apply_masks
+    from slimguard.core.masks import apply_masks
 
     cfg = config or FinetuneConfig()
     if len(data.train) == 0:

@@ -19,25 +19,33 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, ModelError
-from slimguard.train.loop import FinetuneConfig, LossFn, default_loss, finetune
+from slimguard.train.loop import (
+    FinetuneConfig,
+    LossFn,
+    check_finetune,
+    default_loss,
+    finetune,
+    finetune_block,
+)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _bn_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _BN) and m.weight is not None]
+def _bn_scales(model: nn.Module) -> list[torch.Tensor]:
+    """The ``gamma`` of every affine BatchNorm layer."""
+    return [m.weight for m in model.modules() if isinstance(m, _BN) and m.weight is not None]
 
 
 def bn_l1(model: nn.Module) -> torch.Tensor:
     """``sum |gamma|`` over every affine BatchNorm layer (0 when there are none)."""
-    terms = [m.weight.abs().sum() for m in _bn_layers(model)]
+    terms = [w.abs().sum() for w in _bn_scales(model)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -78,7 +86,7 @@ def regularized(base: LossFn | None = None, *, bn_l1_weight: float = 0.0, group_
 
 def bn_scale_fraction_below(model: nn.Module, threshold: float = 1e-2) -> float:
     """Fraction of BatchNorm scales with ``|gamma| < threshold`` (what network slimming produces)."""
-    gammas = [m.weight.detach().abs().flatten() for m in _bn_layers(model)]
+    gammas = [w.detach().abs().flatten() for w in _bn_scales(model)]
     if not gammas:
         return 0.0
     g = torch.cat(gammas)
@@ -94,32 +102,38 @@ class SparsityTraining(Config):
         bn_l1: network-slimming strength on BatchNorm scales (default 1e-4).
         group_lasso: group-lasso strength on output channels (default 0).
         ignore: module names excluded from group lasso (default none).
-        epochs, lr, batch_size, optimizer, weight_decay, patience, seed: as in ``finetune``
-            (defaults 5, 1e-2, 64, sgd, 0, 0, 0). SGD is the default, as in the paper: Adam rescales
-            each parameter's step, which blunts the constant pull of an L1 penalty.
+        finetune: the training loop's options (default 5 epochs of SGD at lr 0.01, patience 0, as in the
+            paper: Adam rescales each parameter's step, which blunts the constant pull of an L1 penalty).
+            In a recipe, keys the block leaves out keep these defaults; the old spelling with
+            ``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``weight_decay``, ``patience``, ``seed``
+            beside the step's options is still read, with a deprecation warning.
+
+    Example (recipe)::
+
+        - sparsity-train: {bn_l1: 1.0e-4, finetune: {epochs: 5}}
     """
 
     bn_l1: float = 1e-4
     group_lasso: float = 0.0
     ignore: list[str] = dataclasses.field(default_factory=list)
-    epochs: int = 5
-    lr: float = 1e-2
-    batch_size: int = 64
-    optimizer: Literal["adamw", "sgd"] = "sgd"
-    weight_decay: float = 0.0
-    patience: int = 0
-    seed: int = 0
+    finetune: FinetuneConfig = dataclasses.field(
+        default_factory=lambda: FinetuneConfig(epochs=5, lr=1e-2, optimizer="sgd", patience=0))
+
+    # training options older recipes wrote beside the step's own (read into ``finetune``, with a warning)
+    FLAT_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "optimizer",
+                                                     "weight_decay", "patience", "seed")
 
     def validate(self) -> None:
         check_range("bn_l1", self.bn_l1, 0.0, 1.0)
         check_range("group_lasso", self.group_lasso, 0.0, 1.0)
         if self.bn_l1 == 0 and self.group_lasso == 0:
             raise ConfigError("bn_l1 and group_lasso are both 0; set at least one (e.g. bn_l1: 1.0e-4)")
-        self.finetune_config()
+        check_finetune(self.finetune)
 
-    def finetune_config(self) -> FinetuneConfig:
-        return FinetuneConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer,
-                              weight_decay=self.weight_decay, patience=self.patience, seed=self.seed)
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], where: str = "") -> SparsityTraining:
+        where = where or cls.config_name
+        return super().from_fields(finetune_block(cls, fields, where, cls.FLAT_TRAINING_KEYS), where)
 
 
 def sparsity_train(model: nn.Module, data: Any, config: SparsityTraining | None = None, *,
@@ -127,10 +141,10 @@ def sparsity_train(model: nn.Module, data: Any, config: SparsityTraining | None 
     """Fine-tune ``model`` in place with the penalties of ``config``; returns the loop's history plus the
     fraction of BN scales below 1e-2 before and after."""
     cfg = config or SparsityTraining()
-    if cfg.bn_l1 and not _bn_layers(model):
+    if cfg.bn_l1 and not _bn_scales(model):
         raise ModelError("bn_l1 needs BatchNorm layers and this model has none; use group_lasso instead")
     before = bn_scale_fraction_below(model)
-    history = finetune(model, data, cfg.finetune_config(),
+    history = finetune(model, data, cfg.finetune,
                        loss_fn=regularized(bn_l1_weight=cfg.bn_l1, group_lasso_weight=cfg.group_lasso,
                                            ignore=cfg.ignore),
                        progress=progress, description="sparsity training")

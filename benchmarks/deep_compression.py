@@ -129,19 +129,19 @@ def run(name: str, workdir: Path) -> dict[str, Any]:
         # iterative pruning, each step removing the same fraction of the remaining weights (density
         # falls geometrically to its target), with fine-tuning in between (Han et al. 2015)
         overrides = {layer: round(1 - (1 - s) ** (k / steps), 6) for layer, s in cfg["sparsity"].items()}
-        sg.prune_(model, sg.MagnitudePruning(sparsity=0.0, scope="layer", overrides=overrides))
+        sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.0, scope="layer", overrides=overrides))
         sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["epochs"], lr=cfg["lr"], patience=0, seed=SEED),
                     loss_fn=loss, progress=False)
         stages.append({"stage": f"prune step {k}/{steps}", "sparsity": overrides,
                        "test_accuracy": accuracy(model, data.test)})
         logging.info("%s: %s", name, stages[-1])
     pruned_acc = accuracy(model, data.test)
-    sg.cluster_(model, sg.WeightSharing(**cfg["sharing"]))
+    sg.cluster_(model, sg.WeightSharingConfig(**cfg["sharing"]))
     stages.append({"stage": "weight sharing", "test_accuracy": accuracy(model, data.test)})
     sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["centroid_epochs"], lr=cfg["centroid_lr"], patience=0,
                                                seed=SEED), loss_fn=loss, progress=False)
     stages.append({"stage": "centroid fine-tuning", "test_accuracy": accuracy(model, data.test)})
-    sg.cluster_(model, sg.HuffmanCoding())
+    sg.cluster_(model, sg.HuffmanCodingConfig())
     stages.append({"stage": "huffman coding (fp16 codebooks)", "test_accuracy": accuracy(model, data.test)})
     train_s = time.time() - t0
     coded_path = sg.save(model, workdir / f"{name}-deep.slim")

@@ -112,7 +112,7 @@ def sdc_section(model: torch.nn.Module, data: Any, trials: dict[str, int]) -> di
 
 def int8_section(model: torch.nn.Module, data: Any, trials: int) -> dict[str, Any]:
     q = copy.deepcopy(model)
-    sg.quantize_(q, sg.Int8Dynamic())
+    sg.quantize_(q, sg.Int8DynamicConfig())
     rr = RangeRestriction(RangeRestrictionConfig(granularity="channel")).profile(q, data.train.x)
     cfg = FaultCampaignConfig(trials=trials, bits="all", seed=SEED,
                               layers=[n for n, m in q.named_modules() if hasattr(m, "weight_int8")])
@@ -232,7 +232,7 @@ def cascade_section(model: torch.nn.Module, data: Any, threshold: float = 0.9, r
     """The cascade as a protection: dynamic-int8 copy first, the fp32 original for rows below ``threshold``
     confidence. Accuracy of each and latency ratios on the test split (batch 64), alternated rounds."""
     small = copy.deepcopy(model)
-    sg.quantize_(small, sg.Int8Dynamic())
+    sg.quantize_(small, sg.Int8DynamicConfig())
     cas = Cascade(small, model, threshold=threshold)
     acc = {"small_int8": accuracy(small, data.test), "large_fp32": accuracy(model, data.test),
            "cascade": accuracy(cas, data.test)}

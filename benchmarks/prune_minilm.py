@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 with attention heads and FFN neurons removed, before any distillation.
 
-``ChannelPruning(ratio=0, head_ratio=h, ffn_ratio=f)`` cuts whole heads (query/key/value rows and the
+``ChannelPruningConfig(ratio=0, head_ratio=h, ffn_ratio=f)`` cuts whole heads (query/key/value rows and the
 attention-output columns) and FFN neurons (intermediate rows, output columns) in each of the 6 layers;
 the hidden width (384) stays, so the embeddings keep their shape. Heads and neurons are ranked by
 ``wanda`` importance (weight times activation norm of what they write into the residual stream,
@@ -61,7 +61,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for h, f in SETTINGS:
         model = copy.deepcopy(base)
-        cfg = sg.ChannelPruning(ratio=0.0, head_ratio=h, ffn_ratio=f, importance=args.importance)
+        cfg = sg.ChannelPruningConfig(ratio=0.0, head_ratio=h, ffn_ratio=f, importance=args.importance)
         info = sg.prune_(model, cfg, example_inputs=batch, data=data)  # wanda calibrates on data.calib
         model.eval()
         fid = embedding_fidelity(model, base, texts)

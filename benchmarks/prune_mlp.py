@@ -46,7 +46,7 @@ def main() -> None:
     data = sg.data.load("digits", seed=SEED)
     base = sg.zoo.load("digits-mlp", seed=SEED, progress=False).eval()
     model = copy.deepcopy(base)
-    cfg = sg.GradualPruning(sparsity=args.sparsity, scope=args.scope, start=0.0, end=0.6, frequency=10,
+    cfg = sg.AGPConfig(sparsity=args.sparsity, scope=args.scope, start=0.0, end=0.6, frequency=10,
                             finetune=sg.FinetuneConfig(epochs=args.epochs, lr=args.lr, patience=0, seed=SEED))
     info = sg.prune_(model, cfg, data=data, progress=False)
     with tempfile.TemporaryDirectory() as d:

@@ -8,7 +8,7 @@ Measures, with seed 0 and 2 torch threads:
     of the per-round ratio (target >= 1.8x at batch 64);
   * that the pruned model saved as ``.slim`` loads back with the same predictions.
 
-``ChannelPruning(ratio=0.5, round_to=8, importance="l1")`` removes half of every coupled channel group
+``ChannelPruningConfig(ratio=0.5, round_to=8, importance="l1")`` removes half of every coupled channel group
 (residual stages are pruned together), then the one training loop fine-tunes.
 
 Run: ``python benchmarks/prune_resnet.py [--epochs 12] [--rounds 15]``
@@ -89,7 +89,7 @@ def main() -> None:
     data = sg.data.load("digits32", seed=SEED)
     base = sg.zoo.load("digits32-resnet", seed=SEED, progress=False).eval()
     model = copy.deepcopy(base)
-    cfg = sg.ChannelPruning(ratio=args.ratio, round_to=8, importance="l1")
+    cfg = sg.ChannelPruningConfig(ratio=args.ratio, round_to=8, importance="l1")
     t0 = time.perf_counter()
     pruned_info = sg.prune_(model, cfg, example_inputs=data.example)
     prune_s = time.perf_counter() - t0

@@ -74,7 +74,7 @@ def main() -> None:
     best = None
     for method in ("percentile", "minmax", "mse", "entropy"):
         q = copy.deepcopy(fp32)
-        rep = sg.quantize_(q, sg.Int8Static(calibration=method), calib=data.calib, progress=False)
+        rep = sg.quantize_(q, sg.Int8StaticConfig(calibration=method), calib=data.calib, progress=False)
         export_onnx(q, data.test.x[:1], tmp / f"int8-{method}.onnx")
         ort_q = OrtModel(tmp / f"int8-{method}.onnx", num_threads=THREADS)
         row = {"accuracy_torch": accuracy(q, data.test), "accuracy_ort": accuracy(ort_q, data.test),

@@ -37,7 +37,7 @@ import slimguard as sg  # noqa: E402
 from slimguard.artifact import file_size  # noqa: E402
 from slimguard.core.outputs import write_json_atomic  # noqa: E402
 from slimguard.models import zoo  # noqa: E402
-from slimguard.robust import AdversarialFinetune, adversarial_finetune, scorecard  # noqa: E402
+from slimguard.robust import AdversarialFinetuneConfig, adversarial_finetune, scorecard  # noqa: E402
 from slimguard.robust.scorecard import Scorecard  # noqa: E402
 from slimguard.runtime.measure import count_params  # noqa: E402
 from slimguard.train.loop import FinetuneConfig, finetune  # noqa: E402
@@ -50,11 +50,11 @@ MIDDLE = EPS[1]
 def _prune(model: torch.nn.Module, data: Any) -> dict[str, Any]:
     """50% channel pruning when the structured pruner is there, else 70% global magnitude pruning."""
     try:
-        from slimguard.prune.structured import ChannelPruning
+        from slimguard.prune.structured import ChannelPruningConfig
 
-        cfg: Any = ChannelPruning(ratio=0.5)
+        cfg: Any = ChannelPruningConfig(ratio=0.5)
     except ImportError:  # the structured pruner is a separate subsystem
-        cfg = sg.MagnitudePruning(sparsity=0.7)
+        cfg = sg.MagnitudePruningConfig(sparsity=0.7)
     sg.prune_(model, cfg, example_inputs=data.example, data=data)
     return cfg.to_dict()
 
@@ -62,11 +62,11 @@ def _prune(model: torch.nn.Module, data: Any) -> dict[str, Any]:
 def _quantize(model: torch.nn.Module, data: Any) -> dict[str, Any]:
     """Static int8 (conv + linear) when available, else dynamic int8 (linear layers only)."""
     try:
-        from slimguard.quantize.static import Int8Static
+        from slimguard.quantize.static import Int8StaticConfig
 
-        cfg: Any = Int8Static(calibration="percentile")
+        cfg: Any = Int8StaticConfig(calibration="percentile")
     except ImportError:
-        cfg = sg.Int8Dynamic()
+        cfg = sg.Int8DynamicConfig()
     sg.quantize_(model, cfg, calib=data.calib, data=data)
     return cfg.to_dict()
 
@@ -104,7 +104,7 @@ def main() -> None:
     quant_cfg = _quantize(int8, data)
     lap("quantize", t0)
 
-    adv_cfg = AdversarialFinetune(method="pgd-at", eps=MIDDLE, steps=3, select="robust", val_examples=128,
+    adv_cfg = AdversarialFinetuneConfig(method="pgd-at", eps=MIDDLE, steps=3, select="robust", val_examples=128,
                                   finetune=FinetuneConfig(epochs=args.adv_epochs, lr=1e-3, seed=args.seed,
                                                           patience=0))
     t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def main() -> None:
     print(f"total {timings['total']} s; written {OUT.relative_to(ROOT)}")
 
 
-def dataclass_replace(cfg: AdversarialFinetune, epochs: int) -> AdversarialFinetune:
+def dataclass_replace(cfg: AdversarialFinetuneConfig, epochs: int) -> AdversarialFinetuneConfig:
     """The same adversarial config with a different number of epochs."""
     import dataclasses
 

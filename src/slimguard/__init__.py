@@ -9,7 +9,7 @@ Example:
     >>> import slimguard as sg
     >>> model = sg.zoo.load("digits-mlp")
     >>> data = sg.data.load("digits")
-    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+    >>> sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8))
 """
 
 from __future__ import annotations
@@ -48,34 +48,34 @@ _LAZY: dict[str, str] = {
     "prune_": "slimguard.transforms",
     "quantize_": "slimguard.transforms",
     # prune
-    "MagnitudePruning": "slimguard.prune.magnitude",
+    "MagnitudePruningConfig": "slimguard.prune.magnitude",
     "AGPCallback": "slimguard.prune.gradual",
     "ActivationImportance": "slimguard.prune.importance",
     "BNScaleImportance": "slimguard.prune.importance",
-    "ChannelPruning": "slimguard.prune.structured",
+    "ChannelPruningConfig": "slimguard.prune.structured",
     "DependencyGraph": "slimguard.prune.graph",
-    "GradualPruning": "slimguard.prune.gradual",
+    "AGPConfig": "slimguard.prune.gradual",
     "Importance": "slimguard.prune.importance",
     "MagnitudeImportance": "slimguard.prune.importance",
-    "NMSparsity": "slimguard.prune.nm",
+    "NMSparsityConfig": "slimguard.prune.nm",
     "RandomImportance": "slimguard.prune.importance",
     "TaylorImportance": "slimguard.prune.importance",
     "prune_channels": "slimguard.prune.structured",
     "ratios_from_sensitivity": "slimguard.prune.sensitivity",
     "sensitivity": "slimguard.prune.sensitivity",
     # quantize
-    "Int8Dynamic": "slimguard.quantize.dynamic",
-    "FuseBN": "slimguard.quantize.fuse",
-    "Int8Static": "slimguard.quantize.static",
-    "WeightOnly": "slimguard.quantize.weight_only",
-    "GPTQ": "slimguard.quantize.weight_only",
-    "QAT": "slimguard.quantize.qat",
+    "Int8DynamicConfig": "slimguard.quantize.dynamic",
+    "FuseBNConfig": "slimguard.quantize.fuse",
+    "Int8StaticConfig": "slimguard.quantize.static",
+    "WeightOnlyConfig": "slimguard.quantize.weight_only",
+    "GPTQConfig": "slimguard.quantize.weight_only",
+    "QATConfig": "slimguard.quantize.qat",
     "QATFreezer": "slimguard.quantize.qat",
     "prepare_qat_": "slimguard.quantize.qat",
     "convert_": "slimguard.quantize.qat",
-    "SmoothQuant": "slimguard.quantize.smooth",
-    "HalfPrecision": "slimguard.quantize.cast",
-    "MixedPrecision": "slimguard.quantize.mixed",
+    "SmoothQuantConfig": "slimguard.quantize.smooth",
+    "HalfPrecisionConfig": "slimguard.quantize.cast",
+    "MixedPrecisionConfig": "slimguard.quantize.mixed",
     "QScheme": "slimguard.quantize.observers",
     "make_observer": "slimguard.quantize.observers",
     "OrtModel": "slimguard.runtime.onnx",
@@ -92,20 +92,20 @@ _LAZY: dict[str, str] = {
     "make_detector": "slimguard.guard.ood",
     # distill, low-rank, regularization (issue 5)
     "DistillConfig": "slimguard.distill.core",
-    "DropLayers": "slimguard.distill.students",
+    "DropLayersConfig": "slimguard.distill.students",
     "Ensemble": "slimguard.distill.teachers",
-    "LowRank": "slimguard.lowrank.svd",
-    "SparsityTraining": "slimguard.train.regularize",
+    "LowRankConfig": "slimguard.lowrank.svd",
+    "SparsityTrainingConfig": "slimguard.train.regularize",
     "distill": "slimguard.distill.core",
     "drop_layers_": "slimguard.distill.students",
     "width_student": "slimguard.distill.students",
     # share (weight sharing, hashing, Huffman coding)
     "HashedLinear": "slimguard.share.hashing",
-    "Hashing": "slimguard.share.hashing",
-    "HuffmanCoding": "slimguard.share.cluster",
-    "WeightSharing": "slimguard.share.cluster",
+    "HashingConfig": "slimguard.share.hashing",
+    "HuffmanCodingConfig": "slimguard.share.cluster",
+    "WeightSharingConfig": "slimguard.share.cluster",
     # robust (attacks, adversarial training, corruptions, scorecard; issue 7)
-    "AdversarialFinetune": "slimguard.robust.training",
+    "AdversarialFinetuneConfig": "slimguard.robust.training",
     "scorecard": "slimguard.robust.scorecard",
 }
 _SUBMODULES = {"data": "slimguard.data", "zoo": "slimguard.models.zoo", "models": "slimguard.models",

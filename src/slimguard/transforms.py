@@ -7,7 +7,7 @@ records the step in the model's history (stored in the artifact's manifest). Han
 the technique packages, which the plugin index imports; this module imports none of them.
 
 Example:
-    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))          # one verb
+    >>> sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8))          # one verb
     >>> run_step(model, sg.FinetuneConfig(epochs=3), data=bundle)     # one recipe step, data as context
 """
 

@@ -9,7 +9,7 @@ import pytest
 from slimguard.core.config import Config, config_class, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import handler_for, register_handler
-from slimguard.prune.magnitude import MagnitudePruning
+from slimguard.prune.magnitude import MagnitudePruningConfig
 from slimguard.train.loop import FinetuneConfig
 
 
@@ -26,7 +26,7 @@ from slimguard.train.loop import FinetuneConfig
 )
 def test_bad_fields_name_the_key_and_what_is_allowed(fields, message):
     with pytest.raises(ConfigError) as err:
-        MagnitudePruning.from_fields(fields)
+        MagnitudePruningConfig.from_fields(fields)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -37,16 +37,16 @@ def test_direct_construction_validates_too():
 
 
 def test_round_trip_through_dict():
-    cfg = MagnitudePruning(sparsity=0.7, scope="layer", ignore=["fc"], overrides={"a": 0.2})
+    cfg = MagnitudePruningConfig(sparsity=0.7, scope="layer", ignore=["fc"], overrides={"a": 0.2})
     d = cfg.to_dict()
     assert d["_type"] == "magnitude" and d["_version"] == 1
     assert Config.from_dict(d) == cfg
 
 
 def test_int_is_accepted_for_float_fields_but_bool_is_not():
-    assert MagnitudePruning.from_fields({"sparsity": 0}).sparsity == 0.0
+    assert MagnitudePruningConfig.from_fields({"sparsity": 0}).sparsity == 0.0
     with pytest.raises(ConfigError, match="expected a number"):
-        MagnitudePruning.from_fields({"sparsity": True})
+        MagnitudePruningConfig.from_fields({"sparsity": True})
 
 
 def test_unknown_step_name_lists_the_allowed_ones():
@@ -64,8 +64,8 @@ def test_registering_a_name_twice_is_refused():
 
 
 def test_handler_lookup_by_type_and_duplicates_refused():
-    assert handler_for("prune", MagnitudePruning()) is not None
+    assert handler_for("prune", MagnitudePruningConfig()) is not None
     with pytest.raises(ConfigError, match="is not a quantize config"):
-        handler_for("quantize", MagnitudePruning())
+        handler_for("quantize", MagnitudePruningConfig())
     with pytest.raises(ValueError, match="already registered"):
-        register_handler("prune", MagnitudePruning)(lambda m, c: None)
+        register_handler("prune", MagnitudePruningConfig)(lambda m, c: None)

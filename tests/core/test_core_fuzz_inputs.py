@@ -8,7 +8,7 @@ byte flips; forged ``.npy`` headers with valid zip CRCs) and random csv / text f
 A byte flip in an npz (its zip CRCs guard the arrays) must load identically or be refused.
 
 No other exception may escape, and every load runs in a child process under a memory cap
-(``resource.setrlimit(RLIMIT_AS)``) and a time cap, as in ``test_core_fuzz_artifact.py`` (machinery in
+(``resource.setrlimit(RLIMIT_AS)``) and a time cap, as in ``tests/artifact/test_artifact_fuzz.py`` (machinery in
 ``tests/fuzz_support.py``). Targeted cases: deep nesting, alias bombs, YAML python tags and a pickled
 ``.npy`` (canaries that must never run), ``.npy`` headers that promise 400 MB or 8 TB, huge CSV fields.
 """

@@ -12,7 +12,7 @@ from slimguard.core.errors import ConfigError
 from slimguard.core.recipe import loads
 from slimguard.distill import DistillConfig
 from slimguard.train.loop import FinetuneConfig
-from slimguard.train.regularize import SparsityTraining
+from slimguard.train.regularize import SparsityTrainingConfig
 
 HEAD = "model: zoo:digits-mlp\ndata: digits\nsteps:\n"
 
@@ -41,9 +41,9 @@ def test_old_flat_distill_step_parses_into_the_nested_form_with_a_warning():
     ("distill", "{batch_size: 16, optimizer: sgd, weight_decay: 0.01}",  # keeps distill's 10 epochs
      DistillConfig(finetune=FinetuneConfig(epochs=10, batch_size=16, optimizer="sgd", weight_decay=0.01))),
     ("sparsity-train", "{bn_l1: 0.001, epochs: 2}",  # keeps sparsity-train's SGD at lr 0.01, patience 0
-     SparsityTraining(bn_l1=0.001, finetune=FinetuneConfig(epochs=2, lr=0.01, optimizer="sgd", patience=0))),
+     SparsityTrainingConfig(bn_l1=0.001, finetune=FinetuneConfig(epochs=2, lr=0.01, optimizer="sgd", patience=0))),
     ("sparsity-train", "{lr: 0.1, batch_size: 32, optimizer: adamw, weight_decay: 0.1, patience: 2, seed: 1}",
-     SparsityTraining(finetune=FinetuneConfig(epochs=5, lr=0.1, batch_size=32, optimizer="adamw",
+     SparsityTrainingConfig(finetune=FinetuneConfig(epochs=5, lr=0.1, batch_size=32, optimizer="adamw",
                                               weight_decay=0.1, patience=2, seed=1))),
 ])
 def test_every_old_flat_key_is_moved_into_the_block(step, flat, nested):
@@ -67,7 +67,7 @@ def test_keys_a_block_leaves_out_keep_the_steps_defaults(step, block, expected):
 def test_defaults_match_the_old_flat_defaults():
     assert DistillConfig().finetune == FinetuneConfig(epochs=10, lr=1e-3, batch_size=64, optimizer="adamw",
                                                       weight_decay=0.0, patience=3, seed=0, max_steps=0)
-    assert SparsityTraining().finetune == FinetuneConfig(epochs=5, lr=1e-2, batch_size=64, optimizer="sgd",
+    assert SparsityTrainingConfig().finetune == FinetuneConfig(epochs=5, lr=1e-2, batch_size=64, optimizer="sgd",
                                                          weight_decay=0.0, patience=0, seed=0)
 
 
@@ -88,7 +88,7 @@ def test_bad_training_options_are_one_line_errors_naming_the_key(yaml_step, mess
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("cls", [DistillConfig, SparsityTraining])
+@pytest.mark.parametrize("cls", [DistillConfig, SparsityTrainingConfig])
 def test_python_construction_checks_the_block_and_configs_round_trip(cls):
     with pytest.raises(ConfigError, match="finetune: expected a FinetuneConfig, got dict"):
         cls(finetune={"epochs": 3})

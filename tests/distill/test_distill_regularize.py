@@ -9,7 +9,7 @@ import torch.nn as nn
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.train.loop import FinetuneConfig
 from slimguard.train.regularize import (
-    SparsityTraining,
+    SparsityTrainingConfig,
     bn_l1,
     bn_scale_fraction_below,
     group_lasso,
@@ -42,8 +42,8 @@ def _bn_cnn() -> nn.Module:
 def test_network_slimming_zeroes_bn_scales(digits) -> None:
     plain, slim = _bn_cnn(), _bn_cnn()
     cfg = FinetuneConfig(epochs=4, lr=0.05, batch_size=64, optimizer="sgd", patience=0)
-    sparsity_train(plain, digits, SparsityTraining(bn_l1=1e-9, finetune=cfg), progress=False)
-    hist = sparsity_train(slim, digits, SparsityTraining(bn_l1=0.1, finetune=cfg), progress=False)
+    sparsity_train(plain, digits, SparsityTrainingConfig(bn_l1=1e-9, finetune=cfg), progress=False)
+    hist = sparsity_train(slim, digits, SparsityTrainingConfig(bn_l1=0.1, finetune=cfg), progress=False)
     assert hist["bn_small_after"] > hist["bn_small_before"]
     assert bn_scale_fraction_below(slim, 0.05) >= bn_scale_fraction_below(plain, 0.05) + 0.25
     assert float(bn_l1(slim).detach()) < 0.5 * float(bn_l1(plain).detach())
@@ -51,8 +51,8 @@ def test_network_slimming_zeroes_bn_scales(digits) -> None:
 
 def test_bad_sparsity_inputs() -> None:
     with pytest.raises(ConfigError, match="bn_l1 and group_lasso are both 0"):
-        SparsityTraining(bn_l1=0.0, group_lasso=0.0)
+        SparsityTrainingConfig(bn_l1=0.0, group_lasso=0.0)
     with pytest.raises(ConfigError, match="bn_l1"):
-        SparsityTraining(bn_l1=-1.0)
+        SparsityTrainingConfig(bn_l1=-1.0)
     with pytest.raises(ModelError, match="needs BatchNorm layers"):
-        sparsity_train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), None, SparsityTraining(bn_l1=1e-4))
+        sparsity_train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), None, SparsityTrainingConfig(bn_l1=1e-4))

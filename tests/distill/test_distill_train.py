@@ -106,10 +106,10 @@ def test_width_student_shapes(zoo_model) -> None:
 
 def test_pruned_student_copies_and_prunes(zoo_model) -> None:
     from slimguard.core.masks import sparsity
-    from slimguard.prune.magnitude import MagnitudePruning
+    from slimguard.prune.magnitude import MagnitudePruningConfig
 
     teacher = zoo_model("digits-mlp")
-    student = pruned_student(teacher, MagnitudePruning(sparsity=0.5))
+    student = pruned_student(teacher, MagnitudePruningConfig(sparsity=0.5))
     assert sparsity(student) > 0.4 and sparsity(teacher) == 0.0
 
 
@@ -136,11 +136,11 @@ def test_recipe_distill_step_without_teacher_is_a_user_error(zoo_model, digits) 
 
 
 def test_student_from_structured_pruning_recovers(zoo_model, digits) -> None:
-    from slimguard.prune.structured import ChannelPruning
+    from slimguard.prune.structured import ChannelPruningConfig
     from slimguard.runtime.measure import count_params
 
     teacher = zoo_model("digits-mlp")
-    student = pruned_student(teacher, ChannelPruning(ratio=0.75, ignore=["6"]), example_inputs=digits.example)
+    student = pruned_student(teacher, ChannelPruningConfig(ratio=0.75, ignore=["6"]), example_inputs=digits.example)
     assert count_params(student) < 0.3 * count_params(teacher)
     distill(teacher, student, digits, DistillConfig(finetune=FinetuneConfig(epochs=3, lr=3e-3, patience=0)),
             progress=False)

@@ -10,7 +10,7 @@ import torch
 
 from slimguard.core.errors import ConfigError
 from slimguard.data.core import DataBundle
-from slimguard.distill import DistillConfig, DropLayers, distill, drop_layers_
+from slimguard.distill import DistillConfig, DropLayersConfig, distill, drop_layers_
 from slimguard.train.loop import FinetuneConfig
 
 pytest.importorskip("transformers")
@@ -68,7 +68,7 @@ def test_drop_layers_recipe_step(tiny_bert, texts) -> None:
     from slimguard.transforms import run_step
 
     student = copy.deepcopy(tiny_bert)
-    out = run_step(student, DropLayers(keep=[1, 2, 3]), texts, progress=False)
+    out = run_step(student, DropLayersConfig(keep=[1, 2, 3]), texts, progress=False)
     assert out == {"layers_before": 4, "layers_after": 3, "kept": [1, 2, 3]}
 
 

@@ -111,7 +111,7 @@ def test_activation_faults_and_int8_storage(zoo_model, digits):
     hook.remove()
     with torch.no_grad():
         assert not torch.equal(out, model(digits.test.x[:4]))
-    sg.quantize_(model, sg.Int8Dynamic())
+    sg.quantize_(model, sg.Int8DynamicConfig())
     targets = weight_targets(model)
     assert all(t.dtype == torch.int8 for t in targets.values())
     q = run_campaign(model, digits.test.x, FaultCampaignConfig(trials=100, bits="sign"))

@@ -8,7 +8,7 @@ import torch
 from slimguard.artifact import load, save
 from slimguard.core.masks import get_mask, iter_masks
 from slimguard.models.spec import ModelInfo, set_info
-from slimguard.prune.structured import ChannelPruning
+from slimguard.prune.structured import ChannelPruningConfig
 from slimguard.transforms import prune_
 
 
@@ -31,7 +31,7 @@ def test_structured_resnet_roundtrip(tmp_path):
 
     model = zoo.create("digits32-resnet", widths=(16, 32, 64)).eval()
     x = torch.rand(3, 1, 32, 32)
-    prune_(model, ChannelPruning(ratio=0.5, round_to=4), example_inputs=x[:1])
+    prune_(model, ChannelPruningConfig(ratio=0.5, round_to=4), example_inputs=x[:1])
     back = load(save(model, tmp_path / "r.slim"))
     assert back.layers[1].conv1.out_channels == model.layers[1].conv1.out_channels == 16
     torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)  # exact: same tensors, same modules
@@ -41,7 +41,7 @@ def test_pruned_bert_embedder_roundtrip(tmp_path):
     model = _tiny_embedder()
     ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    prune_(model, ChannelPruning(ratio=0.5, head_ratio=0.25), example_inputs={"input_ids": ids[:1]})
+    prune_(model, ChannelPruningConfig(ratio=0.5, head_ratio=0.25), example_inputs={"input_ids": ids[:1]})
     sa = model.encoder.encoder.layer[1].attention.self
     assert (sa.num_attention_heads, sa.all_head_size) == (3, 24)
     back = load(save(model, tmp_path / "b.slim"))
@@ -56,12 +56,12 @@ def test_pruned_bert_embedder_roundtrip(tmp_path):
     {"kind": "nm", "n": 2, "m": 4},
 ])
 def test_masks_survive_save_load(config, tmp_path, zoo_model):
-    from slimguard.prune.magnitude import MagnitudePruning
-    from slimguard.prune.nm import NMSparsity, has_nm_pattern
+    from slimguard.prune.magnitude import MagnitudePruningConfig
+    from slimguard.prune.nm import NMSparsityConfig, has_nm_pattern
 
     model = zoo_model("digits-mlp")
     kind = config.pop("kind")
-    cfg = MagnitudePruning(**config) if kind == "magnitude" else NMSparsity(**config)
+    cfg = MagnitudePruningConfig(**config) if kind == "magnitude" else NMSparsityConfig(**config)
     prune_(model, cfg)
     path = save(model, tmp_path / "m.slim")
     back = load(path)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.prune.graph import DependencyGraph
 from slimguard.prune.rules import LINEAR, ChannelRule, LinearRule, register_rule, rule_for
-from slimguard.prune.structured import ChannelPruning, prune_channels
+from slimguard.prune.structured import ChannelPruningConfig, prune_channels
 from slimguard.prune.surgery import keep_slices
 
 
@@ -57,7 +57,7 @@ def test_custom_layer_type_plugs_in_through_register_rule():
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), dense(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
     x = torch.randn(5, 6)
     with pytest.raises(ModelError, match=r"operation matmul in module '2'; add ignore=\['2'\]"):
-        prune_channels(model, ChannelPruning(ratio=0.5), x[:1])  # traced through: its matmul is unknown
+        prune_channels(model, ChannelPruningConfig(ratio=0.5), x[:1])  # traced through: its matmul is unknown
 
     with torch.no_grad():  # channels 8..15 of the first Linear and 6..11 of Dense carry nothing
         model[0].weight[8:] = 0
@@ -69,7 +69,7 @@ def test_custom_layer_type_plugs_in_through_register_rule():
     before = model(x)
     rule = register_rule(dense)(DenseRule())
     assert DependencyGraph(model, x[:1]).rules["2"] is rule
-    result = prune_channels(model, ChannelPruning(ratio=0.5), x[:1])
+    result = prune_channels(model, ChannelPruningConfig(ratio=0.5), x[:1])
     assert model[0].out_features == 8 and tuple(model[2].weight.shape) == (8, 6) and model[4].in_features == 6
     assert tuple(model[2].bias.shape) == (6,)
     assert sorted(g["channels"][1] for g in result["groups"]) == [6, 8]
@@ -84,8 +84,8 @@ def test_unregistered_leaf_type_is_refused_by_name(layer, width):
     x = torch.rand(1, 3, 8, 8)
     name = type(layer).__name__
     with pytest.raises(ModelError, match=rf"cannot follow a {name} in module '1'; add ignore=\['1'\]"):
-        prune_channels(model, ChannelPruning(ratio=0.5), x)
-    result = prune_channels(model, ChannelPruning(ratio=0.5, ignore=["1"]), x)
+        prune_channels(model, ChannelPruningConfig(ratio=0.5), x)
+    result = prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["1"]), x)
     assert model[0].out_channels == 8 and result["groups"] == []  # kept whole around the ignored leaf
     assert model(x).shape[1] == 4
 
@@ -113,7 +113,7 @@ def test_groupnorm_keeps_whole_groups_and_matches_a_hand_built_model():
         ref[3].weight.copy_(model[3].weight[:, kept])
         ref[3].bias.copy_(model[3].bias)
     x = torch.rand(3, 3, 8, 8)
-    result = prune_channels(model, ChannelPruning(ratio=0.5), x[:1])
+    result = prune_channels(model, ChannelPruningConfig(ratio=0.5), x[:1])
     assert (model[1].num_groups, model[1].num_channels, model[0].out_channels, model[3].in_channels) == (2, 4, 4, 4)
     assert result["groups"] == [{"modules": ["0"], "channels": [4, 2]}]  # units are groups
     torch.testing.assert_close(model(x), ref(x), atol=1e-6, rtol=1e-5)
@@ -121,11 +121,11 @@ def test_groupnorm_keeps_whole_groups_and_matches_a_hand_built_model():
 
 def test_parameter_free_norms_follow_the_cut():
     ln = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 4))
-    prune_channels(ln, ChannelPruning(ratio=0.5), torch.rand(1, 8))
+    prune_channels(ln, ChannelPruningConfig(ratio=0.5), torch.rand(1, 8))
     assert ln[1].normalized_shape == (8,) and ln(torch.rand(2, 8)).shape == (2, 4)
     bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False),
                        nn.Conv2d(8, 4, 3))
-    prune_channels(bn, ChannelPruning(ratio=0.5), torch.rand(1, 3, 8, 8))
+    prune_channels(bn, ChannelPruningConfig(ratio=0.5), torch.rand(1, 3, 8, 8))
     assert bn[1].num_features == bn[0].out_channels == 4 and bn(torch.rand(2, 3, 8, 8)).shape == (2, 4, 4, 4)
 
 

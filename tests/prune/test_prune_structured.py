@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.prune.graph import DependencyGraph
-from slimguard.prune.structured import ChannelPruning, prune_channels
+from slimguard.prune.structured import ChannelPruningConfig, prune_channels
 from slimguard.prune.surgery import keep_count
 
 
@@ -126,7 +126,7 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_structured_shrinks_and_keeps_shapes(name, factory, x, ratio, frac):
     model = factory().eval()
     before = _run(model, x)
-    result = prune_channels(model, ChannelPruning(ratio=ratio), x[:1])
+    result = prune_channels(model, ChannelPruningConfig(ratio=ratio), x[:1])
     after = _run(model, x)
     assert after.shape == before.shape
     kept = result["params_after"] / result["params_before"]
@@ -178,7 +178,7 @@ def test_pruning_zero_channels_is_exact(name, factory, x):
                 model.block.linear2.weight[:, :32] = 0
         _zero_graph_units(model, x[:1], 0.5)
     before = _run(model, x)
-    prune_channels(model, ChannelPruning(ratio=0.5), x[:1])
+    prune_channels(model, ChannelPruningConfig(ratio=0.5), x[:1])
     after = _run(model, x)
     # float tolerance: sums over fewer terms reorder rounding
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
@@ -188,7 +188,7 @@ def test_round_to_and_per_layer_ratios():
     from slimguard.models.zoo import ResNet
 
     model = ResNet([0.5], [0.5], widths=(32, 64, 128)).eval()
-    prune_channels(model, ChannelPruning(ratio=0.3, round_to=8, ratios={"layers.2.conv1": 0.75}),
+    prune_channels(model, ChannelPruningConfig(ratio=0.3, round_to=8, ratios={"layers.2.conv1": 0.75}),
                    torch.rand(1, 1, 32, 32))
     assert model.stem[0].out_channels % 8 == 0 and model.stem[0].out_channels == 24
     assert model.layers[2].conv1.out_channels == 32
@@ -197,7 +197,7 @@ def test_round_to_and_per_layer_ratios():
 
 def test_bert_heads_and_ffn_attributes():
     model = _bert().eval()
-    result = prune_channels(model, ChannelPruning(ratio=0.0, head_ratio=0.5, ffn_ratio=0.25), IDS[:1])
+    result = prune_channels(model, ChannelPruningConfig(ratio=0.0, head_ratio=0.5, ffn_ratio=0.25), IDS[:1])
     sa = model.encoder.layer[0].attention.self
     assert (sa.num_attention_heads, sa.all_head_size, sa.query.out_features) == (2, 16, 16)
     assert model.encoder.layer[0].intermediate.dense.out_features == 48
@@ -227,8 +227,8 @@ class WithCustom(nn.Module):
 def test_unfollowable_operation_is_named_and_ignore_works():
     model = WithCustom()
     with pytest.raises(ModelError, match=r"'odd'.*ignore=\['odd'\]"):
-        prune_channels(model, ChannelPruning(ratio=0.5), torch.rand(1, 4))
-    prune_channels(model, ChannelPruning(ratio=0.5, ignore=["odd"]), torch.rand(1, 4))
+        prune_channels(model, ChannelPruningConfig(ratio=0.5), torch.rand(1, 4))
+    prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["odd"]), torch.rand(1, 4))
     assert model.fc1.out_features == 8 and model(torch.rand(3, 4)).shape == (3, 2)
 
 
@@ -241,18 +241,18 @@ def test_unfollowable_operation_is_named_and_ignore_works():
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ChannelPruning(**kwargs)
+        ChannelPruningConfig(**kwargs)
 
 
 def test_bad_names_and_emptying():
     model = WithCustom()
     with pytest.raises(ConfigError, match="names no module"):
-        prune_channels(model, ChannelPruning(ratio=0.5, ignore=["nope"]), torch.rand(1, 4))
+        prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["nope"]), torch.rand(1, 4))
     tiny = nn.Sequential(nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 2))
     with pytest.raises(ConfigError, match="would remove every channel"):
-        prune_channels(tiny, ChannelPruning(ratio=0.6), torch.rand(1, 4))
+        prune_channels(tiny, ChannelPruningConfig(ratio=0.6), torch.rand(1, 4))
     with pytest.raises(ConfigError, match="example_inputs"):
-        prune_channels(copy.deepcopy(model), ChannelPruning(ratio=0.5, ignore=["odd"]))
+        prune_channels(copy.deepcopy(model), ChannelPruningConfig(ratio=0.5, ignore=["odd"]))
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random", "taylor", "wanda"])
@@ -261,7 +261,7 @@ def test_importances_prune_resnet(importance, digits32):
 
     model = _resnet()
     data = digits32
-    result = prune_(model, ChannelPruning(ratio=0.5, importance=importance), example_inputs=data.example,
+    result = prune_(model, ChannelPruningConfig(ratio=0.5, importance=importance), example_inputs=data.example,
                     data=data)
     assert result["params_after"] < 0.35 * result["params_before"]
     assert model(data.test.x[:4]).shape == (4, 10)
@@ -294,4 +294,4 @@ def test_shipped_prune_recipe_validates():
 
     raw = yaml.safe_load(resources.files("slimguard.recipes").joinpath("prune-resnet.yaml").read_text())
     recipe = parse(raw, "prune-resnet.yaml")
-    assert isinstance(recipe.steps[0], ChannelPruning) and recipe.steps[0].round_to == 8
+    assert isinstance(recipe.steps[0], ChannelPruningConfig) and recipe.steps[0].round_to == 8

@@ -9,7 +9,7 @@ import torch.nn as nn
 from slimguard.core.config import Config
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.core.masks import get_mask, sparsity
-from slimguard.prune.gradual import AGPCallback, GradualPruning, agp_sparsity
+from slimguard.prune.gradual import AGPCallback, AGPConfig, agp_sparsity
 from slimguard.prune.importance import (
     BNScaleImportance,
     MagnitudeImportance,
@@ -17,8 +17,8 @@ from slimguard.prune.importance import (
     TaylorImportance,
     get_importance,
 )
-from slimguard.prune.magnitude import MagnitudePruning
-from slimguard.prune.nm import NMSparsity, has_nm_pattern, nm_mask
+from slimguard.prune.magnitude import MagnitudePruningConfig
+from slimguard.prune.nm import NMSparsityConfig, has_nm_pattern, nm_mask
 from slimguard.transforms import prune_
 
 
@@ -31,7 +31,7 @@ def _mlp() -> nn.Sequential:
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_magnitude_exact_sparsity(importance, scope):
     model = _mlp()
-    prune_(model, MagnitudePruning(sparsity=0.75, scope=scope, importance=importance))
+    prune_(model, MagnitudePruningConfig(sparsity=0.75, scope=scope, importance=importance))
     n = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
     zeros = sum(int((m.weight == 0).sum()) for m in model if isinstance(m, nn.Linear))
     assert zeros == round(0.75 * n) if scope == "global" else abs(zeros - 0.75 * n) <= 3
@@ -44,13 +44,13 @@ def test_magnitude_removes_the_smallest():
     lin = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[0.1, -5.0, 0.3, 2.0], [-0.2, 0.05, 4.0, -1.0]]))
-    prune_(lin_model := nn.Sequential(lin), MagnitudePruning(sparsity=0.5, scope="layer"))
+    prune_(lin_model := nn.Sequential(lin), MagnitudePruningConfig(sparsity=0.5, scope="layer"))
     assert lin_model[0].weight.ne(0).tolist() == [[False, True, False, True], [False, False, True, True]]
 
 
 def test_demo_recipe_form_still_validates():
     cfg = Config.from_dict({"_type": "magnitude", "_data": {"sparsity": 0.8, "scope": "global"}})
-    assert isinstance(cfg, MagnitudePruning) and cfg.importance == "l1"
+    assert isinstance(cfg, MagnitudePruningConfig) and cfg.importance == "l1"
 
 
 @pytest.mark.parametrize("importance", ["taylor", "wanda"])
@@ -58,10 +58,10 @@ def test_data_driven_importances(importance, digits):
     from slimguard.models import zoo
 
     model = zoo.create("digits-mlp")
-    prune_(model, MagnitudePruning(sparsity=0.5, importance=importance), data=digits)
+    prune_(model, MagnitudePruningConfig(sparsity=0.5, importance=importance), data=digits)
     assert abs(sparsity(model) - 0.5) < 0.01
     with pytest.raises(Exception, match="needs data"):
-        prune_(zoo.create("digits-mlp"), MagnitudePruning(sparsity=0.5, importance=importance))
+        prune_(zoo.create("digits-mlp"), MagnitudePruningConfig(sparsity=0.5, importance=importance))
 
 
 def test_wanda_weights_by_input_norm():
@@ -94,7 +94,7 @@ def test_importance_objects():
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 2)])
 def test_nm_pattern_exact(n, m):
     model = _mlp()
-    prune_(model, NMSparsity(n=n, m=m))
+    prune_(model, NMSparsityConfig(n=n, m=m))
     for layer in (model[0], model[2], model[4]):
         w = layer.weight
         blocks = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
@@ -106,10 +106,10 @@ def test_nm_mask_keeps_largest_and_skips_odd_layers():
     s = torch.tensor([[1.0, 4.0, 2.0, 3.0, 8.0, 7.0, 6.0, 5.0]])
     assert nm_mask(s, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
-    result = prune_(model, NMSparsity(n=2, m=4))
+    result = prune_(model, NMSparsityConfig(n=2, m=4))
     assert result["pruned"] == ["1"] and "0" in result["skipped"]
     with pytest.raises(ModelError, match="no layer fits"):
-        prune_(nn.Sequential(nn.Linear(6, 2)), NMSparsity(n=2, m=4))
+        prune_(nn.Sequential(nn.Linear(6, 2)), NMSparsityConfig(n=2, m=4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse kernels need CUDA")
@@ -117,7 +117,7 @@ def test_semi_structured_on_gpu():  # pragma: no cover - needs a GPU
     from slimguard.prune.nm import to_semi_structured
 
     model = nn.Sequential(nn.Linear(128, 128)).half().cuda()
-    prune_(model, NMSparsity(n=2, m=4))
+    prune_(model, NMSparsityConfig(n=2, m=4))
     x = torch.rand(64, 128, device="cuda", dtype=torch.half)
     ref = model(x)
     assert to_semi_structured(model) == ["0"]
@@ -125,14 +125,14 @@ def test_semi_structured_on_gpu():  # pragma: no cover - needs a GPU
 
 
 @pytest.mark.parametrize("cls,kwargs,match", [
-    (MagnitudePruning, {"sparsity": 1.0}, "sparsity"),
-    (MagnitudePruning, {"importance": "x"}, "importance"),
-    (NMSparsity, {"n": 4, "m": 4}, "n"),
-    (NMSparsity, {"n": 0}, "n"),
-    (NMSparsity, {"m": 1}, "m"),
-    (GradualPruning, {"sparsity": 1.2}, "sparsity"),
-    (GradualPruning, {"start": 0.5, "end": 0.4}, "end"),
-    (GradualPruning, {"frequency": 0}, "frequency"),
+    (MagnitudePruningConfig, {"sparsity": 1.0}, "sparsity"),
+    (MagnitudePruningConfig, {"importance": "x"}, "importance"),
+    (NMSparsityConfig, {"n": 4, "m": 4}, "n"),
+    (NMSparsityConfig, {"n": 0}, "n"),
+    (NMSparsityConfig, {"m": 1}, "m"),
+    (AGPConfig, {"sparsity": 1.2}, "sparsity"),
+    (AGPConfig, {"start": 0.5, "end": 0.4}, "end"),
+    (AGPConfig, {"frequency": 0}, "frequency"),
 ])
 def test_bad_configs(cls, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -141,9 +141,9 @@ def test_bad_configs(cls, kwargs, match):
 
 def test_bad_names_and_emptying():
     with pytest.raises(ConfigError, match="names no module"):
-        prune_(_mlp(), MagnitudePruning(sparsity=0.5, ignore=["nope"]))
+        prune_(_mlp(), MagnitudePruningConfig(sparsity=0.5, ignore=["nope"]))
     with pytest.raises(ConfigError, match="would empty"):
-        prune_(nn.Sequential(nn.Linear(1, 1)), MagnitudePruning(sparsity=0.9, scope="layer"))
+        prune_(nn.Sequential(nn.Linear(1, 1)), MagnitudePruningConfig(sparsity=0.9, scope="layer"))
 
 
 @pytest.mark.parametrize("step,expected", [(0, 0.0), (25, 0.9 * (1 - (1 - 25 / 75) ** 3)), (75, 0.9), (100, 0.9)])
@@ -156,7 +156,7 @@ def test_agp_step_reaches_target_and_grows_monotonically(digits):
     from slimguard.train.loop import FinetuneConfig
 
     model = zoo.create("digits-mlp")
-    cfg = GradualPruning(sparsity=0.9, frequency=3, scope="layer",
+    cfg = AGPConfig(sparsity=0.9, frequency=3, scope="layer",
                          finetune=FinetuneConfig(epochs=1, patience=0, max_steps=12))
     result = prune_(model, cfg, data=digits, progress=False)
     levels = [s for _, s in result["schedule"]]
@@ -165,7 +165,7 @@ def test_agp_step_reaches_target_and_grows_monotonically(digits):
 
 
 def test_agp_callback_blocks_best_tracking_until_done():
-    cb = AGPCallback(MagnitudePruning(sparsity=0.5), end=0.5, frequency=1)
+    cb = AGPCallback(MagnitudePruningConfig(sparsity=0.5), end=0.5, frequency=1)
     model = _mlp()
     cb.on_train_begin(model, 10)
     cb.on_step_end(model, 2, 10)

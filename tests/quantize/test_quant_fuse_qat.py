@@ -39,7 +39,7 @@ def test_fuse_bn_is_exact(factory):
     size = 8 if isinstance(model, nn.Sequential) else 32
     x = torch.rand(4, 1, size, size)
     ref = model(x).detach()
-    report = sg.fuse_(model, sg.FuseBN())
+    report = sg.fuse_(model, sg.FuseBNConfig())
     assert report["fused"] and report["not_fused"] == []
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)  # float rounding only
@@ -47,7 +47,7 @@ def test_fuse_bn_is_exact(factory):
 
 def test_fused_model_saves_and_loads(tmp_path):
     model = randomize_bn(sg.zoo.create("digits32-resnet", widths=(8, 16, 16)))
-    sg.fuse_(model, sg.FuseBN())
+    sg.fuse_(model, sg.FuseBNConfig())
     back = sg.load(sg.save(model, tmp_path / "f.slim"))
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model(x), back(x))
@@ -57,9 +57,9 @@ def test_qat_recovers_what_ptq_loses(zoo_model, digits):
     # 2-bit weights: round-to-nearest PTQ loses a lot; a short QAT run (2 epochs) wins it back
     base = zoo_model("digits-mlp")
     ptq = copy.deepcopy(base)
-    sg.quantize_(ptq, sg.Int8Static(weight_bits=2, calibration="minmax"), calib=digits.calib, progress=False)
+    sg.quantize_(ptq, sg.Int8StaticConfig(weight_bits=2, calibration="minmax"), calib=digits.calib, progress=False)
     qat = copy.deepcopy(base)
-    sg.prepare_qat_(qat, sg.QAT(weight_bits=2), calib=digits.calib, progress=False)
+    sg.prepare_qat_(qat, sg.QATConfig(weight_bits=2), calib=digits.calib, progress=False)
     sg.finetune(qat, digits, sg.FinetuneConfig(epochs=2, lr=1e-3, patience=0), callbacks=[QATFreezer(1, 1)],
                 progress=False)
     converted = sg.convert_(qat)
@@ -91,13 +91,13 @@ def test_qat_freezer_freezes_bn_then_observers():
 # (config, minimum SQNR in dB of the twin against the real layer)
 TWIN_CASES = [
     # the same integer grids; the twin accumulates in float, the int8 kernel exactly in int32
-    (sg.Int8Static(), 80.0),
-    (sg.Int8Dynamic(), 80.0),
+    (sg.Int8StaticConfig(), 80.0),
+    (sg.Int8DynamicConfig(), 80.0),
     # the weight-only kernels take bfloat16 activations (8 significant bits): about 50 dB
-    (sg.WeightOnly(bits=4, group_size=32), 45.0),
-    (sg.WeightOnly(bits=8, group_size=0), 45.0),
+    (sg.WeightOnlyConfig(bits=4, group_size=32), 45.0),
+    (sg.WeightOnlyConfig(bits=8, group_size=0), 45.0),
     # bfloat16 products rounded to bfloat16 outputs
-    (sg.HalfPrecision(), 45.0),
+    (sg.HalfPrecisionConfig(), 45.0),
 ]
 
 
@@ -111,10 +111,10 @@ def test_fake_quant_twins_match_and_are_differentiable(zoo_model, digits, cfg, m
         twin = layer.fake_quant_twin()
         x = (torch.rand(8, layer.in_features) * 3).requires_grad_(True)
         real = layer(x.detach())
-        if not isinstance(cfg, sg.HalfPrecision):  # integer kernels have no gradient; the twin carries it
+        if not isinstance(cfg, sg.HalfPrecisionConfig):  # integer kernels have no gradient; the twin carries it
             assert not real.requires_grad
         assert sqnr(real, twin(x).detach()) > min_db
-        if isinstance(cfg, sg.Int8Static):  # outputs on the int8 grid: at most one step apart, nearly all equal
+        if isinstance(cfg, sg.Int8StaticConfig):  # outputs on the int8 grid: at most one step apart, nearly all equal
             diff = (twin(x).detach() - real).abs() / float(layer.output_scale)
             assert float(diff.max()) <= 1.001 and float((diff == 0).float().mean()) >= 0.99
         twin(x).sum().backward()
@@ -130,7 +130,7 @@ def test_static_without_folding_keeps_relu_after_bn(digits):
     x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     calib = dataclasses.replace(digits.calib, x=x, y=torch.zeros(128, dtype=torch.long))
     ref = model(x).detach()
-    report = sg.quantize_(model, sg.Int8Static(fuse_bn=False), calib=calib, progress=False)
+    report = sg.quantize_(model, sg.Int8StaticConfig(fuse_bn=False), calib=calib, progress=False)
     assert report["fused_relu"] == [] and report["fused_bn"] == []  # BN stays, so its ReLU stays after it
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2], nn.ReLU)
     assert sqnr(ref, model(x).detach()) > 20

@@ -156,8 +156,9 @@ def test_macs_of_integer_kernels_are_counted(digits):
     x = torch.randn(5, 64)
     want = 5 * (64 * 96 + 96 * 32)
     calib = dataclasses.replace(digits.calib, x=torch.randn(64, 64, generator=_gen(11)), y=None)
-    for cfg in [sg.Int8Dynamic(), sg.WeightOnly(bits=4, group_size=32), sg.WeightOnly(bits=8, group_size=0),
-                sg.Int8Static()]:
+    for cfg in [sg.Int8DynamicConfig(), sg.WeightOnlyConfig(bits=4, group_size=32),
+                sg.WeightOnlyConfig(bits=8, group_size=0),
+                sg.Int8StaticConfig()]:
         q = copy.deepcopy(model)
         sg.quantize_(q, cfg, calib=calib, progress=False)
         assert count_macs(q, x) == want, cfg
@@ -174,8 +175,9 @@ STORED = {
 }
 
 
-@pytest.mark.parametrize("cfg", [sg.Int8Dynamic(), sg.Int8Static(), sg.WeightOnly(bits=4, group_size=32),
-                                 sg.WeightOnly(bits=8, group_size=0)], ids=["dynamic", "static", "int4", "int8"])
+@pytest.mark.parametrize("cfg", [sg.Int8DynamicConfig(), sg.Int8StaticConfig(),
+                                 sg.WeightOnlyConfig(bits=4, group_size=32),
+                                 sg.WeightOnlyConfig(bits=8, group_size=0)], ids=["dynamic", "static", "int4", "int8"])
 def test_stored_format_is_unchanged_and_loads_packed(cfg, zoo_model, digits, tmp_path):
     m = zoo_model("digits-mlp")
     sg.quantize_(m, cfg, calib=digits.calib, progress=False)

@@ -28,16 +28,16 @@ def calib(digits):
 
 # (config, minimum output SQNR in dB vs the float model; int4 group-wise keeps ~ 4 bits x 6 dB)
 CASES = [
-    (sg.Int8Static(calibration="minmax"), 25.0),
-    (sg.Int8Static(calibration="percentile"), 25.0),
-    (sg.Int8Static(calibration="mse"), 25.0),
-    (sg.Int8Static(calibration="entropy"), 20.0),
-    (sg.Int8Dynamic(), 25.0),
-    (sg.WeightOnly(bits=8, group_size=0), 35.0),
-    (sg.WeightOnly(bits=4, group_size=32), 15.0),
-    (sg.GPTQ(bits=4, group_size=32), 15.0),
-    (sg.HalfPrecision(dtype="bf16"), 35.0),
-    (sg.HalfPrecision(dtype="fp16"), 50.0),
+    (sg.Int8StaticConfig(calibration="minmax"), 25.0),
+    (sg.Int8StaticConfig(calibration="percentile"), 25.0),
+    (sg.Int8StaticConfig(calibration="mse"), 25.0),
+    (sg.Int8StaticConfig(calibration="entropy"), 20.0),
+    (sg.Int8DynamicConfig(), 25.0),
+    (sg.WeightOnlyConfig(bits=8, group_size=0), 35.0),
+    (sg.WeightOnlyConfig(bits=4, group_size=32), 15.0),
+    (sg.GPTQConfig(bits=4, group_size=32), 15.0),
+    (sg.HalfPrecisionConfig(dtype="bf16"), 35.0),
+    (sg.HalfPrecisionConfig(dtype="fp16"), 50.0),
 ]
 
 
@@ -58,8 +58,8 @@ def test_gptq_beats_round_to_nearest(calib):
     model = small_mlp()
     ref = model(calib.x).detach()
     rtn, gptq = copy.deepcopy(model), copy.deepcopy(model)
-    sg.quantize_(rtn, sg.WeightOnly(bits=3, group_size=32), calib=calib)
-    sg.quantize_(gptq, sg.GPTQ(bits=3, group_size=32), calib=calib, progress=False)
+    sg.quantize_(rtn, sg.WeightOnlyConfig(bits=3, group_size=32), calib=calib)
+    sg.quantize_(gptq, sg.GPTQConfig(bits=3, group_size=32), calib=calib, progress=False)
     assert sqnr(ref, gptq(calib.x).detach()) > sqnr(ref, rtn(calib.x).detach()) + 1.0
 
 
@@ -82,8 +82,9 @@ def test_int4_is_packed_and_padded():
 
 def test_artifact_round_trip_and_int4_smaller(zoo_model, digits, tmp_path):
     sizes = {}
-    for name, cfg in [("int8", sg.WeightOnly(bits=8, group_size=0)), ("int4", sg.WeightOnly(bits=4, group_size=64)),
-                      ("static", sg.Int8Static()), ("half", sg.HalfPrecision())]:
+    for name, cfg in [("int8", sg.WeightOnlyConfig(bits=8, group_size=0)),
+                      ("int4", sg.WeightOnlyConfig(bits=4, group_size=64)),
+                      ("static", sg.Int8StaticConfig()), ("half", sg.HalfPrecisionConfig())]:
         m = zoo_model("digits-mlp")
         sg.quantize_(m, cfg, calib=digits.calib, progress=False)
         path = sg.save(m, tmp_path / f"{name}.slim")
@@ -106,19 +107,19 @@ def test_unsupported_layers_stay_float_and_are_reported(calib):
 
     net = Net().eval()
     w_before = net.conv1d.weight.detach().clone()
-    report = sg.quantize_(net, sg.Int8Static(), calib=calib, progress=False)
+    report = sg.quantize_(net, sg.Int8StaticConfig(), calib=calib, progress=False)
     assert type(net.conv1d) is nn.Conv1d and torch.equal(net.conv1d.weight, w_before)
     assert {"layer": "conv1d", "reason": "Conv1d is not quantized here"} in report["kept_float"]
     assert report["quantized"] == ["fc"]
 
 
 @pytest.mark.parametrize(("make", "error"), [
-    (lambda: sg.WeightOnly(bits=5), ConfigError),
-    (lambda: sg.WeightOnly(bits=4, group_size=33), ConfigError),
-    (lambda: sg.GPTQ(bits=16), ConfigError),
-    (lambda: sg.Int8Static(weight_bits=9), ConfigError),
-    (lambda: sg.Int8Static(calibration="median"), ConfigError),
-    (lambda: sg.MixedPrecision(bits=[5]), ConfigError),
+    (lambda: sg.WeightOnlyConfig(bits=5), ConfigError),
+    (lambda: sg.WeightOnlyConfig(bits=4, group_size=33), ConfigError),
+    (lambda: sg.GPTQConfig(bits=16), ConfigError),
+    (lambda: sg.Int8StaticConfig(weight_bits=9), ConfigError),
+    (lambda: sg.Int8StaticConfig(calibration="median"), ConfigError),
+    (lambda: sg.MixedPrecisionConfig(bits=[5]), ConfigError),
 ])
 def test_bad_configs(make, error):
     with pytest.raises(error):
@@ -130,11 +131,11 @@ def test_bad_calibration_data(zoo_model, digits):
     empty = digits.calib.subset(0)
     wrong = dataclasses.replace(digits.calib, x=torch.rand(8, 3, 5))
     with pytest.raises(DataError, match="empty"):
-        sg.quantize_(m, sg.Int8Static(), calib=empty)
+        sg.quantize_(m, sg.Int8StaticConfig(), calib=empty)
     with pytest.raises(DataError, match="shape"):
-        sg.quantize_(m, sg.Int8Static(), calib=wrong)
+        sg.quantize_(m, sg.Int8StaticConfig(), calib=wrong)
     with pytest.raises(DataError, match="calibration data"):
-        sg.quantize_(m, sg.GPTQ())
+        sg.quantize_(m, sg.GPTQConfig())
     assert sum(isinstance(x, nn.Linear) for x in m.modules()) == 3  # nothing was mangled
 
 

@@ -24,7 +24,7 @@ def small_resnet(digits32):
 
 def test_static_int8_runs_int8_kernels_and_agrees(small_resnet, digits32, tmp_path):
     model, calib = small_resnet
-    sg.quantize_(model, sg.Int8Static(), calib=calib, progress=False)
+    sg.quantize_(model, sg.Int8StaticConfig(), calib=calib, progress=False)
     ort_model = OrtModel(export_onnx(model, calib.x[:1], tmp_path / "q.onnx"), num_threads=1)
     kernels = check_int8_kernels(ort_model)
     assert kernels["ok"] and kernels["int8_ops"].get("QLinearConv", 0) >= 5 and kernels["float_compute_ops"] == {}
@@ -52,7 +52,7 @@ def test_quantized_macs_are_counted(zoo_model, digits):
     m = zoo_model("digits-mlp")
     x = digits.test.x[:1]
     before = count_macs(m, x)
-    sg.quantize_(m, sg.Int8Dynamic())
+    sg.quantize_(m, sg.Int8DynamicConfig())
     assert count_macs(m, x) == before == 64 * 300 + 300 * 100 + 100 * 10
 
 

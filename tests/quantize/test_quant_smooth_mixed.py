@@ -44,12 +44,12 @@ def test_smoothquant_preserves_function_and_shrinks_outliers():
 
 def test_smoothquant_step_needs_calibration():
     with pytest.raises(DataError, match="calibration"):
-        sg.quantize_(Block(), sg.SmoothQuant())
+        sg.quantize_(Block(), sg.SmoothQuantConfig())
 
 
 def test_mixed_precision_respects_budget(zoo_model, digits):
     m = zoo_model("digits-mlp")
-    report = sg.quantize_(m, sg.MixedPrecision(budget=1.0, bits=[2, 4, 8], group_size=32), data=digits)
+    report = sg.quantize_(m, sg.MixedPrecisionConfig(budget=1.0, bits=[2, 4, 8], group_size=32), data=digits)
     assert report["accuracy_drop"] <= 1.0 and report["evaluated_on"] == "val"
     assert set(report["bits"]) == {"2", "4", "6"}
     assert all(b in (2, 4, 8, None) for b in report["bits"].values())
@@ -59,4 +59,4 @@ def test_mixed_precision_respects_budget(zoo_model, digits):
 def test_mixed_precision_needs_labels(zoo_model, digits):
     unlabeled = dataclasses.replace(digits.calib, y=None)
     with pytest.raises(DataError, match="labelled"):
-        sg.quantize_(zoo_model("digits-mlp"), sg.MixedPrecision(), calib=unlabeled)
+        sg.quantize_(zoo_model("digits-mlp"), sg.MixedPrecisionConfig(), calib=unlabeled)

@@ -205,12 +205,12 @@ def test_unknown_bounds_ask_for_them():
 def test_int8_model_without_gradient_points_to_the_fake_quant_twin(mlp_xy):
     import copy
 
-    from slimguard.quantize.dynamic import Int8Dynamic
+    from slimguard.quantize.dynamic import Int8DynamicConfig
     from slimguard.transforms import quantize_
 
     model, d, x, y = mlp_xy
     q = copy.deepcopy(model)
-    quantize_(q, Int8Dynamic())
+    quantize_(q, Int8DynamicConfig())
     assert is_quantized(q) and not is_quantized(model)
     with pytest.raises(ModelError, match="fake_quant_twin") as info:
         PGD(eps=0.1, steps=2)(q, x[:8], y[:8], bounds=d.meta.bounds())

@@ -25,12 +25,12 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def mlp_and_int8():
     from slimguard.models import zoo
-    from slimguard.quantize.dynamic import Int8Dynamic
+    from slimguard.quantize.dynamic import Int8DynamicConfig
     from slimguard.transforms import quantize_
 
     original = zoo.load("digits-mlp", progress=False)
     q = copy.deepcopy(original)
-    quantize_(q, Int8Dynamic())
+    quantize_(q, Int8DynamicConfig())
     return original, q
 
 

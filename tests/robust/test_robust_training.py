@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimguard.core.errors import ConfigError, ModelError
-from slimguard.robust import PGD, AdversarialFinetune, accuracy_on, adversarial_finetune, trades_loss
+from slimguard.robust import PGD, AdversarialFinetuneConfig, accuracy_on, adversarial_finetune, trades_loss
 from slimguard.robust.scorecard import DEFAULT_EPS
 from slimguard.runtime.measure import threads
 from slimguard.train.loop import FinetuneConfig
@@ -32,7 +32,7 @@ def trained():
         d = data.load("digits")
         original = zoo.load("digits-mlp", progress=False)
         model = copy.deepcopy(original)
-        cfg = AdversarialFinetune(eps=MIDDLE_EPS, steps=3, val_examples=128,
+        cfg = AdversarialFinetuneConfig(eps=MIDDLE_EPS, steps=3, val_examples=128,
                                   finetune=FinetuneConfig(epochs=4, lr=2e-3, patience=0))
         history = adversarial_finetune(model, d, cfg, progress=False)
     return original, model, d, history
@@ -92,18 +92,19 @@ BAD = [
 @pytest.mark.parametrize("fields,word", BAD)
 def test_bad_adv_finetune_configs(fields, word):
     with pytest.raises(ConfigError, match=word) as info:
-        AdversarialFinetune.from_fields(fields)
+        AdversarialFinetuneConfig.from_fields(fields)
     assert "\n" not in str(info.value)
 
 
 def test_int8_model_cannot_be_adversarially_fine_tuned(digits, zoo_model):
-    from slimguard.quantize.dynamic import Int8Dynamic
+    from slimguard.quantize.dynamic import Int8DynamicConfig
     from slimguard.transforms import quantize_
 
     model = zoo_model("digits-mlp")
-    quantize_(model, Int8Dynamic())
+    quantize_(model, Int8DynamicConfig())
     with pytest.raises(ModelError, match="before quantizing"):
-        adversarial_finetune(model, digits, AdversarialFinetune(finetune=FinetuneConfig(epochs=1)), progress=False)
+        cfg = AdversarialFinetuneConfig(finetune=FinetuneConfig(epochs=1))
+        adversarial_finetune(model, digits, cfg, progress=False)
 
 
 def test_robust_recipe_end_to_end(tmp_path, zoo_model):

@@ -31,14 +31,14 @@ def _distinct_nonzero(t: torch.Tensor) -> int:
 ])
 def test_bits_outside_1_to_8_are_refused(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        sg.WeightSharing(**kwargs)
+        sg.WeightSharingConfig(**kwargs)
 
 
 def test_recipe_field_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"weight-sharing\.bits"):
-        sg.WeightSharing.from_fields({"bits": "five"}, where="weight-sharing")
+        sg.WeightSharingConfig.from_fields({"bits": "five"}, where="weight-sharing")
     with pytest.raises(ConfigError, match="gap_bits"):
-        sg.HuffmanCoding(gap_bits=12)
+        sg.HuffmanCodingConfig(gap_bits=12)
 
 
 def test_kmeans_linear_init_and_few_distinct_values():
@@ -55,14 +55,14 @@ def test_kmeans_linear_init_and_few_distinct_values():
 
 
 @pytest.mark.parametrize(("config", "bits"), [
-    (sg.WeightSharing(bits=3), {"2.weight": 3, "4.weight": 3, "6.weight": 3}),
-    (sg.WeightSharing(bits=5, bits_by_type={"linear": 4}, overrides={"6": 2}),
+    (sg.WeightSharingConfig(bits=3), {"2.weight": 3, "4.weight": 3, "6.weight": 3}),
+    (sg.WeightSharingConfig(bits=5, bits_by_type={"linear": 4}, overrides={"6": 2}),
      {"2.weight": 4, "4.weight": 4, "6.weight": 2}),
-    (sg.WeightSharing(bits=4, bias_bits=2), {"2.weight": 4, "2.bias": 2, "6.bias": 2}),
+    (sg.WeightSharingConfig(bits=4, bias_bits=2), {"2.weight": 4, "2.bias": 2, "6.bias": 2}),
 ])
 def test_clustering_shares_weights_and_keeps_zeros(zoo_model, config, bits):
     model = zoo_model("digits-mlp")
-    sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8))
     zeros = {n: (p == 0).clone() for n, p in model.named_parameters()}
     result = sg.cluster_(model, config)
     params = dict(model.named_parameters())
@@ -79,15 +79,15 @@ def test_layer_with_fewer_distinct_weights_than_clusters(zoo_model):
     with torch.no_grad():
         model[6].weight.copy_(torch.tensor([0.0, 0.5, -0.5]).repeat(334)[:1000].reshape(10, 100))
     before = model[6].weight.clone()
-    result = sg.cluster_(model, sg.WeightSharing(bits=8))
+    result = sg.cluster_(model, sg.WeightSharingConfig(bits=8))
     assert torch.equal(model[6].weight, before)  # nothing to lose: kept exactly
     assert result["layers"]["6.weight"]["clusters"] == 2
 
 
 def test_centroid_finetuning_keeps_sharing_and_zeros(zoo_model, digits):
     model = zoo_model("digits-mlp")
-    sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
-    sg.cluster_(model, sg.WeightSharing(bits=4, bias_bits=4))
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8))
+    sg.cluster_(model, sg.WeightSharingConfig(bits=4, bias_bits=4))
     w_before = model[2].weight.detach().clone()
     zeros = model[4].weight == 0
     sg.finetune(model, digits, sg.FinetuneConfig(epochs=2, lr=1e-3, patience=0, restore_best=False),
@@ -110,10 +110,10 @@ def coded(tmp_path_factory):
     data = sg.data.load("digits")
     model = zoo.load("digits-mlp", progress=False)
     fp32 = sg.save(model, tmp_path_factory.mktemp("fp32") / "fp32.slim")
-    sg.prune_(model, sg.MagnitudePruning(sparsity=0.9))
-    sg.cluster_(model, sg.WeightSharing(bits=5, bias_bits=6))
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.9))
+    sg.cluster_(model, sg.WeightSharingConfig(bits=5, bias_bits=6))
     sg.finetune(model, data, sg.FinetuneConfig(epochs=1, lr=3e-4, patience=0), progress=False)
-    sg.cluster_(model, sg.HuffmanCoding())
+    sg.cluster_(model, sg.HuffmanCodingConfig())
     path = sg.save(model, tmp_path_factory.mktemp("coded") / "m.slim")
     return model, path, data, fp32
 
@@ -184,7 +184,7 @@ def test_damaged_block_in_artifact_names_the_layer(coded, tmp_path, mutate, mess
 
 def test_huffman_coding_needs_shared_weights(zoo_model):
     with pytest.raises(ConfigError, match="weight-sharing first"):
-        sg.cluster_(zoo_model("digits-mlp"), sg.HuffmanCoding())
+        sg.cluster_(zoo_model("digits-mlp"), sg.HuffmanCodingConfig())
 
 
 # ---- HashedNets ----------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_hashed_linear_trains_saves_and_exports(zoo_model, digits, tmp_path):
     import onnxruntime as ort
 
     model = zoo_model("digits-mlp")
-    result = sg.cluster_(model, sg.Hashing(compression=0.25, ignore=["6"]))
+    result = sg.cluster_(model, sg.HashingConfig(compression=0.25, ignore=["6"]))
     assert isinstance(model[2], HashedLinear) and isinstance(model[6], nn.Linear)
     assert result["layers"]["4"] == {"virtual": 30000, "buckets": 7500}
     pool = model[4].weight_pool.detach().clone()
@@ -237,12 +237,12 @@ def test_hashed_linear_trains_saves_and_exports(zoo_model, digits, tmp_path):
 ])
 def test_hashing_bad_config(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        sg.Hashing(**kwargs)
+        sg.HashingConfig(**kwargs)
 
 
 def test_hashing_unknown_layer_is_refused(zoo_model):
     with pytest.raises(ConfigError, match="not a Linear"):
-        sg.cluster_(zoo_model("digits-mlp"), sg.Hashing(ignore=["nope"]))
+        sg.cluster_(zoo_model("digits-mlp"), sg.HashingConfig(ignore=["nope"]))
 
 
 # ---- recipe, inspect, counters ---------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_shipped_recipe_is_valid_and_ends_with_sharing_and_coding():
     recipe = sg.load_recipe(str(path))
     names = [s.config_name for s in recipe.steps]
     assert names[0] == "magnitude" and names[-3:] == ["weight-sharing", "finetune", "huffman-coding"]
-    assert isinstance(recipe.steps[-3], sg.WeightSharing) and recipe.steps[-3].bits == 3
+    assert isinstance(recipe.steps[-3], sg.WeightSharingConfig) and recipe.steps[-3].bits == 3
 
 
 def test_inspect_shows_the_paper_columns(coded):
@@ -273,5 +273,5 @@ def test_cluster_indices_are_not_counted_as_weights(zoo_model):
 
     model = zoo_model("digits-mlp")
     before = count_params(model)
-    sg.cluster_(model, sg.WeightSharing(bits=4, bias_bits=4))
+    sg.cluster_(model, sg.WeightSharingConfig(bits=4, bias_bits=4))
     assert count_params(model) == before

@@ -362,7 +362,7 @@ class HuffmanCodec:
         if book.numel() > MAX_SYMBOLS:
             raise ArtifactError(
                 f"tensor holds {book.numel()} distinct values; the huffman codec codes at most {MAX_SYMBOLS} "
-                "(share its weights first with sg.cluster_(model, sg.WeightSharing(bits=5)))"
+                "(share its weights first with sg.cluster_(model, sg.WeightSharingConfig(bits=5)))"
             )
         return book, inverse.numpy().astype(np.int64)
 

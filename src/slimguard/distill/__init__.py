@@ -19,11 +19,11 @@ from slimguard.distill.losses import (
     kd_loss,
     soft_kl,
 )
-from slimguard.distill.students import DropLayers, drop_layers_, pruned_student, width_student
+from slimguard.distill.students import DropLayersConfig, drop_layers_, pruned_student, width_student
 from slimguard.distill.teachers import Ensemble
 
 __all__ = [
-    "DistillConfig", "DropLayers", "Ensemble", "attention_kl", "attention_transfer", "distill", "drop_layers_",
+    "DistillConfig", "DropLayersConfig", "Ensemble", "attention_kl", "attention_transfer", "distill", "drop_layers_",
     "embedding_loss", "feature_loss", "hard_ce", "kd_loss", "pruned_student", "soft_kl", "width_student",
 ]
 

@@ -92,7 +92,7 @@ def drop_layers_(model: nn.Module, keep: Sequence[int]) -> nn.Module:
 
 @register_config("drop-layers")
 @dataclasses.dataclass
-class DropLayers(Config):
+class DropLayersConfig(Config):
     """Recipe step: keep a subset of a transformer's layers (then usually a ``distill`` step).
 
     Args:
@@ -148,7 +148,7 @@ def pruned_student(teacher: nn.Module, prune_config: Config, **context: Any) -> 
     left as it is. ``context`` (``example_inputs``, ``data``, ...) is passed to the pruning handler.
 
     Example:
-        >>> student = pruned_student(teacher, sg.ChannelPruning(ratio=0.5), example_inputs=data.example)
+        >>> student = pruned_student(teacher, sg.ChannelPruningConfig(ratio=0.5), example_inputs=data.example)
     """
     from slimguard.transforms import prune_
 
@@ -160,8 +160,8 @@ def pruned_student(teacher: nn.Module, prune_config: Config, **context: Any) -> 
 def _register() -> None:
     from slimguard.core.registry import register_handler
 
-    @register_handler("prune", DropLayers)
-    def _drop_layers_step(model: nn.Module, config: DropLayers, **_: Any) -> dict[str, Any]:
+    @register_handler("prune", DropLayersConfig)
+    def _drop_layers_step(model: nn.Module, config: DropLayersConfig, **_: Any) -> dict[str, Any]:
         before = len(layer_stack(model)[2])
         drop_layers_(model, config.keep)
         return {"layers_before": before, "layers_after": len(config.keep), "kept": list(config.keep)}

@@ -1,5 +1,5 @@
-"""Low-rank factorisation (truncated SVD) of Linear and Conv2d layers: ``sg.factorize_(model, LowRank())``."""
+"""Low-rank factorisation (truncated SVD) of Linear and Conv2d layers: ``sg.factorize_(model, LowRankConfig())``."""
 
-from slimguard.lowrank.svd import LowRank, choose_rank, factorize_conv, factorize_linear
+from slimguard.lowrank.svd import LowRankConfig, choose_rank, factorize_conv, factorize_linear
 
-__all__ = ["LowRank", "choose_rank", "factorize_conv", "factorize_linear"]
+__all__ = ["LowRankConfig", "choose_rank", "factorize_conv", "factorize_linear"]

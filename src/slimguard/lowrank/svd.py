@@ -1,6 +1,6 @@
 """Low-rank factorisation by truncated SVD.
 
-``sg.factorize_(model, LowRank(energy=0.9))`` replaces each eligible layer by two thinner ones:
+``sg.factorize_(model, LowRankConfig(energy=0.9))`` replaces each eligible layer by two thinner ones:
 
 * ``Linear(in, out)`` -> ``Sequential(Linear(in, r, bias=False), Linear(r, out))`` with
   ``W ~= U_r S_r V_r^T`` split as ``(S_r^1/2 V_r^T)`` and ``(U_r S_r^1/2)``.
@@ -14,7 +14,7 @@ only factorised when that saves parameters (``r * (m + n) < m * n``). Only stand
 produced, so artifacts need no new module classes. Fine-tune afterwards (``finetune`` step).
 
 Example:
-    >>> sg.factorize_(model, sg.LowRank(energy=0.9))
+    >>> sg.factorize_(model, sg.LowRankConfig(energy=0.9))
     >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=3))
 """
 
@@ -35,7 +35,7 @@ from slimguard.core.registry import register_handler
 
 @register_config("lowrank")
 @dataclasses.dataclass
-class LowRank(Config):
+class LowRankConfig(Config):
     """Truncated-SVD factorisation of Linear and Conv2d layers.
 
     Args:
@@ -139,8 +139,8 @@ def _singular_values(w2d: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(w2d.detach().double())
 
 
-@register_handler("factorize", LowRank)
-def _lowrank(model: nn.Module, config: LowRank, **_: Any) -> dict[str, Any]:
+@register_handler("factorize", LowRankConfig)
+def _lowrank(model: nn.Module, config: LowRankConfig, **_: Any) -> dict[str, Any]:
     """Factorise eligible layers in place; returns per-layer ``{rank, full_rank, retained_energy}``."""
     done: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []

@@ -9,9 +9,9 @@ updated every ``frequency`` steps; masks only grow and stay applied through trai
 re-applies them after every optimizer step), so the artifact stores them sparsely.
 
 Example:
-    >>> sg.prune_(model, sg.GradualPruning(sparsity=0.9, finetune=sg.FinetuneConfig(epochs=20)), data=data)
+    >>> sg.prune_(model, sg.AGPConfig(sparsity=0.9, finetune=sg.FinetuneConfig(epochs=20)), data=data)
     >>> # or as a callback in your own fine-tuning:
-    >>> cb = AGPCallback(sg.MagnitudePruning(sparsity=0.9))
+    >>> cb = AGPCallback(sg.MagnitudePruningConfig(sparsity=0.9))
     >>> sg.finetune(model, data, cfg, callbacks=[cb])
 """
 
@@ -26,7 +26,7 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import register_handler
 from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
-from slimguard.prune.magnitude import MagnitudePruning, prune_unstructured
+from slimguard.prune.magnitude import MagnitudePruningConfig, prune_unstructured
 from slimguard.train.loop import Callback, FinetuneConfig, finetune
 
 
@@ -53,7 +53,7 @@ class AGPCallback(Callback):
         importance: a ready importance (default from ``target.importance``).
     """
 
-    def __init__(self, target: MagnitudePruning, initial: float = 0.0, start: float = 0.0, end: float = 0.75,
+    def __init__(self, target: MagnitudePruningConfig, initial: float = 0.0, start: float = 0.0, end: float = 0.75,
                  frequency: int = 10, importance: Importance | None = None) -> None:
         self.target, self.initial, self.start, self.end = target, initial, start, end
         self.frequency = max(1, frequency)
@@ -94,7 +94,7 @@ class AGPCallback(Callback):
 
 @register_config("agp")
 @dataclasses.dataclass
-class GradualPruning(Config):
+class AGPConfig(Config):
     """Fine-tune while the sparsity rises on the AGP cubic schedule (a recipe step that trains).
 
     Args:
@@ -132,13 +132,13 @@ class GradualPruning(Config):
         for name, s in self.overrides.items():
             check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
 
-    def target(self) -> MagnitudePruning:
-        return MagnitudePruning(sparsity=self.sparsity, scope=self.scope, ignore=list(self.ignore),
+    def target(self) -> MagnitudePruningConfig:
+        return MagnitudePruningConfig(sparsity=self.sparsity, scope=self.scope, ignore=list(self.ignore),
                                 overrides=dict(self.overrides), importance=self.importance)
 
 
-@register_handler("prune", GradualPruning)
-def _agp(model: nn.Module, config: GradualPruning, *, data: Any = None, progress: bool = True,
+@register_handler("prune", AGPConfig)
+def _agp(model: nn.Module, config: AGPConfig, *, data: Any = None, progress: bool = True,
          **context: Any) -> dict[str, Any]:
     if data is None:
         raise ConfigError("agp fine-tunes while pruning; it needs data (the recipe's data set)")

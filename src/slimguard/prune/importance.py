@@ -20,7 +20,7 @@ Built-in importances, by name (``importance: l1`` in a recipe):
 Example:
     >>> imp = sg.TaylorImportance()
     >>> imp.prepare(model, batches)          # accumulates gradients over a few batches
-    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8, importance="taylor"), data=data)
+    >>> sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8, importance="taylor"), data=data)
 """
 
 from __future__ import annotations

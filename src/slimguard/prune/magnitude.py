@@ -3,8 +3,8 @@
 Paper: Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS 2015.
 
 Example:
-    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.8))
-    >>> sg.prune_(model, sg.MagnitudePruning(sparsity=0.9, scope="layer", importance="taylor"), data=data)
+    >>> sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.8))
+    >>> sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.9, scope="layer", importance="taylor"), data=data)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # a module of one
 
 @register_config("magnitude")
 @dataclasses.dataclass
-class MagnitudePruning(Config):
+class MagnitudePruningConfig(Config):
     """Zero the smallest-magnitude weights of Linear and Conv layers.
 
     Args:
@@ -89,14 +89,15 @@ def _layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
-@register_handler("prune", MagnitudePruning)
-def _magnitude(model: nn.Module, config: MagnitudePruning, **context: Any) -> dict[str, Any]:
+@register_handler("prune", MagnitudePruningConfig)
+def _magnitude(model: nn.Module, config: MagnitudePruningConfig, **context: Any) -> dict[str, Any]:
     imp = get_importance(config.importance)
     prepare_importance(imp, model, context)
     return prune_unstructured(model, config, imp)
 
 
-def prune_unstructured(model: nn.Module, config: MagnitudePruning, imp: Importance | None = None) -> dict[str, Any]:
+def prune_unstructured(model: nn.Module, config: MagnitudePruningConfig,
+                       imp: Importance | None = None) -> dict[str, Any]:
     """Apply ``config`` with a ready importance (default L1); returns ``{"sparsity_by_layer": ...}``."""
     imp = imp or get_importance("l1")
     layers = prunable_layers(model, config.ignore)

@@ -8,7 +8,7 @@ Paper: Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv 2104.083
 Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch", ICLR 2021.
 
 Example:
-    >>> sg.prune_(model, sg.NMSparsity(n=2, m=4))
+    >>> sg.prune_(model, sg.NMSparsityConfig(n=2, m=4))
     >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=3))   # masks stay applied
 """
 
@@ -30,7 +30,7 @@ from slimguard.prune.magnitude import prunable_layers
 
 @register_config("nm")
 @dataclasses.dataclass
-class NMSparsity(Config):
+class NMSparsityConfig(Config):
     """Keep the ``n`` most important of every ``m`` consecutive weights along the input dimension.
 
     Args:
@@ -78,8 +78,8 @@ def has_nm_pattern(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool(((flat.reshape(flat.shape[0], -1, m) != 0).sum(-1) <= n).all())
 
 
-@register_handler("prune", NMSparsity)
-def _nm(model: nn.Module, config: NMSparsity, **context: Any) -> dict[str, Any]:
+@register_handler("prune", NMSparsityConfig)
+def _nm(model: nn.Module, config: NMSparsityConfig, **context: Any) -> dict[str, Any]:
     imp = get_importance(config.importance)
     prepare_importance(imp, model, context)
     pruned, skipped = [], {}

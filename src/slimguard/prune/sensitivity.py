@@ -4,14 +4,14 @@ For every prunable layer (unstructured: each Linear/Conv; structured: each coupl
 each transformer block) and every sparsity, a copy of the model is pruned at that one place and scored
 on the validation split: accuracy for classifiers, cosine fidelity to the unpruned model for embedding
 models. The result is plain JSON; :func:`ratios_from_sensitivity` turns it into per-layer ratios for
-``ChannelPruning(ratios=...)`` or ``MagnitudePruning(overrides=...)``, and automatic search reuses it.
+``ChannelPruningConfig(ratios=...)`` or ``MagnitudePruningConfig(overrides=...)``, and automatic search reuses it.
 
 Paper: Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017 (per-layer sensitivity scans).
 
 Example:
     >>> result = sg.sensitivity(model, sg.data.load("digits32"), method="channel")
     >>> ratios = sg.ratios_from_sensitivity(result, max_drop=0.01)
-    >>> sg.prune_(model, sg.ChannelPruning(ratio=0.0, ratios=ratios), example_inputs=data.example)
+    >>> sg.prune_(model, sg.ChannelPruningConfig(ratio=0.0, ratios=ratios), example_inputs=data.example)
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def _prune_one(model: nn.Module, method: str, name: str, sparsity: float, exampl
         m = model.get_submodule(name)
         set_mask(m, "weight", _layer_mask(_weight(m).detach().abs(), sparsity))
         return
-    from slimguard.prune.structured import ChannelPruning, prune_channels
+    from slimguard.prune.structured import ChannelPruningConfig, prune_channels
 
-    prune_channels(model, ChannelPruning(ratio=0.0, ratios={name: sparsity}), example)
+    prune_channels(model, ChannelPruningConfig(ratio=0.0, ratios={name: sparsity}), example)
 
 
 def sensitivity(

@@ -9,7 +9,7 @@ keeps its module classes, so an artifact stores only the new sizes and loads bac
 
 Example:
     >>> model = sg.zoo.load("digits32-resnet")
-    >>> sg.prune_(model, sg.ChannelPruning(ratio=0.5, round_to=8), example_inputs=torch.rand(1, 1, 32, 32))
+    >>> sg.prune_(model, sg.ChannelPruningConfig(ratio=0.5, round_to=8), example_inputs=torch.rand(1, 1, 32, 32))
     >>> sg.finetune(model, sg.data.load("digits32"), sg.FinetuneConfig(epochs=5))
 """
 
@@ -34,7 +34,7 @@ from slimguard.runtime.measure import count_params
 
 @register_config("channel")
 @dataclasses.dataclass
-class ChannelPruning(Config):
+class ChannelPruningConfig(Config):
     """Remove whole channels (and transformer heads / FFN neurons), shrinking the modules.
 
     Args:
@@ -147,7 +147,7 @@ def _inside(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def prune_channels(model: nn.Module, config: ChannelPruning, example_inputs: Any = None,
+def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any = None,
                    importance: Importance | None = None) -> dict[str, Any]:
     """Apply :class:`ChannelPruning` in place; returns what changed.
 
@@ -206,8 +206,9 @@ def prune_channels(model: nn.Module, config: ChannelPruning, example_inputs: Any
             "blocks": blocks}
 
 
-@register_handler("prune", ChannelPruning)
-def _channel(model: nn.Module, config: ChannelPruning, *, example_inputs: Any = None, **context: Any) -> dict[str, Any]:
+@register_handler("prune", ChannelPruningConfig)
+def _channel(model: nn.Module, config: ChannelPruningConfig, *, example_inputs: Any = None,
+             **context: Any) -> dict[str, Any]:
     imp = get_importance(config.importance)
     prepare_importance(imp, model, context)
     return prune_channels(model, config, example_inputs, imp)

@@ -5,7 +5,7 @@ still takes and returns float32. On CPUs without native half arithmetic this sav
 size rather than time.
 
 Example:
-    >>> sg.quantize_(model, sg.HalfPrecision(dtype="bf16"))
+    >>> sg.quantize_(model, sg.HalfPrecisionConfig(dtype="bf16"))
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @register_config("half")
 @dataclasses.dataclass
-class HalfPrecision(Config):
+class HalfPrecisionConfig(Config):
     """Cast Linear / Conv2d layers to ``fp16`` or ``bf16`` (default ``bf16``); ``ignore`` keeps layers float."""
 
     dtype: Literal["fp16", "bf16"] = "bf16"
@@ -94,8 +94,8 @@ class HalfConv2d(nn.Conv2d, _HalfMixin):
                     groups=self.groups, bias=self.bias is not None, dtype=self.dtype)
 
 
-@register_handler("quantize", HalfPrecision)
-def _half(model: nn.Module, config: HalfPrecision, **_: Any) -> dict[str, Any]:
+@register_handler("quantize", HalfPrecisionConfig)
+def _half(model: nn.Module, config: HalfPrecisionConfig, **_: Any) -> dict[str, Any]:
     done, kept = select_layers(model, (nn.Linear, nn.Conv2d), config.ignore, exact=True,
                                check=conv_padding_reason)
     for name in done:

@@ -12,7 +12,7 @@ The product is registered with PyTorch's FLOP counter, so MACs of quantized laye
 :func:`slimguard.runtime.measure.count_macs`.
 
 Example:
-    >>> sg.quantize_(model, sg.Int8Dynamic())
+    >>> sg.quantize_(model, sg.Int8DynamicConfig())
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from slimguard.quantize.kernels import fake_quantize_rows, int8_linear_dynamic, 
 
 @register_config("int8-dynamic")
 @dataclasses.dataclass
-class Int8Dynamic(Config):
+class Int8DynamicConfig(Config):
     """Dynamic int8 quantization of Linear layers.
 
     Args:
@@ -112,8 +112,8 @@ class _DynamicTwin(nn.Module):
         return F.linear(fake_quantize_rows(x), self.weight, self.bias)
 
 
-@register_handler("quantize", Int8Dynamic)
-def _int8_dynamic(model: nn.Module, config: Int8Dynamic, **_: Any) -> dict[str, Any]:
+@register_handler("quantize", Int8DynamicConfig)
+def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, **_: Any) -> dict[str, Any]:
     def too_small(layer: nn.Module) -> str | None:
         if layer.in_features < config.min_features:
             return f"{layer.in_features} input features < min_features {config.min_features}"

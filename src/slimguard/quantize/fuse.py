@@ -8,7 +8,7 @@ artifacts rebuild it). Chains are found with ``torch.fx`` when the model traces,
 layers inside ``nn.Sequential`` containers.
 
 Example:
-    >>> sg.fuse_(model, sg.FuseBN())   # {"fused": [["stem.0", "stem.1"], ...], "not_fused": [...]}
+    >>> sg.fuse_(model, sg.FuseBNConfig())   # {"fused": [["stem.0", "stem.1"], ...], "not_fused": [...]}
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _RELU_FNS = (F.relu, torch.relu)
 
 @register_config("fuse-bn")
 @dataclasses.dataclass
-class FuseBN(Config):
+class FuseBNConfig(Config):
     """Fold every BatchNorm that directly follows a Conv2d / Linear into it (model must be in eval use:
     the running statistics are used). No options."""
 
@@ -168,8 +168,8 @@ def fold_all(model: nn.Module, chains: list[Chain] | None = None) -> tuple[list[
     return chains, fused
 
 
-@register_handler("fuse", FuseBN)
-def _fuse_bn(model: nn.Module, config: FuseBN, **_: Any) -> dict[str, Any]:
+@register_handler("fuse", FuseBNConfig)
+def _fuse_bn(model: nn.Module, config: FuseBNConfig, **_: Any) -> dict[str, Any]:
     _, fused = fold_all(model)
     fused_bns = {b for _, b in fused}
     left = [n for n, m in model.named_modules() if isinstance(m, _BN) and n not in fused_bns]

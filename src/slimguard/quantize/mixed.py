@@ -10,7 +10,7 @@ such that the measured accuracy drop stays within a budget.
 The evaluation split is ``data.val`` (labelled), else ``calib`` when it has labels; never the test split.
 
 Example:
-    >>> sg.quantize_(model, sg.MixedPrecision(budget=0.5, bits=[4, 8]), data=data)
+    >>> sg.quantize_(model, sg.MixedPrecisionConfig(budget=0.5, bits=[4, 8]), data=data)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from slimguard.train.loop import accuracy
 
 @register_config("mixed-precision")
 @dataclasses.dataclass
-class MixedPrecision(Config):
+class MixedPrecisionConfig(Config):
     """Per-layer weight bits chosen by sensitivity under an accuracy budget.
 
     Args:
@@ -67,8 +67,8 @@ def _quantized(model: nn.Module, assignment: dict[str, int | None], group: int) 
     return m
 
 
-@register_handler("quantize", MixedPrecision)
-def _mixed(model: nn.Module, config: MixedPrecision, *, data: Any = None, calib: Split | None = None,
+@register_handler("quantize", MixedPrecisionConfig)
+def _mixed(model: nn.Module, config: MixedPrecisionConfig, *, data: Any = None, calib: Split | None = None,
            **_: Any) -> dict[str, Any]:
     split = getattr(data, "val", None)
     if split is None or len(split) == 0 or split.y is None:

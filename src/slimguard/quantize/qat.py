@@ -10,7 +10,7 @@ ReLU; activation ranges come from moving-average observers, initialised by a cal
 ``QuantLinear``. The ``qat`` recipe step does all three.
 
 Example:
-    >>> sg.prepare_qat_(model, sg.QAT(weight_bits=4), calib=data.calib)
+    >>> sg.prepare_qat_(model, sg.QATConfig(weight_bits=4), calib=data.calib)
     >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=3, lr=1e-4), callbacks=[QATFreezer(1, 2)])
     >>> sg.convert_(model)
 """
@@ -39,7 +39,7 @@ _FQ = (FakeQuantConv2d, FakeQuantLinear)
 
 @register_config("qat")
 @dataclasses.dataclass
-class QAT(Config):
+class QATConfig(Config):
     """Quantization-aware training of Conv2d / Linear layers.
 
     Args:
@@ -66,13 +66,13 @@ class QAT(Config):
         check_range("freeze_observers_epoch", self.freeze_observers_epoch, 0)
 
 
-def prepare_qat_(model: nn.Module, config: QAT | None = None, *, calib: Split | None = None, data: Any = None,
+def prepare_qat_(model: nn.Module, config: QATConfig | None = None, *, calib: Split | None = None, data: Any = None,
                  progress: bool = True) -> dict[str, Any]:
     """Insert fake-quant layers (BN carried, ReLU fused) and initialise activation ranges on ``calib``.
 
     Returns ``{"prepared": [...], "kept_float": [...], "fused_bn": [...], "fused_relu": [...]}``.
     """
-    cfg = config or QAT()
+    cfg = config or QATConfig()
     split = calibration_split(calib, data, "prepare_qat_")
     check_input_shape(model, split, "prepare_qat_")
     report = insert_fake_quant(model, ignore=list(cfg.ignore), weight_bits=cfg.weight_bits,
@@ -116,8 +116,8 @@ class QATFreezer(Callback):
         return epoch + 1 >= self.observer_epoch
 
 
-@register_handler("quantize", QAT)
-def _qat(model: nn.Module, config: QAT, *, data: Any = None, calib: Split | None = None, progress: bool = True,
+@register_handler("quantize", QATConfig)
+def _qat(model: nn.Module, config: QATConfig, *, data: Any = None, calib: Split | None = None, progress: bool = True,
          **_: Any) -> dict[str, Any]:
     from slimguard.core.errors import DataError
 

@@ -11,7 +11,7 @@ LayerNorm -> Linear pairs are found by running calibration batches: a Linear who
 LayerNorm's output tensor reads it directly.
 
 Example:
-    >>> sg.quantize_(model, sg.SmoothQuant(alpha=0.5), calib=data.calib)   # then Int8Dynamic or ONNX int8
+    >>> sg.quantize_(model, sg.SmoothQuantConfig(alpha=0.5), calib=data.calib)   # then Int8Dynamic or ONNX int8
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from slimguard.quantize.calibrate import calibrate, calibration_batches, calibra
 
 @register_config("smoothquant")
 @dataclasses.dataclass
-class SmoothQuant(Config):
+class SmoothQuantConfig(Config):
     """Migrate activation outliers into weights (see the module docstring).
 
     Args:
@@ -95,8 +95,8 @@ def smooth_(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5) -> lis
     return groups
 
 
-@register_handler("quantize", SmoothQuant)
-def _smooth(model: nn.Module, config: SmoothQuant, *, calib: Split | None = None, data: Any = None,
+@register_handler("quantize", SmoothQuantConfig)
+def _smooth(model: nn.Module, config: SmoothQuantConfig, *, calib: Split | None = None, data: Any = None,
             **_: Any) -> dict[str, Any]:
     split = calibration_split(calib, data, "SmoothQuant", text_ok=True)
     groups = smooth_(model, calibration_batches(model, split, config.batch_size, config.max_batches), config.alpha)

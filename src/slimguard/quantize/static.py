@@ -14,7 +14,7 @@ accumulation, at float speed. For fast convolutions, export with :func:`slimguar
 and run on ONNX Runtime, which fuses both into ``QLinearConv`` / ``QGemm`` kernels.
 
 Example:
-    >>> sg.quantize_(model, sg.Int8Static(calibration="percentile"), calib=data.calib)
+    >>> sg.quantize_(model, sg.Int8StaticConfig(calibration="percentile"), calib=data.calib)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from slimguard.quantize.qmodules import (
 
 @register_config("int8-static")
 @dataclasses.dataclass
-class Int8Static(Config):
+class Int8StaticConfig(Config):
     """Static int8 quantization (weights and activations) of Conv2d and Linear layers.
 
     Args:
@@ -65,8 +65,8 @@ class Int8Static(Config):
         check_range("max_batches", self.max_batches, 0)
 
 
-@register_handler("quantize", Int8Static)
-def _int8_static(model: nn.Module, config: Int8Static, *, calib: Split | None = None, data: Any = None,
+@register_handler("quantize", Int8StaticConfig)
+def _int8_static(model: nn.Module, config: Int8StaticConfig, *, calib: Split | None = None, data: Any = None,
                  progress: bool = True, **_: Any) -> dict[str, Any]:
     what = "Int8Static"
     split = calibration_split(calib, data, what)

@@ -18,8 +18,8 @@ column's rounding error over the columns not yet quantized, weighted by the inve
 pass over the float model.
 
 Example:
-    >>> sg.quantize_(model, sg.WeightOnly(bits=4, group_size=64))
-    >>> sg.quantize_(model, sg.GPTQ(bits=4, group_size=64), calib=data.calib)
+    >>> sg.quantize_(model, sg.WeightOnlyConfig(bits=4, group_size=64))
+    >>> sg.quantize_(model, sg.GPTQConfig(bits=4, group_size=64), calib=data.calib)
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _validate_bits_group(bits: int, group_size: int) -> None:
 
 @register_config("weight-only")
 @dataclasses.dataclass
-class WeightOnly(Config):
+class WeightOnlyConfig(Config):
     """Weight-only quantization of Linear (and Conv2d) layers, round to nearest.
 
     Args:
@@ -87,7 +87,7 @@ class WeightOnly(Config):
 
 @register_config("gptq")
 @dataclasses.dataclass
-class GPTQ(Config):
+class GPTQConfig(Config):
     """GPTQ weight quantization of Linear layers with calibration data (see the module docstring).
 
     Args:
@@ -329,8 +329,8 @@ def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str]
     return targets, kept
 
 
-@register_handler("quantize", WeightOnly)
-def _weight_only(model: nn.Module, config: WeightOnly, **_: Any) -> dict[str, Any]:
+@register_handler("quantize", WeightOnlyConfig)
+def _weight_only(model: nn.Module, config: WeightOnlyConfig, **_: Any) -> dict[str, Any]:
     targets, kept = _targets(model, list(config.ignore), config.conv)
     for name in targets:
         mod = model.get_submodule(name)
@@ -378,8 +378,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
     return codes, scales, zeros
 
 
-@register_handler("quantize", GPTQ)
-def _gptq(model: nn.Module, config: GPTQ, *, calib: Split | None = None, data: Any = None, progress: bool = True,
+@register_handler("quantize", GPTQConfig)
+def _gptq(model: nn.Module, config: GPTQConfig, *, calib: Split | None = None, data: Any = None, progress: bool = True,
           **_: Any) -> dict[str, Any]:
     split = calibration_split(calib, data, "GPTQ")
     check_input_shape(model, split, "GPTQ")

@@ -10,11 +10,10 @@ import base64
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from slimguard.core.outputs import set_default_mode
+from slimguard.core.outputs import atomic_write
 
 ROWS = [
     ("accuracy", "accuracy"), ("cosine mean", "cosine_mean"), ("cosine min", "cosine_min"),
@@ -102,16 +101,8 @@ td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;mar
 
 
 def write_report(result: dict[str, Any], path: str | os.PathLike[str], title: str = "slimguard report") -> Path:
-    """Write :func:`render_html` atomically to ``path``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render_html(result, title))
-        set_default_mode(tmp)  # mkstemp made it 0600; give it the umask's mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Write :func:`render_html` atomically to ``path`` (mode as any new file; see :mod:`slimguard.core.outputs`)."""
+    text = render_html(result, title)
+    with atomic_write(path) as fh:
+        fh.write(text)
+    return Path(path)

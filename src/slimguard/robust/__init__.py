@@ -20,7 +20,7 @@ from slimguard.robust.base import (
 )
 from slimguard.robust.corruptions import SEVERITIES, corrupt, names_for, register_corruption
 from slimguard.robust.scorecard import Scorecard, attack_accuracy, scorecard
-from slimguard.robust.training import AdversarialFinetune, adversarial_finetune, pgd_at_loss, trades_loss
+from slimguard.robust.training import AdversarialFinetuneConfig, adversarial_finetune, pgd_at_loss, trades_loss
 from slimguard.robust.twin import fake_quant_twin, is_quantized, register_twin
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "PGD",
     "SEVERITIES",
     "APGDConfig",
-    "AdversarialFinetune",
+    "AdversarialFinetuneConfig",
     "Attack",
     "AttackConfig",
     "CWConfig",

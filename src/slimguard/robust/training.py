@@ -99,7 +99,7 @@ def trades_loss(eps: float, steps: int = 7, alpha: float | None = None, beta: fl
 
 @register_config("adv-finetune")
 @dataclasses.dataclass
-class AdversarialFinetune(Config):
+class AdversarialFinetuneConfig(Config):
     """Adversarial training or fine-tuning (PGD-AT or TRADES) through the one training loop.
 
     Args:
@@ -147,7 +147,7 @@ class AdversarialFinetune(Config):
                              relative=self.relative, seed=seed))
 
 
-def adversarial_finetune(model: nn.Module, data: DataBundle, config: AdversarialFinetune | None = None, *,
+def adversarial_finetune(model: nn.Module, data: DataBundle, config: AdversarialFinetuneConfig | None = None, *,
                          progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in place against the config's threat model; returns the loop's history.
 
@@ -160,7 +160,7 @@ def adversarial_finetune(model: nn.Module, data: DataBundle, config: Adversarial
         config: :class:`AdversarialFinetune` (default ``eps=0.1``, PGD-AT).
         progress: show a progress bar.
     """
-    cfg = config or AdversarialFinetune()
+    cfg = config or AdversarialFinetuneConfig()
     if data.task != "classification" or not torch.is_tensor(data.train.x):
         raise DataError(f"adversarial training needs labelled tensor data; {data.name!r} is {data.task}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -188,7 +188,7 @@ def adversarial_finetune(model: nn.Module, data: DataBundle, config: Adversarial
     return history
 
 
-@register_handler("train", AdversarialFinetune)
-def _adv_finetune_step(model: nn.Module, config: AdversarialFinetune, *, data: DataBundle, progress: bool = True,
+@register_handler("train", AdversarialFinetuneConfig)
+def _adv_finetune_step(model: nn.Module, config: AdversarialFinetuneConfig, *, data: DataBundle, progress: bool = True,
                        **_: Any) -> dict[str, Any]:
     return adversarial_finetune(model, data, config, progress=progress)

@@ -1,6 +1,6 @@
 """Weight sharing: k-means clustering with centroid fine-tuning (Deep Compression) and hashing (HashedNets)."""
 
-from slimguard.share.cluster import HuffmanCoding, WeightSharing, kmeans_1d
-from slimguard.share.hashing import HashedLinear, Hashing
+from slimguard.share.cluster import HuffmanCodingConfig, WeightSharingConfig, kmeans_1d
+from slimguard.share.hashing import HashedLinear, HashingConfig
 
-__all__ = ["HashedLinear", "Hashing", "HuffmanCoding", "WeightSharing", "kmeans_1d"]
+__all__ = ["HashedLinear", "HashingConfig", "HuffmanCodingConfig", "WeightSharingConfig", "kmeans_1d"]

@@ -14,9 +14,9 @@ index of every weight lives in a non-persistent buffer ``<param>_cluster`` (-1 f
 checkpoint layout does not change; the artifact codes shared tensors with the ``huffman`` codec.
 
 Example:
-    >>> sg.cluster_(model, sg.WeightSharing(bits=5, bits_by_type={"conv": 8}))
+    >>> sg.cluster_(model, sg.WeightSharingConfig(bits=5, bits_by_type={"conv": 8}))
     >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=3, lr=1e-4))   # fine-tunes the centroids
-    >>> sg.cluster_(model, sg.HuffmanCoding())                            # fp16 codebooks, coded artifact
+    >>> sg.cluster_(model, sg.HuffmanCodingConfig())                            # fp16 codebooks, coded artifact
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _check_bits(name: str, value: int) -> None:
 
 @register_config("weight-sharing")
 @dataclasses.dataclass
-class WeightSharing(Config):
+class WeightSharingConfig(Config):
     """Share weights: per-layer k-means, ``2**bits`` clusters, linear initialisation; zeros stay zero.
 
     Args:
@@ -95,7 +95,7 @@ class WeightSharing(Config):
 
 @register_config("huffman-coding")
 @dataclasses.dataclass
-class HuffmanCoding(Config):
+class HuffmanCodingConfig(Config):
     """Finish weight sharing for storage: round codebooks and code shared tensors with ``huffman``.
 
     Args:
@@ -270,8 +270,8 @@ def _eligible(model: nn.Module, ignore: list[str]) -> dict[str, nn.Module]:
             and not any(n.startswith(i + ".") for i in ignore)}
 
 
-@register_handler("cluster", WeightSharing)
-def _weight_sharing(model: nn.Module, config: WeightSharing, **_: Any) -> dict[str, Any]:
+@register_handler("cluster", WeightSharingConfig)
+def _weight_sharing(model: nn.Module, config: WeightSharingConfig, **_: Any) -> dict[str, Any]:
     layers = _eligible(model, config.ignore)
     for name in config.overrides:
         if name not in layers:
@@ -300,8 +300,8 @@ def _weight_sharing(model: nn.Module, config: WeightSharing, **_: Any) -> dict[s
     return {"layers": report}
 
 
-@register_handler("cluster", HuffmanCoding)
-def _huffman_coding(model: nn.Module, config: HuffmanCoding, **_: Any) -> dict[str, Any]:
+@register_handler("cluster", HuffmanCodingConfig)
+def _huffman_coding(model: nn.Module, config: HuffmanCodingConfig, **_: Any) -> dict[str, Any]:
     shared = iter_shared(model)
     if not shared:
         raise ConfigError("huffman-coding: the model has no shared weights; run weight-sharing first")

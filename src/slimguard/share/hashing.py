@@ -8,7 +8,7 @@ Gradients reach ``w`` through the gather, so the layer trains in the ordinary lo
 Gather + Mul + Gemm.
 
 Example:
-    >>> sg.cluster_(model, sg.Hashing(compression=0.125))   # every Linear -> HashedLinear, 8x fewer weights
+    >>> sg.cluster_(model, sg.HashingConfig(compression=0.125))   # every Linear -> HashedLinear, 8x fewer weights
     >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=5))
 """
 
@@ -129,7 +129,7 @@ class HashedLinear(nn.Module):
 
 @register_config("hashing")
 @dataclasses.dataclass
-class Hashing(Config):
+class HashingConfig(Config):
     """Replace Linear layers by :class:`HashedLinear` (HashedNets, Chen et al. 2015).
 
     Args:
@@ -151,8 +151,8 @@ class Hashing(Config):
             check_range(f"overrides.{name}", c, 0.0, 1.0, low_inclusive=False)
 
 
-@register_handler("cluster", Hashing)
-def _hashing(model: nn.Module, config: Hashing, **_: Any) -> dict[str, Any]:
+@register_handler("cluster", HashingConfig)
+def _hashing(model: nn.Module, config: HashingConfig, **_: Any) -> dict[str, Any]:
     names = dict(model.named_modules())
     for entry in [*config.ignore, *config.overrides]:
         if not isinstance(names.get(entry), nn.Linear):

@@ -95,7 +95,7 @@ def bn_scale_fraction_below(model: nn.Module, threshold: float = 1e-2) -> float:
 
 @register_config("sparsity-train")
 @dataclasses.dataclass
-class SparsityTraining(Config):
+class SparsityTrainingConfig(Config):
     """Recipe step: fine-tune with sparsity-inducing penalties, before a structured pruning step.
 
     Args:
@@ -131,16 +131,16 @@ class SparsityTraining(Config):
         check_finetune(self.finetune)
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any], where: str = "") -> SparsityTraining:
+    def from_fields(cls, fields: dict[str, Any], where: str = "") -> SparsityTrainingConfig:
         where = where or cls.config_name
         return super().from_fields(finetune_block(cls, fields, where, cls.FLAT_TRAINING_KEYS), where)
 
 
-def sparsity_train(model: nn.Module, data: Any, config: SparsityTraining | None = None, *,
+def sparsity_train(model: nn.Module, data: Any, config: SparsityTrainingConfig | None = None, *,
                    progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``model`` in place with the penalties of ``config``; returns the loop's history plus the
     fraction of BN scales below 1e-2 before and after."""
-    cfg = config or SparsityTraining()
+    cfg = config or SparsityTrainingConfig()
     if cfg.bn_l1 and not _bn_scales(model):
         raise ModelError("bn_l1 needs BatchNorm layers and this model has none; use group_lasso instead")
     before = bn_scale_fraction_below(model)
@@ -156,8 +156,8 @@ def sparsity_train(model: nn.Module, data: Any, config: SparsityTraining | None 
 def _register() -> None:
     from slimguard.core.registry import register_handler
 
-    @register_handler("train", SparsityTraining)
-    def _sparsity_step(model: nn.Module, config: SparsityTraining, *, data: Any, progress: bool = True,
+    @register_handler("train", SparsityTrainingConfig)
+    def _sparsity_step(model: nn.Module, config: SparsityTrainingConfig, *, data: Any, progress: bool = True,
                        **_: Any) -> dict[str, Any]:
         return sparsity_train(model, data, config, progress=progress)
 

@@ -8,8 +8,8 @@ import torch
 from slimguard.core.errors import DataError
 from slimguard.evaluate import evaluate
 from slimguard.models import zoo
-from slimguard.prune.magnitude import MagnitudePruning
-from slimguard.quantize.dynamic import Int8Dynamic
+from slimguard.prune.magnitude import MagnitudePruningConfig
+from slimguard.quantize.dynamic import Int8DynamicConfig
 from slimguard.train.loop import Callback, FinetuneConfig, accuracy, finetune
 from slimguard.transforms import prune_, quantize_
 
@@ -32,7 +32,7 @@ def test_training_is_deterministic(digits):
 
 def test_masks_are_respected_through_training(zoo_model, digits):
     m = zoo_model("digits-mlp")
-    prune_(m, MagnitudePruning(sparsity=0.8))
+    prune_(m, MagnitudePruningConfig(sparsity=0.8))
     zero = m[2].weight == 0
     finetune(m, digits, FinetuneConfig(epochs=2), progress=False)
     assert bool((m[2].weight[zero] == 0).all())
@@ -74,12 +74,12 @@ def test_evaluate_reports_every_metric(zoo_model, digits):
 
 def test_magnitude_pruning_hits_exact_sparsity(zoo_model):
     m = zoo_model("digits-mlp")
-    prune_(m, MagnitudePruning(sparsity=0.75))
+    prune_(m, MagnitudePruningConfig(sparsity=0.75))
     total = sum(m[i].weight.numel() for i in (2, 4, 6))
     zeros = sum(int((m[i].weight == 0).sum()) for i in (2, 4, 6))
     assert zeros == round(0.75 * total)
     lm = zoo_model("digits-mlp")
-    prune_(lm, MagnitudePruning(sparsity=0.5, scope="layer"))
+    prune_(lm, MagnitudePruningConfig(sparsity=0.5, scope="layer"))
     for i in (2, 4, 6):
         assert int((lm[i].weight == 0).sum()) == round(0.5 * lm[i].weight.numel())
 
@@ -88,14 +88,14 @@ def test_magnitude_pruning_bad_ignore_entry(zoo_model):
     from slimguard.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ignore: 'fc9' names no module"):
-        prune_(zoo_model("digits-mlp"), MagnitudePruning(sparsity=0.5, ignore=["fc9"]))
+        prune_(zoo_model("digits-mlp"), MagnitudePruningConfig(sparsity=0.5, ignore=["fc9"]))
 
 
 def test_int8_dynamic_is_close_and_changes_the_model(zoo_model, digits):
     m = zoo_model("digits-mlp")
     ref = m[2].weight.detach().clone()
     logits = m(digits.test.x)
-    quantize_(m, Int8Dynamic())
+    quantize_(m, Int8DynamicConfig())
     q = m(digits.test.x)
     sqnr = 10 * torch.log10(logits.pow(2).mean() / (logits - q).pow(2).mean())
     assert sqnr > 25  # int8 per-channel weights + dynamic activations: lossy but close

@@ -371,11 +371,11 @@ def test_module_count_is_bounded(saved, tmp_path, monkeypatch):
 
 
 def test_payload_parts_are_bounded_by_the_manifest(zoo_model, tmp_path):
-    from slimguard.prune.magnitude import MagnitudePruning
+    from slimguard.prune.magnitude import MagnitudePruningConfig
     from slimguard.transforms import prune_
 
     m = zoo_model("digits-mlp")
-    prune_(m, MagnitudePruning(sparsity=0.9))
+    prune_(m, MagnitudePruningConfig(sparsity=0.9))
     pruned = artifact.save(m, tmp_path / "p.slim")
     bad = _recompose(pruned, tmp_path / "nnz.slim", _set("tensors", "2.weight", "nnz", 10**12))
     with pytest.raises(ArtifactError, match=r"tensor '2.weight' \(sparse\): nnz 1000000000000 is not a count"):
@@ -387,8 +387,8 @@ def test_huffman_counts_are_checked_before_decoding(zoo_model, tmp_path, monkeyp
     from slimguard.codec.huffman import HuffmanCodec, _varint
 
     m = zoo_model("digits-mlp")
-    sg.prune_(m, sg.MagnitudePruning(sparsity=0.9))
-    sg.cluster_(m, sg.WeightSharing(bits=4))
+    sg.prune_(m, sg.MagnitudePruningConfig(sparsity=0.9))
+    sg.cluster_(m, sg.WeightSharingConfig(bits=4))
     coded = artifact.save(m, tmp_path / "c.slim")
     blob = _entries(coded)["tensors.safetensors"]
     n = int.from_bytes(blob[:8], "little")

@@ -114,11 +114,11 @@ def test_cli_refuses_damaged_artifacts(tmp_path, zoo_model):
 
 def test_cli_inspect_and_evaluate(tmp_path, zoo_model):
     from slimguard.artifact import save
-    from slimguard.prune.magnitude import MagnitudePruning
+    from slimguard.prune.magnitude import MagnitudePruningConfig
     from slimguard.transforms import prune_
 
     m = zoo_model("digits-mlp")
-    prune_(m, MagnitudePruning(sparsity=0.9))
+    prune_(m, MagnitudePruningConfig(sparsity=0.9))
     p = save(m, tmp_path / "m.slim")
     r = runner.invoke(APP, ["inspect", str(p), "--json"])
     assert r.exit_code == 0, r.output

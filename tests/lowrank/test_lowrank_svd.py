@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ConfigError
-from slimguard.lowrank import LowRank, choose_rank, factorize_conv, factorize_linear
+from slimguard.lowrank import LowRankConfig, choose_rank, factorize_conv, factorize_linear
 from slimguard.transforms import factorize_
 
 
@@ -72,7 +72,7 @@ def test_factorize_model_round_trip(zoo_model, digits, tmp_path) -> None:
 
     model = zoo_model("digits-mlp")
     base_acc, base_params = accuracy(model, digits.test), count_params(model)
-    out = factorize_(model, LowRank(energy=0.9, ignore=["6"]))
+    out = factorize_(model, LowRankConfig(energy=0.9, ignore=["6"]))
     assert set(out["factorized"]) == {"2", "4"} and "6" not in out["factorized"]
     assert all(v["retained_energy"] >= 0.9 for v in out["factorized"].values())
     assert count_params(model) < 0.85 * base_params
@@ -85,7 +85,7 @@ def test_factorize_model_round_trip(zoo_model, digits, tmp_path) -> None:
 
 def test_layers_that_would_not_shrink_are_skipped() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    out = factorize_(model, LowRank(energy=0.999))
+    out = factorize_(model, LowRankConfig(energy=0.999))
     assert out["skipped"] == ["0"] and isinstance(model[0], nn.Linear)
 
 
@@ -93,4 +93,4 @@ def test_layers_that_would_not_shrink_are_skipped() -> None:
                                           (dict(ratio=-0.1), "ratio"), (dict(layers=["lstm"]), "layers")])
 def test_bad_lowrank_config(kwargs, field) -> None:
     with pytest.raises(ConfigError, match=field):
-        LowRank(**kwargs)
+        LowRankConfig(**kwargs)

@@ -14,8 +14,8 @@ from slimguard.artifact import slim as artifact
 from slimguard.core.errors import ArtifactError
 from slimguard.core.masks import get_mask
 from slimguard.evaluate import predict
-from slimguard.prune.magnitude import MagnitudePruning
-from slimguard.quantize.dynamic import DynamicInt8Linear, Int8Dynamic
+from slimguard.prune.magnitude import MagnitudePruningConfig
+from slimguard.quantize.dynamic import DynamicInt8Linear, Int8DynamicConfig
 from slimguard.transforms import prune_, quantize_
 
 
@@ -39,7 +39,7 @@ def test_round_trip_is_exact(zoo_model, digits, tmp_path):
 def test_pruned_model_masks_survive_and_file_shrinks(zoo_model, digits, tmp_path):
     m = zoo_model("digits-mlp")
     dense = artifact.save(m, tmp_path / "dense.slim").stat().st_size
-    prune_(m, MagnitudePruning(sparsity=0.9))
+    prune_(m, MagnitudePruningConfig(sparsity=0.9))
     p = artifact.save(m, tmp_path / "sparse.slim")
     m2 = artifact.load(p)
     for name in ("2", "4", "6"):
@@ -50,7 +50,7 @@ def test_pruned_model_masks_survive_and_file_shrinks(zoo_model, digits, tmp_path
 
 def test_int8_model_round_trips(zoo_model, digits, tmp_path):
     m = zoo_model("digits-mlp")
-    quantize_(m, Int8Dynamic())
+    quantize_(m, Int8DynamicConfig())
     m2 = artifact.load(artifact.save(m, tmp_path / "q.slim"))
     assert isinstance(m2[2], DynamicInt8Linear)
     assert torch.equal(m2[2].weight_int8, m[2].weight_int8)

@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from slimguard import data as sgdata
     from slimguard.models import zoo
-    from slimguard.prune.magnitude import MagnitudePruning
+    from slimguard.prune.magnitude import MagnitudePruningConfig
     from slimguard.train.loop import FinetuneConfig, finetune
     from slimguard.transforms import prune_
 
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = zoo.create("digits-mlp", seed=0)
-        prune_(model, MagnitudePruning(sparsity=0.5))
+        prune_(model, MagnitudePruningConfig(sparsity=0.5))
         finetune(model, sgdata.load("digits"), FinetuneConfig(epochs=1, lr=2e-3), progress=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
     finally:

@@ -680,8 +680,8 @@ def build_refs(work: Path) -> dict[str, Path]:
     import slimguard as sg
     from slimguard.artifact import slim as artifact
     from slimguard.models import zoo
-    from slimguard.prune.magnitude import MagnitudePruning
-    from slimguard.quantize.dynamic import Int8Dynamic
+    from slimguard.prune.magnitude import MagnitudePruningConfig
+    from slimguard.quantize.dynamic import Int8DynamicConfig
     from slimguard.transforms import prune_, quantize_
 
     base = zoo.load("digits-mlp", progress=False)
@@ -689,15 +689,15 @@ def build_refs(work: Path) -> dict[str, Path]:
     refs["dense"] = artifact.save(copy.deepcopy(base), work / "dense.slim", metrics={"accuracy": 0.97},
                                   recipe={"model": "zoo:digits-mlp"}, extra_entries={"model.onnx": b"\x08\x07onnx"})
     pruned = copy.deepcopy(base)
-    prune_(pruned, MagnitudePruning(sparsity=0.9))
+    prune_(pruned, MagnitudePruningConfig(sparsity=0.9))
     refs["pruned"] = artifact.save(pruned, work / "pruned.slim")
     coded = copy.deepcopy(base)
-    prune_(coded, MagnitudePruning(sparsity=0.8))
-    sg.cluster_(coded, sg.WeightSharing(bits=4, bias_bits=4))
-    sg.cluster_(coded, sg.HuffmanCoding())
+    prune_(coded, MagnitudePruningConfig(sparsity=0.8))
+    sg.cluster_(coded, sg.WeightSharingConfig(bits=4, bias_bits=4))
+    sg.cluster_(coded, sg.HuffmanCodingConfig())
     refs["coded"] = artifact.save(coded, work / "coded.slim")
     int8 = copy.deepcopy(base)
-    quantize_(int8, Int8Dynamic())
+    quantize_(int8, Int8DynamicConfig())
     refs["int8"] = artifact.save(int8, work / "int8.slim")
     refs["signed"] = artifact.save(copy.deepcopy(base), work / "signed.slim", key=KEY)
     codecs = {v.get("codec") for v in artifact.read_manifest(refs["coded"])["tensors"].values()}

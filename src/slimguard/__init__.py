@@ -81,7 +81,7 @@ _LAZY: dict[str, str] = {
     "OrtModel": "slimguard.runtime.onnx",
     "export_onnx": "slimguard.runtime.onnx",
     "check_int8_kernels": "slimguard.runtime.onnx",
-    # guard (contracts, OOD, monitor, faults, protection; issue 8)
+    # guard (contracts, OOD, monitor, faults, protection)
     "Guard": "slimguard.guard.guard",
     "Contract": "slimguard.guard.contract",
     "Monitor": "slimguard.guard.monitor",
@@ -90,21 +90,21 @@ _LAZY: dict[str, str] = {
     "WeightChecksums": "slimguard.guard.protect",
     "Cascade": "slimguard.guard.protect",
     "make_detector": "slimguard.guard.ood",
-    # distill, low-rank, regularization (issue 5)
+    # distill, low-rank, regularization
     "DistillConfig": "slimguard.distill.core",
-    "DropLayersConfig": "slimguard.distill.students",
+    "DropLayersConfig": "slimguard.prune.depth",
     "Ensemble": "slimguard.distill.teachers",
     "LowRankConfig": "slimguard.lowrank.svd",
     "SparsityTrainingConfig": "slimguard.train.regularize",
     "distill": "slimguard.distill.core",
-    "drop_layers_": "slimguard.distill.students",
+    "drop_layers_": "slimguard.prune.depth",
     "width_student": "slimguard.distill.students",
     # share (weight sharing, hashing, Huffman coding)
     "HashedLinear": "slimguard.share.hashing",
     "HashingConfig": "slimguard.share.hashing",
-    "HuffmanCodingConfig": "slimguard.share.cluster",
+    "HuffmanCodingConfig": "slimguard.share.coding",
     "WeightSharingConfig": "slimguard.share.cluster",
-    # robust (attacks, adversarial training, corruptions, scorecard; issue 7)
+    # robust (attacks, adversarial training, corruptions, scorecard)
     "AdversarialFinetuneConfig": "slimguard.robust.training",
     "scorecard": "slimguard.robust.scorecard",
 }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimguard.core.errors import DataError
+from slimguard.core.errors import DataError, ModelError
+from slimguard.core.torch_utils import eval_mode
 from slimguard.data.core import Split
 from slimguard.runtime.measure import count_macs, count_nonzero, count_params, latency
 
@@ -32,27 +34,28 @@ def _check_fits(model: nn.Module, split: Split) -> None:
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits for ``x`` in batches, in eval mode (mode restored)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was)
     return torch.cat(outs)
+
+
+def _embedder_method(model: nn.Module, name: str) -> Callable[..., Any]:
+    """``model.<name>`` (``encode``, ``tokenize``) of a sentence embedder; ModelError when it has none."""
+    method = getattr(model, name, None)
+    if not callable(method):
+        raise ModelError(f"embedding evaluation needs a reference model with {name}() (a sentence embedder such "
+                         f"as hf: sources load); {type(model).__name__} has none")
+    return method
 
 
 @torch.no_grad()
 def embedding_fidelity(model: nn.Module, reference: nn.Module, texts: list[str], batch_size: int = 32,
                        max_length: int = 128) -> dict[str, float]:
     """Cosine similarity of ``model``'s embeddings to ``reference``'s on the same texts: mean and min."""
-    a = reference.encode(texts, batch_size=batch_size, max_length=max_length)  # type: ignore[operator]
-    tok = reference.tokenize  # type: ignore[attr-defined]
-    was = model.training
-    model.eval()
-    try:
+    a = _embedder_method(reference, "encode")(texts, batch_size=batch_size, max_length=max_length)
+    tok = _embedder_method(reference, "tokenize")
+    with eval_mode(model):
         b = torch.cat([model(**tok(texts[i : i + batch_size], max_length)) for i in range(0, len(texts), batch_size)])
-    finally:
-        model.train(was)
     cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
@@ -90,8 +93,9 @@ def evaluate(
         if reference is None:
             raise DataError("embedding evaluation needs a reference model (the original) to compare with")
         out.update(embedding_fidelity(model, reference, split.x))
-        example: Any = reference.tokenize(split.x[:latency_batch])  # type: ignore[operator]
-        one: Any = reference.tokenize(split.x[:1])  # type: ignore[operator]
+        tokenize = _embedder_method(reference, "tokenize")
+        example: Any = tokenize(split.x[:latency_batch])
+        one: Any = tokenize(split.x[:1])
     else:
         _check_fits(model, split)
         logits = predict(model, split.x, batch_size)

@@ -267,6 +267,39 @@ def test_stripped_signature_is_refused_once_a_key_is_configured(stripped, monkey
                      "--key-env UNSET_VAR", "unset or empty")
 
 
+def test_keys_from_the_environment_and_key_env_check_the_signature(zoo_model, tmp_path, monkeypatch):
+    """The key read from ``$SLIMGUARD_SIGNING_KEY`` or ``--key-env`` is the one the MAC is checked with: a
+    wrong key and a file changed after signing are refused; ``--require-signature`` needs a key to check."""
+    monkeypatch.delenv("SLIMGUARD_SIGNING_KEY", raising=False)
+    signed = artifact.save(zoo_model("digits-mlp"), tmp_path / "signed.slim", key="k1")
+    m = zoo_model("digits-mlp")
+    with torch.no_grad():
+        m[2].weight.add_(1.0)
+    changed = _entries(artifact.save(m, tmp_path / "changed.slim"))["tensors.safetensors"]
+    tampered = _recompose(signed, tmp_path / "tampered.slim", entries={"tensors.safetensors": changed})
+    assert "signature.json" in _entries(tampered)  # the old signature is still there
+    artifact.load(tampered)  # no key anywhere: nothing to check the signature against
+    monkeypatch.setenv("SLIMGUARD_SIGNING_KEY", "k9")
+    with pytest.raises(ArtifactError, match="signature check failed"):
+        artifact.load(signed)
+    monkeypatch.setenv("SLIMGUARD_SIGNING_KEY", "k1")
+    artifact.load(signed, require_signature=True)
+    with pytest.raises(ArtifactError, match="signature check failed"):
+        artifact.load(tampered)
+    monkeypatch.delenv("SLIMGUARD_SIGNING_KEY")
+    monkeypatch.setenv("WRONG_KEY", "k9")
+    monkeypatch.setenv("RIGHT_KEY", "k1")
+    for command in ("evaluate", "inspect"):
+        _one_line_exit_2(runner.invoke(APP, [command, str(signed), "--key-env", "WRONG_KEY"]),
+                         "signature check failed")
+        _one_line_exit_2(runner.invoke(APP, [command, str(tampered), "--key-env", "RIGHT_KEY"]),
+                         "signature check failed")
+        _one_line_exit_2(runner.invoke(APP, [command, str(signed), "--require-signature"]),
+                         "no key was given to check it")
+    r = runner.invoke(APP, ["inspect", str(signed), "--key-env", "RIGHT_KEY", "--require-signature", "--json"])
+    assert r.exit_code == 0, r.output
+
+
 def test_key_rotation_accepts_any_configured_key(zoo_model, tmp_path, monkeypatch):
     old = artifact.save(zoo_model("digits-mlp"), tmp_path / "old.slim", key="k1")
     new = artifact.save(zoo_model("digits-mlp"), tmp_path / "new.slim", key=["k2", "k1"])  # the first signs

@@ -9,6 +9,7 @@ import pytest
 from slimguard.core.config import Config, config_class, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import handler_for, register_handler
+from slimguard.prune.gradual import AGPConfig
 from slimguard.prune.magnitude import MagnitudePruningConfig
 from slimguard.train.loop import FinetuneConfig
 
@@ -41,6 +42,15 @@ def test_round_trip_through_dict():
     d = cfg.to_dict()
     assert d["_type"] == "magnitude" and d["_version"] == 1
     assert Config.from_dict(d) == cfg
+
+
+def test_a_stored_config_of_another_class_is_refused():
+    stored = FinetuneConfig(epochs=2).to_dict()
+    assert FinetuneConfig.from_dict(stored) == FinetuneConfig(epochs=2)
+    with pytest.raises(ConfigError, match="finetune: expected a MagnitudePruningConfig, got a FinetuneConfig"):
+        MagnitudePruningConfig.from_dict(stored)
+    with pytest.raises(ConfigError, match=r"agp\.finetune: expected a FinetuneConfig, got a stored 'magnitude' config"):
+        AGPConfig.from_fields({"sparsity": 0.5, "finetune": MagnitudePruningConfig().to_dict()})
 
 
 def test_int_is_accepted_for_float_fields_but_bool_is_not():

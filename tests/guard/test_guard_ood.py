@@ -86,6 +86,41 @@ def test_detectors_restore_mode_and_requires_grad(mlp, digits):
         mlp.eval()
 
 
+def _odin_by_hand(w: torch.Tensor, x: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
+    """ODIN on logits ``x @ w.T``, derived by hand. With ``p = softmax(x w^T / T)`` and ``c = argmax p``, the
+    gradient of ``-log p_c`` in ``x`` is ``-(w_c - p @ w) / T``; stepping against its sign,
+    ``x~ = x + epsilon * sign(w_c - p @ w)``, raises ``p_c``. The score is ``-max softmax(x~ w^T / T)``."""
+    p = torch.softmax(x @ w.T / temperature, -1)
+    x_tilde = x + epsilon * (w[p.argmax(-1)] - p @ w).sign()
+    return -torch.softmax(x_tilde @ w.T / temperature, -1).amax(-1)
+
+
+@pytest.mark.parametrize(("temperature", "epsilon"), [(1.0, 0.0), (1.0, 0.1), (4.0, 0.1), (1000.0, 0.002)])
+def test_odin_matches_its_definition_on_a_linear_model(temperature, epsilon):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3, 4, generator=g), torch.randn(16, 4, generator=g)
+    model = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+    got = make_detector("odin", model, temperature=temperature, epsilon=epsilon).fit(x).score(x)
+    torch.testing.assert_close(got, _odin_by_hand(w, x, temperature, epsilon), atol=1e-6, rtol=1e-5)
+    if epsilon > 0:  # the perturbation raises every max softmax: scores fall (by 0.004 to 0.11 at T = 1)
+        plain = make_detector("odin", model, temperature=temperature, epsilon=0.0).fit(x).score(x)
+        assert bool((got < plain).all()), (got, plain)
+
+
+def test_odin_perturbation_and_temperature_each_separate_far_ood_better(mlp, digits, far):
+    """The paper's two ingredients, measured on digits-mlp (far-OOD AUROC): epsilon 0.05 at T = 1 gives
+    0.992 against 0.974 without the step; T = 1000 without the step gives 0.996."""
+    def far_auroc(temperature: float, epsilon: float) -> float:
+        det = make_detector("odin", mlp, temperature=temperature, epsilon=epsilon).fit(digits.train)
+        return auroc(det.score(digits.test), det.score(far.test))
+
+    plain = far_auroc(1.0, 0.0)
+    assert far_auroc(1.0, 0.05) >= plain + 0.01  # in-distribution inputs gain more from the step than OOD ones
+    assert far_auroc(1000.0, 0.0) >= plain + 0.01
+
+
 def test_mahalanobis_on_a_named_layer_and_output_scores_reuse_logits(mlp, digits, far):
     det = make_detector("mahalanobis", mlp, layer="3").fit(digits.train)  # output of the first ReLU
     assert det.means.shape == (10, 300) and det.precision.shape == (300, 300)

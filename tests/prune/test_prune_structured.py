@@ -255,8 +255,66 @@ def test_bad_names_and_emptying():
         prune_channels(copy.deepcopy(model), ChannelPruningConfig(ratio=0.5, ignore=["odd"]))
 
 
+# Six hidden channels of Linear(4, 6) -> BatchNorm1d(6) -> ReLU -> Linear(6, 2), built so that each importance
+# ranks a different channel lowest. Per channel: (its row of the first Linear, its BatchNorm scale, its column of
+# the second Linear). Input 3 is near silent (x[:, 3] ~ 1e-3), weights are >= 0 so every ReLU passes.
+CHANNELS = [
+    ([0.80, 0.80, 0.80, 0.0], 1.0, [0.5, 0.5]),  # 0 plain: lowest for no importance
+    ([0.00, 0.00, 0.00, 3.0], 1.0, [0.5, 0.5]),  # 1 wanda: large weights, but they read the silent input
+    ([1.50, 0.00, 0.00, 0.0], 1.0, [0.5, 0.5]),  # 2 l1: sum |w| = 1.5 + 1 + 1 = 3.5 (others >= 4)
+    ([1.00, 1.00, 1.00, 0.0], 1.0, [0.0, 0.0]),  # 3 taylor: its output is unused, so w * dL/dw = 0 exactly
+    ([1.00, 1.00, 1.00, 0.0], 0.1, [5.0, 5.0]),  # 4 bn: |gamma| = 0.1 (others 1); large weights and outputs
+    ([0.75, 0.75, 0.75, 0.0], 1.0, [0.5, 0.5]),  # 5 l2: sum w^2 = 1.6875 + 1 + 0.5 = 3.19 (next: 3.42)
+]
+LOWEST = {"l1": 2, "l2": 5, "bn": 4, "taylor": 3, "wanda": 1}
+
+
+def _disagreeing() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([row for row, _, _ in CHANNELS]))
+        model[1].weight.copy_(torch.tensor([gamma for _, gamma, _ in CHANNELS]))
+        model[3].weight.copy_(torch.tensor([col for _, _, col in CHANNELS]).T)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 4, generator=g)
+    x[:, 3] *= 1e-3
+    return model.eval(), x, torch.randint(0, 2, (64,), generator=g)
+
+
+def _signature(model: nn.Sequential) -> torch.Tensor:
+    """One row per hidden channel: its first-Linear row, BatchNorm scale and second-Linear column."""
+    return torch.cat([model[0].weight, model[1].weight[:, None], model[3].weight.T], 1).detach().clone()
+
+
+def _removed_channels(name: str, **options) -> list[int]:
+    """Prune one of the six channels with importance ``name``; the original indices of those removed."""
+    from slimguard.prune.importance import get_importance
+
+    model, x, y = _disagreeing()
+    before = _signature(model)
+    imp = get_importance(name, **options)
+    if imp.needs_data:
+        imp.prepare(model, [(x, y)])
+    prune_channels(model, ChannelPruningConfig(ratio=0.2, importance=name), x[:2], importance=imp)  # 6 -> 5
+    kept = [int((before == row).all(1).nonzero()) for row in _signature(model)]
+    return sorted(set(range(len(CHANNELS))) - set(kept))
+
+
+@pytest.mark.parametrize(("importance", "lowest"), LOWEST.items())
+def test_each_importance_removes_the_channel_it_ranks_lowest(importance, lowest):
+    assert len(set(LOWEST.values())) == len(LOWEST)  # the importances disagree by construction
+    assert _removed_channels(importance) == [lowest]
+
+
+def test_random_importance_follows_its_seed_not_the_weights():
+    picks = [_removed_channels("random", seed=s)[0] for s in range(8)]
+    assert picks == [_removed_channels("random", seed=s)[0] for s in range(8)]  # seeded: reproducible
+    assert len(set(picks)) >= 3, picks  # measured: 5 different channels over seeds 0..7
+
+
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random", "taylor", "wanda"])
 def test_importances_prune_resnet(importance, digits32):
+    """Every importance runs through a ResNet's residual groups (which channels it picks is checked above)."""
     from slimguard.transforms import prune_
 
     model = _resnet()

@@ -9,6 +9,7 @@ import torch.nn as nn
 from slimguard.core.config import Config
 from slimguard.core.errors import ConfigError, ModelError
 from slimguard.core.masks import get_mask, sparsity
+from slimguard.core.recipe import loads
 from slimguard.prune.gradual import AGPCallback, AGPConfig, agp_sparsity
 from slimguard.prune.importance import (
     BNScaleImportance,
@@ -17,8 +18,9 @@ from slimguard.prune.importance import (
     TaylorImportance,
     get_importance,
 )
-from slimguard.prune.magnitude import MagnitudePruningConfig
+from slimguard.prune.magnitude import MagnitudePruningConfig, prune_unstructured
 from slimguard.prune.nm import NMSparsityConfig, has_nm_pattern, nm_mask
+from slimguard.train.loop import FinetuneConfig
 from slimguard.transforms import prune_
 
 
@@ -27,7 +29,7 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "random"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "random"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_magnitude_exact_sparsity(importance, scope):
     model = _mlp()
@@ -46,6 +48,28 @@ def test_magnitude_removes_the_smallest():
         lin.weight.copy_(torch.tensor([[0.1, -5.0, 0.3, 2.0], [-0.2, 0.05, 4.0, -1.0]]))
     prune_(lin_model := nn.Sequential(lin), MagnitudePruningConfig(sparsity=0.5, scope="layer"))
     assert lin_model[0].weight.ne(0).tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+BN_REFUSED = (r"importance: 'bn' is not allowed for single weights \(it scores whole channels: use it with "
+              r"channel pruning\); allowed: l1, l2, random, taylor, wanda$")
+
+
+@pytest.mark.parametrize("step", ["magnitude", "nm", "agp"])
+def test_bn_importance_is_refused_for_single_weights(step):
+    """``bn`` scores a channel by its BatchNorm scale; a single weight has none, so unstructured, N:M and
+    gradual pruning refuse it when the recipe is read instead of silently ranking by ``l1``."""
+    with pytest.raises(ConfigError, match=BN_REFUSED):
+        loads(f"model: zoo:digits-mlp\ndata: digits\nsteps:\n  - {step}: {{importance: bn}}\n", "recipe")
+
+
+def test_bn_importance_object_is_refused_before_any_mask():
+    model = _mlp()
+    with pytest.raises(ConfigError, match=BN_REFUSED):
+        prune_unstructured(model, MagnitudePruningConfig(sparsity=0.5), BNScaleImportance())
+    with pytest.raises(ConfigError, match=BN_REFUSED):
+        BNScaleImportance().score(model[0])
+    assert all(get_mask(m, "weight") is None for m in model if isinstance(m, nn.Linear))
+    assert torch.equal(BNScaleImportance().channel_score(nn.BatchNorm1d(3), 0), torch.ones(3))  # channels: fine
 
 
 def test_demo_recipe_form_still_validates():
@@ -172,3 +196,32 @@ def test_agp_callback_blocks_best_tracking_until_done():
     assert not cb.best_tracking_allowed(0) and 0 < sparsity(model) < 0.5
     cb.on_step_end(model, 5, 10)
     assert cb.best_tracking_allowed(1) and sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    ("{}", FinetuneConfig(epochs=10, patience=0)),
+    ("{finetune: {}}", FinetuneConfig(epochs=10, patience=0)),
+    ("{finetune: {epochs: 2}}", FinetuneConfig(epochs=2, patience=0)),  # keeps agp's patience 0
+    ("{finetune: {lr: 0.01, max_steps: 5}}", FinetuneConfig(epochs=10, lr=0.01, patience=0, max_steps=5)),
+])
+def test_agp_finetune_block_keeps_the_steps_defaults_for_keys_it_leaves_out(block, expected):
+    recipe = loads(f"model: zoo:digits-mlp\ndata: digits\nsteps:\n  - agp: {block}\n", "recipe")
+    assert recipe.steps[0].finetune == expected
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ("{epochs: 3}", r"agp: unknown key 'epochs'; allowed: .*finetune"),  # agp never had flat training keys
+    ("{finetune: {epochs: -1}}", r"agp\.finetune: epochs: -1 is out of range"),
+    ("{finetune: [1]}", r"agp\.finetune: expected a mapping of FinetuneConfig options"),
+])
+def test_agp_bad_finetune_block_is_one_line_error_naming_the_key(block, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        loads(f"model: zoo:digits-mlp\ndata: digits\nsteps:\n  - agp: {block}\n", "recipe")
+    assert "\n" not in str(info.value)
+
+
+def test_agp_python_construction_checks_the_block_and_round_trips():
+    with pytest.raises(ConfigError, match="finetune: expected a FinetuneConfig, got dict"):
+        AGPConfig(finetune={"epochs": 3})
+    cfg = AGPConfig(sparsity=0.5, finetune=FinetuneConfig(epochs=2, lr=0.05))
+    assert Config.from_dict(cfg.to_dict()) == cfg

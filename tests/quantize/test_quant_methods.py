@@ -143,7 +143,8 @@ def test_recipe_steps_are_registered():
     from slimguard.core.config import config_class
 
     for name, fields in [("int8-static", {"calibration": "minmax"}), ("weight-only", {"bits": 4}),
-                         ("gptq", {"group_size": 32}), ("qat", {"epochs": 1}), ("smoothquant", {"alpha": 0.6}),
+                         ("gptq", {"group_size": 32}), ("qat", {"finetune": {"epochs": 1}}),
+                         ("smoothquant", {"alpha": 0.6}),
                          ("half", {"dtype": "fp16"}), ("mixed-precision", {"budget": 1.0}), ("fuse-bn", {})]:
         cfg = config_class(name).from_fields(fields)
         assert type(cfg).from_dict(cfg.to_dict()) == cfg

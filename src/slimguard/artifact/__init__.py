@@ -14,23 +14,5 @@ Example:
     >>> model = load(path)
 """
 
-from slimguard.artifact.slim import (
-    CODEC_HINTS,
-    FORMAT_VERSION,
-    TENSORS,
-    LoadPolicy,
-    code_file,
-    decode_tensors,
-    encode_state,
-    file_size,
-    load,
-    parse_keys,
-    read_entry,
-    read_manifest,
-    save,
-    signing_keys,
-)
-
-__all__ = ["CODEC_HINTS", "FORMAT_VERSION", "TENSORS", "LoadPolicy", "code_file", "decode_tensors",
-           "encode_state", "file_size", "load", "parse_keys", "read_entry", "read_manifest", "save",
-           "signing_keys"]
+from slimguard.artifact.slim import *  # noqa: F403  (the public names, listed once in slim.__all__)
+from slimguard.artifact.slim import __all__ as __all__

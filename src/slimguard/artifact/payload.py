@@ -93,7 +93,7 @@ def payload_index(blob: bytes, where: str) -> dict[str, Part]:
 
 
 # ---- per-codec size checks, before decoding ------------------------------------------------------------
-PayloadCheck = Callable[[dict[str, Any], dict[str, Part], bytes, int], None]
+PayloadCheck = Callable[[dict[str, Any], dict[str, Part], memoryview, int], None]
 PAYLOAD_CHECKS: Registry[PayloadCheck] = Registry("payload check", error=ArtifactError)
 """Codec name -> the check of its parts' sizes, run before anything is decoded."""
 
@@ -110,14 +110,14 @@ def _expect(ok: bool, what: str) -> None:
 
 
 @register_payload_check("dense")
-def _check_dense(meta: dict[str, Any], parts: dict[str, Part], data: bytes, numel: int) -> None:
+def _check_dense(meta: dict[str, Any], parts: dict[str, Part], data: memoryview, numel: int) -> None:
     d = parts["data"]
     _expect(d.dtype == DTYPES[meta["dtype"]], f"data is {d.dtype}, the manifest says {meta['dtype']}")
     _expect(d.numel == numel, f"data holds {d.numel} elements, the shape needs {numel}")
 
 
 @register_payload_check("sparse")
-def _check_sparse(meta: dict[str, Any], parts: dict[str, Part], data: bytes, numel: int) -> None:
+def _check_sparse(meta: dict[str, Any], parts: dict[str, Part], data: memoryview, numel: int) -> None:
     bitmap, values, nnz = parts["bitmap"], parts["values"], meta.get("nnz")
     _expect(bitmap.dtype == torch.uint8 and bitmap.numel == (numel + 7) // 8,
             f"bitmap holds {bitmap.numel} bytes, the shape needs {(numel + 7) // 8}")
@@ -127,7 +127,7 @@ def _check_sparse(meta: dict[str, Any], parts: dict[str, Part], data: bytes, num
 
 
 @register_payload_check("huffman")
-def _check_huffman(meta: dict[str, Any], parts: dict[str, Part], data: bytes, numel: int) -> None:
+def _check_huffman(meta: dict[str, Any], parts: dict[str, Part], data: memoryview, numel: int) -> None:
     from slimguard.codec.huffman import parse_block
 
     block = parts["block"]

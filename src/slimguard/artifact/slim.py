@@ -124,12 +124,11 @@ def _module_diff(model: nn.Module, base: nn.Module) -> tuple[dict[str, Any], dic
     attrs: dict[str, Any] = {}
 
     def walk(path: str, mod: nn.Module, ref: nn.Module | None) -> None:
-        replaced = (
+        if (
             ref is None
             or type(mod) is not type(ref)
             or (isinstance(mod, CONTAINERS) and list(mod._modules) != list(ref._modules))
-        )
-        if replaced:
+        ):  # replaced: built from its spec
             spec = module_spec(mod)
             records[path] = spec
             ref = build_module(spec)
@@ -329,6 +328,7 @@ def _parse_manifest(path: Path, mbytes: bytes) -> dict[str, Any]:
             "upgrade slimguard"
         )
     manifest = validate_manifest(raw, str(path))
+    version = manifest["format_version"]  # an int now: the schema is strict
     if version < 1:
         raise ArtifactError(f"{path}: manifest.format_version: {version} is not a format slimguard wrote")
     return manifest

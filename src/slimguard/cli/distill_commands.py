@@ -6,95 +6,72 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import (
-    JSON_OPT,
-    KEY_ENV_OPT,
-    QUIET_OPT,
-    REQUIRE_SIGNATURE_OPT,
-    TRUST_CODE_OPT,
-    handle_errors,
-    load_policy,
-    load_source,
-    print_json,
-    print_table,
-    set_output,
-)
+from slimguard.cli.common import Commands, Session, check_outputs, print_table, resolve_data
+
+commands = Commands()
+register = commands.register  # the CLI calls register(app)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    @handle_errors
-    def distill(
-        teacher: str = typer.Argument(..., help="Teacher: zoo:NAME, a .slim file, minilm, hf:DIR, python:F.py:fn."),
-        out: Path = typer.Option(..., "--out", "-o", help="Where to save the student (.slim)."),
-        student: str | None = typer.Option(None, help="Student model source (default: built from the teacher)."),
-        width: float | None = typer.Option(None, help="Student = teacher's zoo architecture with widths x this."),
-        keep_layers: str | None = typer.Option(None, help="Student = teacher keeping these layers, e.g. 0,2,4."),
-        data: str | None = typer.Option(None, help="Data set (default: the teacher's own)."),
-        temperature: float = typer.Option(4.0, help="Softmax temperature of soft targets (> 0)."),
-        alpha: float = typer.Option(0.9, help="Weight of the teacher term; 1 - alpha goes to the labels."),
-        targets: str = typer.Option("soft", help="soft (KL at temperature) or hard (teacher argmax)."),
-        epochs: int = typer.Option(10, help="Training epochs."),
-        lr: float = typer.Option(1e-3, help="Peak learning rate."),
-        batch_size: int = typer.Option(64, help="Examples per step."),
-        max_length: int = typer.Option(128, help="Token limit for text data."),
-        seed: int = typer.Option(0, help="Seed."),
-        trust_code: Path | None = TRUST_CODE_OPT,
-        require_signature: bool = REQUIRE_SIGNATURE_OPT,
-        key_env: str | None = KEY_ENV_OPT,
-        json_out: bool = JSON_OPT,
-        quiet: bool = QUIET_OPT,
-    ) -> None:
-        """Distill TEACHER into a smaller student (given, narrower, or with fewer layers); save it to OUT."""
-        import copy
+@commands.add()
+def distill(
+    s: Session,
+    teacher: str = typer.Argument(..., help="Teacher: zoo:NAME, a .slim file, minilm, hf:DIR, python:F.py:fn."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the student (.slim)."),
+    student: str | None = typer.Option(None, help="Student model source (default: built from the teacher)."),
+    width: float | None = typer.Option(None, help="Student = teacher's zoo architecture with widths x this."),
+    keep_layers: str | None = typer.Option(None, help="Student = teacher keeping these layers, e.g. 0,2,4."),
+    data: str | None = typer.Option(None, help="Data set (default: the teacher's own)."),
+    temperature: float = typer.Option(4.0, help="Softmax temperature of soft targets (> 0)."),
+    alpha: float = typer.Option(0.9, help="Weight of the teacher term; 1 - alpha goes to the labels."),
+    targets: str = typer.Option("soft", help="soft (KL at temperature) or hard (teacher argmax)."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    batch_size: int = typer.Option(64, help="Examples per step."),
+    max_length: int = typer.Option(128, help="Token limit for text data."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Distill TEACHER into a smaller student (given, narrower, or with fewer layers); save it to OUT."""
+    import copy
 
-        from slimguard import data as sgdata
-        from slimguard.artifact import save
-        from slimguard.core.errors import ConfigError
-        from slimguard.core.outputs import check_output_file
-        from slimguard.distill import DistillConfig, drop_layers_, width_student
-        from slimguard.distill import distill as run_distill
-        from slimguard.evaluate import evaluate
-        from slimguard.models.spec import info
+    from slimguard.artifact import save
+    from slimguard.core.errors import ConfigError
+    from slimguard.distill import DistillConfig, drop_layers_, width_student
+    from slimguard.distill import distill as run_distill
+    from slimguard.evaluate import evaluate
 
-        set_output(json_out, quiet)
-        show = not (json_out or quiet)
-        chosen = [x for x in (student, width, keep_layers) if x is not None]
-        if len(chosen) != 1:
-            raise ConfigError("give exactly one of --student, --width or --keep-layers")
-        check_output_file(out, "--out")  # before any work
-        cfg = DistillConfig.from_fields(
-            {"temperature": temperature, "alpha": alpha, "targets": targets, "max_length": max_length,
-             "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}}, where="distill")
-        policy = load_policy(trust_code, require_signature, key_env)
-        t = load_source(teacher, policy, progress=show)
-        name = data or info(t).data.get("name") or ("docs-text" if info(t).task == "embedding" else None)
-        if not name:
-            raise ConfigError("the teacher records no data set; pass --data")
-        bundle = sgdata.load(name, seed=seed)
-        if student is not None:
-            s = load_source(student, policy, progress=show)
-        elif width is not None:
-            s = width_student(t, width, seed=seed)
-        else:
-            try:
-                keep = [int(k) for k in str(keep_layers).split(",") if k.strip()]
-            except ValueError:
-                raise ConfigError(f"--keep-layers {keep_layers!r}: give comma-separated integers, e.g. 0,2,4") from None
-            s = drop_layers_(copy.deepcopy(t), keep)
-        history = run_distill(t, s, bundle, cfg, progress=show)
-        reference = t if bundle.task == "embedding" else None
-        before = evaluate(t, bundle.test, reference=reference, measure_latency=False, measure_size=False)
-        after = evaluate(s, bundle.test, reference=reference, measure_latency=False, measure_size=False)
-        path = save(s, out, metrics=after)
-        metric = "cosine_mean" if bundle.task == "embedding" else "accuracy"
-        result = {"teacher": {metric: before.get(metric), "params": before["params"]},
-                  "student": {metric: after.get(metric), "params": after["params"]},
-                  "epochs_run": len(history["epochs"]), "artifact": str(path), "size_bytes": path.stat().st_size}
-        if json_out:
-            print_json(result)
-        elif not quiet:
-            print_table(f"distill {teacher} on {name} (test split)", ["", metric, "params"],
-                        [("teacher", before.get(metric), before["params"]),
-                         ("student", after.get(metric), after["params"])])
-            typer.echo(f"student saved to {path} ({path.stat().st_size:,} bytes)")
+    chosen = [x for x in (student, width, keep_layers) if x is not None]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --student, --width or --keep-layers")
+    check_outputs(out=out)  # before any work
+    cfg = DistillConfig.from_fields(
+        {"temperature": temperature, "alpha": alpha, "targets": targets, "max_length": max_length,
+         "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}}, where="distill")
+    t = s.load(teacher)
+    bundle, name = resolve_data(t, data, text_default="docs-text", seed=seed, role="teacher")
+    if student is not None:
+        st = s.load(student)
+    elif width is not None:
+        st = width_student(t, width, seed=seed)
+    else:
+        try:
+            keep = [int(k) for k in str(keep_layers).split(",") if k.strip()]
+        except ValueError:
+            raise ConfigError(f"--keep-layers {keep_layers!r}: give comma-separated integers, e.g. 0,2,4") from None
+        st = drop_layers_(copy.deepcopy(t), keep)
+    history = run_distill(t, st, bundle, cfg, progress=s.show)
+    reference = t if bundle.task == "embedding" else None
+    before = evaluate(t, bundle.test, reference=reference, measure_latency=False, measure_size=False)
+    after = evaluate(st, bundle.test, reference=reference, measure_latency=False, measure_size=False)
+    path = save(st, out, metrics=after)
+    metric = "cosine_mean" if bundle.task == "embedding" else "accuracy"
+    result = {"teacher": {metric: before.get(metric), "params": before["params"]},
+              "student": {metric: after.get(metric), "params": after["params"]},
+              "epochs_run": len(history["epochs"]), "artifact": str(path), "size_bytes": path.stat().st_size}
+
+    def show() -> None:
+        print_table(f"distill {teacher} on {name} (test split)", ["", metric, "params"],
+                    [("teacher", before.get(metric), before["params"]),
+                     ("student", after.get(metric), after["params"])])
+        typer.echo(f"student saved to {path} ({path.stat().st_size:,} bytes)")
+
+    s.emit(result, show)

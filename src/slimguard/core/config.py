@@ -65,9 +65,13 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], payload: dict[str, Any]) -> C:
+        """Rebuild from :meth:`to_dict`'s form (the class its ``_type`` names, which must be a ``cls``), or
+        from plain fields of ``cls``."""
         if "_type" in payload:
-            target = config_class(payload["_type"])
-            return target.from_fields(payload.get("_data", {}), where=payload["_type"])
+            built = config_class(payload["_type"]).from_fields(payload.get("_data", {}), where=payload["_type"])
+            if not isinstance(built, cls):
+                raise ConfigError(f"{payload['_type']}: expected a {cls.__name__}, got a {type(built).__name__}")
+            return built
         return cls.from_fields(payload, where=cls.config_name or cls.__name__)
 
     @classmethod
@@ -167,8 +171,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, Config):
         if isinstance(value, tp):
             return value
+        if isinstance(value, dict) and "_type" in value:  # a stored config: it must be one of this kind
+            if not issubclass(config_class(value["_type"]), tp):
+                raise ConfigError(f"{key}: expected a {tp.__name__}, got a stored {value['_type']!r} config")
+            return tp.from_dict(value)
         if isinstance(value, dict):
-            return tp.from_dict(value) if "_type" in value else tp.from_fields(value, where=key)
+            return tp.from_fields(value, where=key)
         raise ConfigError(f"{key}: expected a mapping of {tp.__name__} options, got {value!r}")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -126,35 +127,44 @@ def _rename(meta: DataMeta, name: str, description: str) -> DataMeta:
     return dataclasses.replace(meta, name=name, description=description, class_names=list(meta.class_names))
 
 
-def _far(base: str, seed: int) -> DataBundle:
+#: ``make(in_distribution_split, size, rng) -> images`` of one OOD split
+SplitMaker = Callable[[Split, int, np.random.Generator], torch.Tensor]
+
+
+def _ood_bundle(base: str, seed: int, name: str, description: str, salt: int, make: SplitMaker) -> DataBundle:
+    """The OOD bundle ``name`` for the digit set ``base``: each split made by ``make`` from one seeded
+    generator, in the order train, val, test."""
     from slimguard.data.core import load
 
     ref = load(base, seed=seed)
     size = ref.meta.input_shape[-1]
-    meta = _rename(ref.meta, f"{base}-ood", f"far-OOD for {base}: grey photo patches and noise, "
-                   f"1x{size}x{size} in [0, 1] (no labels)")
-    rng = np.random.default_rng(seed + 1009)
+    meta = _rename(ref.meta, name, f"{description}, 1x{size}x{size} in [0, 1] (no labels)")
+    rng = np.random.default_rng(seed + salt)
     splits = {}
     for split in ("train", "val", "test"):
-        n_photo = int(FAR_PER_SPLIT * 0.6)
-        x = torch.cat([photo_patches(n_photo, size, rng), noise_images(FAR_PER_SPLIT - n_photo, size, rng)])
-        splits[split] = x[torch.from_numpy(rng.permutation(len(x)))].contiguous()
+        splits[split] = make(ref.split(split), size, rng)
     return _unlabelled_bundle(meta, splits, seed)
+
+
+def _far_split(_: Split, size: int, rng: np.random.Generator) -> torch.Tensor:
+    n_photo = int(FAR_PER_SPLIT * 0.6)
+    x = torch.cat([photo_patches(n_photo, size, rng), noise_images(FAR_PER_SPLIT - n_photo, size, rng)])
+    return x[torch.from_numpy(rng.permutation(len(x)))].contiguous()
+
+
+def _near_split(split: Split, size: int, rng: np.random.Generator) -> torch.Tensor:
+    x, y = split.tensors
+    return corrupt_digits(x, y, rng)
+
+
+def _far(base: str, seed: int) -> DataBundle:
+    return _ood_bundle(base, seed, f"{base}-ood", f"far-OOD for {base}: grey photo patches and noise", 1009,
+                       _far_split)
 
 
 def _near(base: str, seed: int) -> DataBundle:
-    from slimguard.data.core import load
-
-    ref = load(base, seed=seed)
-    size = ref.meta.input_shape[-1]
-    meta = _rename(ref.meta, f"{base}-ood-near", f"near-OOD for {base}: occluded, noisy, inverted and blended "
-                   f"digits, 1x{size}x{size} in [0, 1] (no labels)")
-    rng = np.random.default_rng(seed + 2029)
-    splits = {}
-    for split in ("train", "val", "test"):
-        x, y = ref.split(split).tensors
-        splits[split] = corrupt_digits(x, y, rng)
-    return _unlabelled_bundle(meta, splits, seed)
+    return _ood_bundle(base, seed, f"{base}-ood-near",
+                       f"near-OOD for {base}: occluded, noisy, inverted and blended digits", 2029, _near_split)
 
 
 def _unlabelled_bundle(meta: DataMeta, xs: dict[str, torch.Tensor], seed: int) -> DataBundle:
@@ -163,21 +173,13 @@ def _unlabelled_bundle(meta: DataMeta, xs: dict[str, torch.Tensor], seed: int) -
     return DataBundle(meta, train, val, test, train.subset(256, seed=seed, name="calib"))
 
 
-@register_dataset("digits-ood", "far-OOD for digits: grey patches of sklearn sample photos and noise, 1x8x8")
-def digits_ood(seed: int = 0) -> DataBundle:
-    return _far("digits", seed)
+def _register_ood_sets(base: str, side: int) -> None:
+    """Register ``{base}-ood`` (far) and ``{base}-ood-near`` (near), loaders ``fn(seed=0) -> DataBundle``."""
+    register_dataset(f"{base}-ood", f"far-OOD for {base}: grey photo patches and noise, 1x{side}x{side}")(
+        functools.partial(_far, base))
+    register_dataset(f"{base}-ood-near", f"near-OOD for {base}: occluded, noisy, inverted, blended digits, "
+                     f"1x{side}x{side}")(functools.partial(_near, base))
 
 
-@register_dataset("digits-ood-near", "near-OOD for digits: occluded, noisy, inverted, blended digits, 1x8x8")
-def digits_ood_near(seed: int = 0) -> DataBundle:
-    return _near("digits", seed)
-
-
-@register_dataset("digits32-ood", "far-OOD for digits32: grey photo patches and noise, 1x32x32")
-def digits32_ood(seed: int = 0) -> DataBundle:
-    return _far("digits32", seed)
-
-
-@register_dataset("digits32-ood-near", "near-OOD for digits32: occluded, noisy, inverted, blended digits, 1x32x32")
-def digits32_ood_near(seed: int = 0) -> DataBundle:
-    return _near("digits32", seed)
+_register_ood_sets("digits", 8)
+_register_ood_sets("digits32", 32)

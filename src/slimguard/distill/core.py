@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError, ModelError
+from slimguard.core.torch_utils import eval_mode, forward
 from slimguard.data.core import DataBundle, Split
 from slimguard.distill import losses as L
 from slimguard.distill.teachers import Ensemble, Taps
@@ -149,7 +150,7 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> Any:
 
 
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = forward(model, inputs)
     if not torch.is_tensor(out):
         raise ModelError(f"distillation needs models that return one tensor; got {type(out).__name__}")
     return out
@@ -164,23 +165,6 @@ def _outputs(model: nn.Module, prepared: dict[str, torch.Tensor], batch_size: in
     n = len(next(iter(prepared.values()))) if prepared else 0
     return torch.cat([_call(model, _model_inputs(_slice(prepared, i, i + batch_size))).float()
                       for i in range(0, n, batch_size)])
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module, frozen: bool) -> Iterator[None]:
-    """Eval mode (and requires_grad off when ``frozen``); both restored afterwards."""
-    was = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    if frozen:
-        for p, _ in flags:
-            p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        model.train(was)
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 @contextlib.contextmanager
@@ -268,9 +252,9 @@ def distill(
                                           (teacher, list(cfg.attention.values()), "teacher attention", True)):
             taps.append(Taps(model, names, role, keep_tuple=whole))
         s_taps, t_taps, s_att, t_att = taps
-        with _evaluating(teacher, frozen=True), _eager_attention([teacher, student], bool(cfg.attention)):
+        with eval_mode(teacher, requires_grad=False), _eager_attention([teacher, student], bool(cfg.attention)):
             probe = _model_inputs(_slice(train_in, 0, 2))
-            with _evaluating(student, frozen=False), torch.no_grad():
+            with eval_mode(student), torch.no_grad():
                 t_probe, s_probe = _call(teacher, probe), _call(student, probe)
             if t_probe.shape != s_probe.shape:
                 raise ModelError(
@@ -327,7 +311,7 @@ def distill(
             score_fn = None
             if cached_val is not None and val_in is not None and (embedding or data.val.y is None):
                 def score_fn(m: nn.Module) -> float:
-                    with _evaluating(m, frozen=False), torch.no_grad():
+                    with eval_mode(m), torch.no_grad():
                         s_val = _outputs(m, val_in)
                     if embedding:
                         return float(torch.nn.functional.cosine_similarity(s_val, cached_val, dim=-1).mean())

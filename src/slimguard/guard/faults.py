@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError
+from slimguard.core.torch_utils import eval_mode, matches
 
 # integer view used to flip bits of each storage dtype
 _INT_VIEW = {
@@ -122,7 +123,7 @@ def weight_targets(model: nn.Module, layers: Sequence[str] | None = None,
         if b.dtype in (torch.int8, torch.uint8) and b.dim() >= 2:
             out[name] = b
     if layers:
-        out = {k: v for k, v in out.items() if any(k == p or k.startswith(p + ".") for p in layers)}
+        out = {k: v for k, v in out.items() if matches(k, layers)}
     if not out:
         raise ModelError("no weight tensors to inject faults into; check `layers`")
     return out
@@ -337,9 +338,7 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, cfg: FaultCampaignConfi
     if not torch.is_tensor(inputs) or len(inputs) == 0:
         raise DataError("fault campaigns need a non-empty tensor of inputs")
     gen = torch.Generator().manual_seed(cfg.seed)
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         golden = model(inputs).argmax(-1)
         if cfg.target == "weights":
             faults = draw_weight_faults(model, cfg, gen)
@@ -385,7 +384,5 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, cfg: FaultCampaignConfi
                     c[0] += 1
                     c[1] += changed
                 task.advance()
-    finally:
-        model.train(was)
     return CampaignResult(cfg.trials, sdc, nonfinite, _tally(by_bit), _tally(by_field), _tally(by_layer),
                           cfg.to_dict()["_data"])

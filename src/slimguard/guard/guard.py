@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import Registry
+from slimguard.core.torch_utils import eval_mode
 from slimguard.guard.contract import Contract, ContractViolation, basic_check
 from slimguard.guard.monitor import Monitor, MonitorConfig
 from slimguard.guard.ood import Detector, make_detector
@@ -141,12 +142,8 @@ class Guard:
             raise ContractViolation(violations)
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
-        was = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             logits = self.model(x)
-        finally:
-            self.model.train(was)
         probs = F.softmax(logits.float(), dim=-1)
         conf, pred = probs.max(-1)
         ood = score = None

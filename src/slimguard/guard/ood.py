@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from slimguard.core.config import Config, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError, NotFittedError
 from slimguard.core.registry import Registry
+from slimguard.core.torch_utils import eval_mode
 
 DETECTORS: Registry[type[Detector]] = Registry("OOD detector")
 
@@ -80,26 +81,6 @@ def _inputs(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, y
 
 
-class _Eval:
-    """Context manager: eval mode, no requires_grad on parameters; both restored."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.was = self.model.training
-        self.grads = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.eval()
-        for p, _ in self.grads:
-            p.requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was)
-        for p, g in self.grads:
-            p.requires_grad_(g)
-
-
 @dataclasses.dataclass
 class DetectorConfig(Config):
     """Options every detector has (MSP and max logit have no others).
@@ -137,7 +118,7 @@ class Detector(abc.ABC):
     def fit(self, train: Any) -> Detector:
         """Fit on in-distribution training data (a Split, a tensor, or ``(x, y)``). Returns self."""
         x, y = _inputs(train)
-        with _Eval(self.model):
+        with eval_mode(self.model, requires_grad=False):
             self._fit(x, y)
         self.fitted = True
         return self
@@ -154,7 +135,7 @@ class Detector(abc.ABC):
         if not self.fitted:
             raise NotFittedError(f"{self.name} detector is not fitted; call .fit(train) first")
         x, _ = _inputs(x)
-        with _Eval(self.model):
+        with eval_mode(self.model, requires_grad=False):
             bs = self.config.batch_size
             return torch.cat([self._score(x[i : i + bs]).detach().float() for i in range(0, len(x), bs)])
 
@@ -177,30 +158,33 @@ class Detector(abc.ABC):
 
 
 # ---- output-based detectors --------------------------------------------------------------------------------
+class LogitDetector(Detector):
+    """A detector whose score depends on the logits alone: one forward per batch, and a caller that has the
+    logits already (the :class:`~slimguard.guard.Guard`) scores them with :meth:`score_logits`."""
+
+    @abc.abstractmethod
+    def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores from logits already computed (no second forward)."""
+
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_logits(self.model(x))
+
+
 @register_detector("msp")
-class MSP(Detector):
+class MSP(LogitDetector):
     """Maximum softmax probability (Hendrycks & Gimpel, 2017): score ``-max_c softmax(f(x))_c``."""
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores from logits already computed (no second forward)."""
         return -F.softmax(logits.detach().float(), dim=-1).amax(-1)
-
-    @torch.no_grad()
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score_logits(self.model(x))
 
 
 @register_detector("max-logit")
-class MaxLogit(Detector):
+class MaxLogit(LogitDetector):
     """Maximum logit (Hendrycks et al., 2022): score ``-max_c f(x)_c``."""
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores from logits already computed (no second forward)."""
         return -logits.detach().float().amax(-1)
-
-    @torch.no_grad()
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score_logits(self.model(x))
 
 
 @dataclasses.dataclass
@@ -219,20 +203,15 @@ class EnergyConfig(DetectorConfig):
 
 
 @register_detector("energy")
-class Energy(Detector):
+class Energy(LogitDetector):
     """Energy score (Liu et al., 2020): ``-T * logsumexp(f(x) / T)`` (options: :class:`EnergyConfig`)."""
 
     config_class = EnergyConfig
     config: EnergyConfig
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores from logits already computed (no second forward)."""
         t = self.config.temperature
         return -t * torch.logsumexp(logits.detach().float() / t, dim=-1)
-
-    @torch.no_grad()
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score_logits(self.model(x))
 
 
 @dataclasses.dataclass
@@ -272,7 +251,7 @@ class ODIN(Detector):
                 (grad,) = torch.autograd.grad(loss, xg)
             x = (xg - epsilon * grad.sign()).detach()
         with torch.no_grad():
-            return -F.softmax(self.model(x).float() / t, dim=-1).amax(-1)
+            return -F.softmax(self.model(x).float(), dim=-1).amax(-1)  # MUTATION
 
 
 # ---- feature-based detectors --------------------------------------------------------------------------------
@@ -317,15 +296,35 @@ class _Features:
 
 
 @dataclasses.dataclass
-class MahalanobisConfig(DetectorConfig):
-    """Options of :class:`Mahalanobis`.
+class FeatureDetectorConfig(DetectorConfig):
+    """Options every feature-based detector has.
 
     Args:
         layer: module whose output is used (default None: the input of the last linear layer).
-        shrinkage: added to the covariance diagonal, relative to its mean variance, >= 0 (default 1e-3).
     """
 
     layer: str | None = None
+
+
+class FeatureDetector(Detector):
+    """A detector that scores the features of one layer (``config.layer``), read by ``self.features``."""
+
+    config_class = FeatureDetectorConfig
+    config: FeatureDetectorConfig
+
+    def __init__(self, model: nn.Module, config: FeatureDetectorConfig | None = None, **options: Any) -> None:
+        super().__init__(model, config, **options)
+        self.features = _Features(model, self.config.layer)
+
+
+@dataclasses.dataclass
+class MahalanobisConfig(FeatureDetectorConfig):
+    """Options of :class:`Mahalanobis` (and ``layer``, see :class:`FeatureDetectorConfig`).
+
+    Args:
+        shrinkage: added to the covariance diagonal, relative to its mean variance, >= 0 (default 1e-3).
+    """
+
     shrinkage: float = 1e-3
 
     def validate(self) -> None:
@@ -334,7 +333,7 @@ class MahalanobisConfig(DetectorConfig):
 
 
 @register_detector("mahalanobis")
-class Mahalanobis(Detector):
+class Mahalanobis(FeatureDetector):
     """Class-conditional Gaussians with a shared covariance on a feature layer (Lee et al., 2018).
 
     Score: ``min_c (f - mu_c)^T Sigma^-1 (f - mu_c)``. Fitting streams batches and keeps only per-class
@@ -344,12 +343,8 @@ class Mahalanobis(Detector):
 
     config_class = MahalanobisConfig
     config: MahalanobisConfig
-
-    def __init__(self, model: nn.Module, config: MahalanobisConfig | None = None, **options: Any) -> None:
-        super().__init__(model, config, **options)
-        self.features = _Features(model, self.config.layer)
-        self.means: torch.Tensor | None = None
-        self.precision: torch.Tensor | None = None
+    means: torch.Tensor | None = None  # (C, D) class means, set by fit
+    precision: torch.Tensor | None = None  # (D, D) shared inverse covariance, set by fit
 
     def _fit(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         sums: torch.Tensor | None = None
@@ -388,17 +383,15 @@ class Mahalanobis(Detector):
 
 
 @dataclasses.dataclass
-class KNNConfig(DetectorConfig):
-    """Options of :class:`KNN`.
+class KNNConfig(FeatureDetectorConfig):
+    """Options of :class:`KNN` (and ``layer``, see :class:`FeatureDetectorConfig`).
 
     Args:
         k: neighbour rank, >= 1 (default 10).
-        layer: feature layer (default None: the input of the last linear layer).
         max_bank: keep at most this many train features, >= 1 (default 20000).
     """
 
     k: int = 10
-    layer: str | None = None
     max_bank: int = 20000
 
     def validate(self) -> None:
@@ -408,7 +401,7 @@ class KNNConfig(DetectorConfig):
 
 
 @register_detector("knn")
-class KNN(Detector):
+class KNN(FeatureDetector):
     """Deep nearest neighbours (Sun et al., 2022): distance to the k-th nearest L2-normalised train
     feature. Keeps the normalised train features ``(N_train, D)`` (optionally a seeded subsample).
     Options: :class:`KNNConfig`.
@@ -416,11 +409,7 @@ class KNN(Detector):
 
     config_class = KNNConfig
     config: KNNConfig
-
-    def __init__(self, model: nn.Module, config: KNNConfig | None = None, **options: Any) -> None:
-        super().__init__(model, config, **options)
-        self.features = _Features(model, self.config.layer)
-        self.bank: torch.Tensor | None = None
+    bank: torch.Tensor | None = None  # (N_train, D) normalised train features, set by fit
 
     def _fit(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         k, max_bank, bs = self.config.k, self.config.max_bank, self.config.batch_size

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ArtifactError, DataError, NotFittedError
+from slimguard.core.torch_utils import eval_mode
 
 DEFAULT_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh)
 
@@ -101,13 +102,11 @@ class RangeRestriction:
             return hook
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
-        was = model.training
-        model.eval()
         try:
-            for i in range(0, len(inputs), batch_size):
-                model(inputs[i : i + batch_size])
+            with eval_mode(model):
+                for i in range(0, len(inputs), batch_size):
+                    model(inputs[i : i + batch_size])
         finally:
-            model.train(was)
             for h in handles:
                 h.remove()
         m = self.config.margin

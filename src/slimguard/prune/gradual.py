@@ -25,9 +25,9 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import register_handler
-from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
+from slimguard.prune.importance import Importance, check_weight_importance, get_importance, prepare_importance
 from slimguard.prune.magnitude import MagnitudePruningConfig, prune_unstructured
-from slimguard.train.loop import Callback, FinetuneConfig, finetune
+from slimguard.train.loop import Callback, FinetuneConfig, check_finetune, finetune, finetune_block
 
 
 def agp_sparsity(step: int, total: int, final: float, initial: float = 0.0, start: float = 0.0,
@@ -106,7 +106,8 @@ class AGPConfig(Config):
         scope: ``global`` (default) or ``layer``.
         importance: ``l1`` (default), ``l2``, ``taylor``, ``random``.
         ignore: modules to leave dense. overrides: per-layer final sparsity.
-        finetune: the training options (:class:`FinetuneConfig`; default 10 epochs, patience 0).
+        finetune: the training options (:class:`FinetuneConfig`; default 10 epochs, patience 0, otherwise
+            FinetuneConfig's defaults). In a recipe, keys the block leaves out keep these defaults.
     """
 
     sparsity: float = 0.9
@@ -126,11 +127,15 @@ class AGPConfig(Config):
         check_range("start", self.start, 0.0, 1.0, high_inclusive=False)
         check_range("end", self.end, self.start, 1.0, low_inclusive=False)
         check_range("frequency", self.frequency, 1)
-        if self.importance not in importance_names():
-            raise ConfigError(f"importance: {self.importance!r} is not allowed; "
-                              f"allowed: {', '.join(importance_names())}")
+        check_weight_importance(self.importance)
         for name, s in self.overrides.items():
             check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
+        check_finetune(self.finetune)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], where: str = "") -> AGPConfig:
+        where = where or cls.config_name
+        return super().from_fields(finetune_block(cls, fields, where), where)
 
     def target(self) -> MagnitudePruningConfig:
         return MagnitudePruningConfig(sparsity=self.sparsity, scope=self.scope, ignore=list(self.ignore),

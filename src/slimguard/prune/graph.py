@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.errors import ModelError
+from slimguard.core.torch_utils import eval_mode
 from slimguard.prune.blocks import is_block
 from slimguard.prune.rules import Call, Labels, LayerRule, flatten_labels, rule_for
 
@@ -221,16 +222,12 @@ class DependencyGraph:
         else:
             args = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
             args += [None] * (len(placeholders) - len(args))
-        was = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 ShapeProp(self.gm).propagate(*args)
         except Exception as exc:
             raise ModelError(f"running the traced model on the example inputs failed ({type(exc).__name__}: "
                              f"{exc}); pass example_inputs that fit the model") from None
-        finally:
-            model.train(was)
         self.uf = _UF()
         self.fixed: set[int] = set()
         self.touches: list[tuple[int, Touch]] = []

@@ -17,6 +17,9 @@ Built-in importances, by name (``importance: l1`` in a recipe):
 | ``random`` | ``RandomImportance`` | seeded random scores, the control                                   |
 | ``wanda``  | ``ActivationImportance`` | ``|w_ij| * ||x_j||``: weight times input activation norm (Sun et al. 2024) |
 
+``bn`` has nothing to say about single weights (a BatchNorm scale belongs to a whole channel), so unstructured
+and N:M pruning refuse it (:func:`check_weight_importance`) rather than quietly ranking by ``l1``.
+
 Example:
     >>> imp = sg.TaylorImportance()
     >>> imp.prepare(model, batches)          # accumulates gradients over a few batches
@@ -28,7 +31,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +42,8 @@ import torch.nn.functional as F
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.registry import Registry
+from slimguard.core.torch_utils import eval_mode, forward
+from slimguard.train.loop import LossFn
 
 ImportanceFactory = Callable[..., "Importance"]
 IMPORTANCES: Registry[ImportanceFactory] = Registry("importance")
@@ -51,6 +57,24 @@ def register_importance(name: str) -> Callable[[ImportanceFactory], ImportanceFa
 
 def importance_names() -> list[str]:
     return IMPORTANCES.names()
+
+
+def weight_importance_names() -> list[str]:
+    """The importances that rank single weights (unstructured and N:M pruning): those whose objects say
+    :attr:`Importance.per_weight`; ``bn`` scores only channels."""
+    return [n for n in IMPORTANCES.names() if IMPORTANCES.get(n)().per_weight]
+
+
+def check_weight_importance(name: str) -> None:
+    """ConfigError unless ``name`` is an importance that ranks single weights, naming the allowed ones."""
+    if name not in weight_importance_names():
+        raise _not_for_weights(name)
+
+
+def _not_for_weights(name: str) -> ConfigError:
+    known = name in IMPORTANCES.names()
+    why = " for single weights (it scores whole channels: use it with channel pruning)" if known else ""
+    return ConfigError(f"importance: {name!r} is not allowed{why}; allowed: {', '.join(weight_importance_names())}")
 
 
 def get_importance(name: str | Importance, **options: Any) -> Importance:
@@ -78,18 +102,20 @@ class Importance(abc.ABC):
 
     An importance takes its config (``config_class``), or the config's options as keywords:
     ``TaylorImportance(max_batches=4)`` is ``TaylorImportance(TaylorImportanceConfig(max_batches=4))``.
-    ``needs_data`` importances are given batches through :meth:`prepare` before scoring.
+    ``needs_data`` importances are given batches through :meth:`prepare` before scoring. ``per_weight``
+    importances rank single weights (unstructured, N:M pruning); the others only score channels.
     """
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    per_weight: ClassVar[bool] = True
     config_class: ClassVar[type[ImportanceConfig]] = ImportanceConfig
 
     def __init__(self, config: ImportanceConfig | None = None, **options: Any) -> None:
         self.config = self.config_class.build(config, options, where=type(self).__name__)
 
     def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],  # noqa: B027 (optional hook)
-                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
+                loss_fn: LossFn | None = None) -> None:
         """Collect what the score needs from data (default: nothing)."""
 
     @abc.abstractmethod
@@ -131,9 +157,9 @@ class MagnitudeImportance(Importance):
 
 
 @dataclasses.dataclass
-class TaylorImportanceConfig(ImportanceConfig):
+class DataImportanceConfig(ImportanceConfig):
     """Args:
-    max_batches: batches :meth:`TaylorImportance.prepare` accumulates gradients over, >= 1 (default 8).
+    max_batches: batches :meth:`DataImportance.prepare` runs, >= 1 (default 8).
     """
 
     max_batches: int = 8
@@ -142,7 +168,30 @@ class TaylorImportanceConfig(ImportanceConfig):
         check_range("max_batches", self.max_batches, 1)
 
 
-class TaylorImportance(Importance):
+class DataImportance(Importance):
+    """An importance learned from data (``needs_data``): :meth:`prepare` runs at most ``max_batches``
+    batches (:meth:`first_batches`) and keeps a statistic per weight tensor in :attr:`stats`, keyed by the
+    tensor's ``id``."""
+
+    needs_data = True
+    config_class: ClassVar[type[ImportanceConfig]] = DataImportanceConfig
+    config: DataImportanceConfig
+
+    def __init__(self, config: DataImportanceConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.stats: dict[int, torch.Tensor] = {}
+
+    def first_batches(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """The first ``config.max_batches`` of ``batches``."""
+        return itertools.islice(batches, self.config.max_batches)
+
+
+@dataclasses.dataclass
+class TaylorImportanceConfig(DataImportanceConfig):
+    """Options of :class:`TaylorImportance`: ``max_batches``, the batches gradients are summed over."""
+
+
+class TaylorImportance(DataImportance):
     """First-order Taylor importance ``|w * g|`` with ``g`` the gradient of the loss summed over batches.
 
     Paper: Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019.
@@ -152,27 +201,13 @@ class TaylorImportance(Importance):
     """
 
     name = "taylor"
-    needs_data = True
     config_class = TaylorImportanceConfig
-    config: TaylorImportanceConfig
 
-    def __init__(self, config: TaylorImportanceConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        self._grads: dict[int, torch.Tensor] = {}
-
-    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
-                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
-        was = model.training
-        flags = {p: p.requires_grad for p in model.parameters()}
-        model.eval()
+    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn | None = None) -> None:
         grads: dict[int, torch.Tensor] = {}
         params = [p for p in model.parameters() if p.is_floating_point()]
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            for i, (x, y) in enumerate(batches):
-                if i >= self.config.max_batches:
-                    break
+        with eval_mode(model, requires_grad=True):  # gradients of the weights, whatever their flags say
+            for x, y in self.first_batches(batches):
                 if loss_fn is None:
                     if y is None:
                         raise DataError("taylor importance needs labelled data (or a loss_fn); use l1 instead")
@@ -183,15 +218,11 @@ class TaylorImportance(Importance):
                 for p, gp in zip(params, g, strict=True):
                     if gp is not None:
                         grads[id(p)] = grads.get(id(p), 0) + gp.detach()
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-            model.train(was)
-        self._grads = grads
+        self.stats = grads
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         w = getattr(module, name)
-        g = self._grads.get(id(w))
+        g = self.stats.get(id(w))
         if g is None:
             g = w.grad
         if g is None:
@@ -202,7 +233,7 @@ class TaylorImportance(Importance):
         w = getattr(module, name, None)
         if not torch.is_tensor(w):
             return None
-        if id(w) not in self._grads and w.grad is None:
+        if id(w) not in self.stats and w.grad is None:
             return None
         return _reduce(self.score(module, name), dim)
 
@@ -212,14 +243,15 @@ class BNScaleImportance(Importance):
 
     Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017.
     Only BatchNorm/LayerNorm scales count for channels; a group with none falls back to L1 magnitude.
-    For single weights (unstructured) it is plain magnitude.
+    It scores channels only: a single weight has no scale of its own, so :meth:`score` is a ConfigError.
     """
 
     name = "bn"
+    per_weight = False
     _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
-        return getattr(module, name).detach().abs().float()
+        raise _not_for_weights(self.name)
 
     def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
         if isinstance(module, self._NORMS) and torch.is_tensor(getattr(module, "weight", None)):
@@ -266,24 +298,18 @@ class RandomImportance(Importance):
 
 def run_batch(model: nn.Module, x: Any) -> Any:
     """Call ``model`` on a batch: tensors positionally, dicts as keywords, text through its tokenizer."""
-    if isinstance(x, list) and hasattr(model, "tokenize"):
-        x = model.tokenize(x)
-    return model(**x) if isinstance(x, dict) else model(x)
+    tokenize = getattr(model, "tokenize", None)
+    if isinstance(x, list) and callable(tokenize):
+        x = tokenize(x)
+    return forward(model, x)
 
 
 @dataclasses.dataclass
-class ActivationImportanceConfig(ImportanceConfig):
-    """Args:
-    max_batches: calibration batches :meth:`ActivationImportance.prepare` runs, >= 1 (default 8).
-    """
-
-    max_batches: int = 8
-
-    def validate(self) -> None:
-        check_range("max_batches", self.max_batches, 1)
+class ActivationImportanceConfig(DataImportanceConfig):
+    """Options of :class:`ActivationImportance`: ``max_batches``, the calibration batches it runs."""
 
 
-class ActivationImportance(Importance):
+class ActivationImportance(DataImportance):
     """Weight magnitude times the L2 norm of the input feature it multiplies, over calibration data.
 
     Per weight ``|w_ij| * ||x_j||``; per output channel the row sum; per input channel the column sum,
@@ -297,16 +323,9 @@ class ActivationImportance(Importance):
     """
 
     name = "wanda"
-    needs_data = True
     config_class = ActivationImportanceConfig
-    config: ActivationImportanceConfig
 
-    def __init__(self, config: ActivationImportanceConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        self._norms: dict[int, torch.Tensor] = {}
-
-    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]],
-                loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None) -> None:
+    def prepare(self, model: nn.Module, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn | None = None) -> None:
         sq: dict[int, torch.Tensor] = {}
         hooks = []
 
@@ -323,23 +342,18 @@ class ActivationImportance(Importance):
         for mod in model.modules():
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 hooks.append(mod.register_forward_hook(hook))
-        was = model.training
-        model.eval()
         try:
-            with torch.no_grad():
-                for i, (x, _) in enumerate(batches):
-                    if i >= self.config.max_batches:
-                        break
+            with eval_mode(model), torch.no_grad():
+                for x, _ in self.first_batches(batches):
                     run_batch(model, x)
         finally:
             for h in hooks:
                 h.remove()
-            model.train(was)
-        self._norms = {k: v.sqrt() for k, v in sq.items()}
+        self.stats = {k: v.sqrt() for k, v in sq.items()}
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         w = getattr(module, name).detach().abs().float()
-        norm = self._norms.get(id(getattr(module, name)))
+        norm = self.stats.get(id(getattr(module, name)))
         if norm is None:
             return w
         shape = [1] * w.dim()

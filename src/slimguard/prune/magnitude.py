@@ -19,7 +19,8 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.masks import get_mask, set_mask
 from slimguard.core.registry import register_handler
-from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
+from slimguard.core.torch_utils import select_modules
+from slimguard.prune.importance import Importance, check_weight_importance, get_importance, prepare_importance
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PrunableLayer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # a module of one of the PRUNABLE types
@@ -36,7 +37,8 @@ class MagnitudePruningConfig(Config):
         ignore: qualified names of modules to leave dense.
         overrides: per-layer sparsity ``{module_name: sparsity}`` (layers named here are pruned alone).
         importance: how weights are ranked: ``l1`` (magnitude, default), ``l2``, ``taylor`` (needs data),
-            ``bn`` (magnitude for single weights), ``random``. See :mod:`slimguard.prune.importance`.
+            ``wanda`` (needs data), ``random``; not ``bn``, which scores only channels. See
+            :mod:`slimguard.prune.importance`.
 
     Already-pruned weights stay pruned (their masks only grow).
     """
@@ -49,22 +51,15 @@ class MagnitudePruningConfig(Config):
 
     def validate(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_inclusive=False)
-        if self.importance not in importance_names():
-            raise ConfigError(f"importance: {self.importance!r} is not allowed; "
-                              f"allowed: {', '.join(importance_names())}")
+        check_weight_importance(self.importance)
         for name, s in self.overrides.items():
             check_range(f"overrides.{name}", s, 0.0, 1.0, high_inclusive=False)
 
 
 def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, PrunableLayer]:
-    """Linear/Conv modules by qualified name; every ``ignore`` entry must name a module."""
-    names = dict(model.named_modules())
-    for entry in ignore:
-        if entry not in names:
-            raise ConfigError(f"ignore: {entry!r} names no module; modules are e.g. "
-                              f"{', '.join(n for n in list(names)[1:6])}")
-    return {n: m for n, m in names.items() if isinstance(m, PRUNABLE) and n not in ignore
-            and not any(n.startswith(i + ".") for i in ignore)}
+    """Linear/Conv modules by qualified name, those under an ``ignore`` entry left out; every ``ignore``
+    entry must name a module."""
+    return select_modules(model, PRUNABLE, ignore)  # type: ignore[return-value]  # PRUNABLE are PrunableLayer
 
 
 def _scores(module: PrunableLayer, imp: Importance | None = None) -> torch.Tensor:

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
-from slimguard.core.errors import ConfigError, ModelError
+from slimguard.core.errors import ModelError
 from slimguard.core.masks import get_mask, set_mask
 from slimguard.core.registry import register_handler
-from slimguard.prune.importance import get_importance, importance_names, prepare_importance
+from slimguard.prune.importance import check_weight_importance, get_importance, prepare_importance
 from slimguard.prune.magnitude import prunable_layers
 
 
@@ -49,9 +49,7 @@ class NMSparsityConfig(Config):
     def validate(self) -> None:
         check_range("m", self.m, 2, 64)
         check_range("n", self.n, 1, self.m - 1)
-        if self.importance not in importance_names():
-            raise ConfigError(f"importance: {self.importance!r} is not allowed; "
-                              f"allowed: {', '.join(importance_names())}")
+        check_weight_importance(self.importance)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.masks import set_mask
+from slimguard.core.torch_utils import eval_mode
 from slimguard.data.core import DataBundle, Split
 from slimguard.prune.magnitude import _layer_mask, prunable_layers
 from slimguard.ui import progress as progress_bar
@@ -137,10 +138,8 @@ def sensitivity(
             raise ConfigError(f"layers: {unknown[0]!r} is not a prunable {method} candidate; "
                               f"candidates: {', '.join(list(cands)[:8])}")
         cands = {n: cands[n] for n in layers}
-    was = model.training
-    model.eval()
     result: dict[str, Any] = {"metric": metric, "method": method, "sparsities": list(sparsities), "layers": {}}
-    try:
+    with eval_mode(model):
         result["baseline"] = score(model)
         with progress_bar(len(cands) * len(sparsities), "sensitivity", enabled=progress) as bar:
             for name, params in cands.items():
@@ -154,8 +153,6 @@ def sensitivity(
                         scores[f"{s:g}"] = None
                     bar.advance(1, info=name)
                 result["layers"][name] = {"params": params, "scores": scores}
-    finally:
-        model.train(was)
     return result
 
 

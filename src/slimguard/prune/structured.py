@@ -24,6 +24,7 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import register_handler
+from slimguard.core.torch_utils import matches
 from slimguard.prune.blocks import BlockRule
 from slimguard.prune.graph import DependencyGraph, Group, is_opaque
 from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
@@ -143,10 +144,6 @@ def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, m
     return chosen
 
 
-def _inside(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any = None,
                    importance: Importance | None = None) -> dict[str, Any]:
     """Apply :class:`ChannelPruning` in place; returns what changed.
@@ -165,7 +162,7 @@ def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_input
     blocks: dict[str, Any] = {}
     for name, m in list(names.items()):
         rule = rule_for(m)
-        if not name or _inside(name, list(config.ignore)) or not isinstance(rule, BlockRule):
+        if not name or matches(name, config.ignore) or not isinstance(rule, BlockRule):
             continue
         r = config.ratios.get(name)
         used.add(name) if r is not None else None
@@ -174,7 +171,7 @@ def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_input
         blocks[name] = rule.prune_block(m, hr, fr, imp, config.round_to)
     groups_out: list[dict[str, Any]] = []
     whole = [*config.ignore, *blocks, *(n for n, m in names.items() if n and is_opaque(m))]
-    graph_needed = not is_opaque(model) and any(isinstance(rule_for(m), ChannelRule) and not _inside(n, whole)
+    graph_needed = not is_opaque(model) and any(isinstance(rule_for(m), ChannelRule) and not matches(n, whole)
                                                 for n, m in names.items())
     if graph_needed and (config.ratio > 0 or set(config.ratios) - used):
         if example_inputs is None:

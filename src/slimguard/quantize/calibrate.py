@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import DataError
+from slimguard.core.torch_utils import eval_mode, forward
 from slimguard.data.core import Split
 from slimguard.ui import progress as progress_bar
 
@@ -91,14 +92,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], what: str, *, total: int
     Raises:
         DataError: the model cannot run on a batch (wrong shape or type).
     """
-    was = model.training
-    model.eval()
     n = 0
-    try:
+    with eval_mode(model):
         with progress_bar(total or 0, f"calibrating ({what})", enabled=progress and total is not None) as bar:
             for x in batches:
                 try:
-                    model(**x) if isinstance(x, dict) else model(x)
+                    forward(model, x)
                 except RuntimeError as exc:
                     raise DataError(f"{what}: the model cannot run on calibration batch of shape {_describe(x)} "
                                     f"({str(exc).splitlines()[0]}); give data of the model's input shape") from None
@@ -106,8 +105,6 @@ def calibrate(model: nn.Module, batches: Iterable[Any], what: str, *, total: int
                 bar.advance(1)
                 if after_batch is not None:
                     after_batch()
-    finally:
-        model.train(was)
     return n
 
 

@@ -34,7 +34,12 @@ class HalfPrecisionConfig(Config):
     ignore: list[str] = dataclasses.field(default_factory=list)
 
 
-class _HalfMixin:
+class _HalfMixin(nn.Module):
+    """Shared by the half layers (mixed into ``nn.Linear`` / ``nn.Conv2d``, listed after them)."""
+
+    weight: torch.Tensor
+    dtype: str  # "fp16" or "bf16"
+
     def _half(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(DTYPES[self.dtype])
 
@@ -44,14 +49,15 @@ class _HalfMixin:
 
 
 class _HalfTwin(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: _HalfMixin) -> None:
         super().__init__()
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = DTYPES[self.layer.dtype]
         w = self.layer.weight.detach().float()
-        b = None if self.layer.bias is None else self.layer.bias.detach().float()
+        bias = self.layer.bias
+        b = bias.detach().float() if isinstance(bias, torch.Tensor) else None
         x = x.to(dt).float()
         if isinstance(self.layer, HalfConv2d):
             lay = self.layer
@@ -94,20 +100,28 @@ class HalfConv2d(nn.Conv2d, _HalfMixin):
                     groups=self.groups, bias=self.bias is not None, dtype=self.dtype)
 
 
+def half_layer(layer: nn.Module, dtype: str) -> nn.Module:
+    """A :class:`HalfLinear` / :class:`HalfConv2d` holding a float Linear / Conv2d layer's weights in ``dtype``
+    (``fp16`` or ``bf16``); TypeError for other layers."""
+    if isinstance(layer, nn.Linear):
+        new: HalfLinear | HalfConv2d = HalfLinear(layer.in_features, layer.out_features, layer.bias is not None,
+                                                  dtype)
+    elif isinstance(layer, nn.Conv2d):
+        new = HalfConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, dtype)
+    else:
+        raise TypeError(f"half precision takes Linear and Conv2d layers, not {type(layer).__name__}")
+    with torch.no_grad():
+        new.weight.copy_(layer.weight)
+        if layer.bias is not None and new.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new.to(layer.weight.device)
+
+
 @register_handler("quantize", HalfPrecisionConfig)
 def _half(model: nn.Module, config: HalfPrecisionConfig, **_: Any) -> dict[str, Any]:
     done, kept = select_layers(model, (nn.Linear, nn.Conv2d), config.ignore, exact=True,
                                check=conv_padding_reason)
     for name in done:
-        mod = model.get_submodule(name)
-        if isinstance(mod, nn.Linear):
-            new: nn.Module = HalfLinear(mod.in_features, mod.out_features, mod.bias is not None, config.dtype)
-        else:
-            new = HalfConv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                             mod.dilation, mod.groups, mod.bias is not None, config.dtype)
-        with torch.no_grad():
-            new.weight.copy_(mod.weight)
-            if mod.bias is not None:
-                new.bias.copy_(mod.bias)
-        set_submodule(model, name, new.to(mod.weight.device))
+        set_submodule(model, name, half_layer(model.get_submodule(name), config.dtype))
     return {"quantized": done, "kept_float": kept, "dtype": config.dtype}

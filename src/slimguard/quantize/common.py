@@ -19,21 +19,20 @@ import torch.nn as nn
 
 # the one module-replacement helper (``set_submodule(model, "block.0.fc", new)``), shared with the artifact
 from slimguard.core.modules import set_submodule
+from slimguard.core.torch_utils import matches
 
-__all__ = ["LayerCheck", "conv_padding_reason", "ignored", "pair", "select_layers", "set_submodule"]
+__all__ = ["LayerCheck", "conv_padding_reason", "pair", "select_layers", "set_submodule"]
 
 #: ``check(layer) -> reason`` to keep a selected layer in float, or None to quantize it
 LayerCheck = Callable[[nn.Module], str | None]
 
 
-def ignored(name: str, ignore: Sequence[str]) -> bool:
-    """True when ``name`` is one of ``ignore`` or lies under one of them (``"enc"`` covers ``"enc.fc"``)."""
-    return any(name == p or name.startswith(p + ".") for p in ignore)
-
-
-def pair(v: Any) -> tuple[int, ...]:
-    """``3 -> (3, 3)``; a list or tuple is kept as a tuple (Conv2d's kernel, stride, padding, dilation)."""
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+def pair(v: Any) -> tuple[int, int]:
+    """``3 -> (3, 3)``; a two-item list or tuple is kept as a tuple (Conv2d's kernel, stride, padding, dilation)."""
+    if isinstance(v, (list, tuple)):
+        first, second = v
+        return first, second
+    return v, v
 
 
 def conv_padding_reason(layer: nn.Module) -> str | None:
@@ -64,7 +63,7 @@ def select_layers(model: nn.Module, kinds: tuple[type[nn.Module], ...], ignore: 
             continue
         if not name:
             reason: str | None = "the model itself is one layer; wrap it in nn.Sequential to quantize it"
-        elif ignored(name, ignore):
+        elif matches(name, ignore):  # "enc" covers "enc.fc"
             reason = "ignored by config"
         else:
             reason = check(layer) if check is not None else None

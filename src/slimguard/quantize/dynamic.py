@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,9 @@ class DynamicInt8Linear(nn.Module):
         Input ``(*, in_features)``, output ``(*, out_features)``.
     """
 
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
@@ -80,7 +83,7 @@ class DynamicInt8Linear(nn.Module):
         q, s = quantize_weight_per_channel(linear.weight)
         m.weight_int8.copy_(q)
         m.weight_scale.copy_(s)
-        if linear.bias is not None:
+        if linear.bias is not None and m.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         return m.to(linear.weight.device)
 
@@ -103,6 +106,9 @@ class DynamicInt8Linear(nn.Module):
 
 
 class _DynamicTwin(nn.Module):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -115,11 +121,12 @@ class _DynamicTwin(nn.Module):
 @register_handler("quantize", Int8DynamicConfig)
 def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, **_: Any) -> dict[str, Any]:
     def too_small(layer: nn.Module) -> str | None:
-        if layer.in_features < config.min_features:
+        if isinstance(layer, nn.Linear) and layer.in_features < config.min_features:
             return f"{layer.in_features} input features < min_features {config.min_features}"
         return None
 
     chosen, kept = select_layers(model, (nn.Linear,), config.ignore, exact=True, check=too_small)
     for name in chosen:
-        set_submodule(model, name, DynamicInt8Linear.from_float(model.get_submodule(name)))
+        linear = cast(nn.Linear, model.get_submodule(name))  # select_layers(exact=True) chose nn.Linear layers
+        set_submodule(model, name, DynamicInt8Linear.from_float(linear))
     return {"quantized": chosen, "kept_float": kept}

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from slimguard.core.config import Config, register_config
 from slimguard.core.modules import register_module
 from slimguard.core.registry import register_handler
-from slimguard.quantize.common import set_submodule
+from slimguard.quantize.common import pair, set_submodule
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RELU_FNS = (F.relu, torch.relu)
@@ -128,23 +128,30 @@ def _chains_sequential(model: nn.Module) -> list[Chain]:
 
 
 @torch.no_grad()
-def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A new FoldedConv2d / FoldedLinear equal to ``bn(layer(x))`` in eval mode."""
+def fold_bn(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module:
+    """A new FoldedConv2d / FoldedLinear equal to ``bn(layer(x))`` in eval mode.
+
+    Raises:
+        ValueError: ``bn`` keeps no running statistics (``track_running_stats=False``): nothing to fold.
+    """
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("fold_bn: the BatchNorm keeps no running statistics; there is nothing to fold")
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(std)
     beta = bn.bias if bn.affine else torch.zeros_like(std)
     factor = gamma / std
     if isinstance(layer, nn.Conv2d):
-        new: nn.Module = FoldedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                      layer.padding, layer.dilation, layer.groups, bias=True,
-                                      padding_mode=layer.padding_mode)
+        padding = layer.padding if isinstance(layer.padding, str) else pair(layer.padding)
+        new: nn.Conv2d | nn.Linear = FoldedConv2d(layer.in_channels, layer.out_channels, pair(layer.kernel_size),
+                                                  pair(layer.stride), padding, pair(layer.dilation), layer.groups,
+                                                  bias=True, padding_mode=layer.padding_mode)
     else:
         new = FoldedLinear(layer.in_features, layer.out_features, bias=True)
     new = new.to(layer.weight.device, layer.weight.dtype)
     shape = [-1] + [1] * (layer.weight.dim() - 1)
     new.weight.copy_(layer.weight * factor.reshape(shape))
     b = layer.bias if layer.bias is not None else torch.zeros_like(std)
-    new.bias.copy_((b - bn.running_mean) * factor + beta)
+    cast(torch.Tensor, new.bias).copy_((b - bn.running_mean) * factor + beta)  # folded layers have a bias
     new.train(layer.training)
     return new
 
@@ -157,6 +164,8 @@ def fold_all(model: nn.Module, chains: list[Chain] | None = None) -> tuple[list[
         if c.bn is None:
             continue
         layer, bn = model.get_submodule(c.layer), model.get_submodule(c.bn)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not isinstance(bn, _BN):
+            continue  # (chains hold only these kinds)
         if not getattr(bn, "track_running_stats", False) or bn.running_var is None:
             continue
         if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
@@ -170,7 +179,7 @@ def fold_all(model: nn.Module, chains: list[Chain] | None = None) -> tuple[list[
 
 @register_handler("fuse", FuseBNConfig)
 def _fuse_bn(model: nn.Module, config: FuseBNConfig, **_: Any) -> dict[str, Any]:
-    _, fused = fold_all(model)
+    fused = fold_all(model)[1]
     fused_bns = {b for _, b in fused}
     left = [n for n, m in model.named_modules() if isinstance(m, _BN) and n not in fused_bns]
     return {"fused": fused, "not_fused": left}

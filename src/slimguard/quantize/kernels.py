@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -75,15 +76,16 @@ def use_int_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.jit.is_tracing()
 
 
-class Prepacked:
+class Prepacked(abc.ABC):
     """Mixin of layers whose kernel wants the weight in its own layout, built lazily (never stored).
 
     :func:`prepack_all` builds every such layout at once; it runs after each artifact load, so that a
     loaded model's first call is not slower than the rest and a layout problem shows at load time.
     """
 
+    @abc.abstractmethod
     def prepack(self) -> None:
-        raise NotImplementedError
+        """Build (or rebuild) this layer's kernel layout from its stored tensors."""
 
 
 def prepack_all(model: torch.nn.Module) -> int:

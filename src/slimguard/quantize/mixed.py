@@ -26,7 +26,7 @@ from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
 from slimguard.quantize.common import conv_padding_reason, select_layers, set_submodule
-from slimguard.quantize.weight_only import WeightOnlyConv2d, WeightOnlyLinear
+from slimguard.quantize.weight_only import weight_only_layer
 from slimguard.train.loop import accuracy
 
 
@@ -61,9 +61,7 @@ def _quantized(model: nn.Module, assignment: dict[str, int | None], group: int) 
     for name, bits in assignment.items():
         if bits is None:
             continue
-        mod = m.get_submodule(name)
-        cls = WeightOnlyConv2d if isinstance(mod, nn.Conv2d) else WeightOnlyLinear
-        set_submodule(m, name, cls.from_float(mod, bits, group))
+        set_submodule(m, name, weight_only_layer(m.get_submodule(name), bits, group))
     return m
 
 
@@ -89,18 +87,16 @@ def _mixed(model: nn.Module, config: MixedPrecisionConfig, *, data: Any = None, 
 
     measured = total(assign)
     while measured > config.budget:
-        movable = [n for n in layers if assign[n] is not None]
+        movable = {n: b for n in layers if (b := assign[n]) is not None}  # layer -> its current bits
         if not movable:
             break
-        worst = max(movable, key=lambda n: drop[n][assign[n]])
-        higher = [b for b in cands if b > assign[worst]]
+        worst = max(movable, key=lambda n: drop[n][movable[n]])
+        higher = [b for b in cands if b > movable[worst]]
         assign[worst] = higher[0] if higher else None
         measured = total(assign)
     for name, bits in assign.items():
         if bits is not None:
-            mod = model.get_submodule(name)
-            cls = WeightOnlyConv2d if isinstance(mod, nn.Conv2d) else WeightOnlyLinear
-            set_submodule(model, name, cls.from_float(mod, bits, config.group_size))
+            set_submodule(model, name, weight_only_layer(model.get_submodule(name), bits, config.group_size))
     return {"bits": assign, "sensitivity": drop, "accuracy_drop": measured, "evaluated_on": split.name,
             "kept_float": kept + [{"layer": n, "reason": "over budget at every bit width"} for n, b in assign.items()
                                   if b is None]}

@@ -13,6 +13,11 @@ statistics) and then gives ``(scale, zero_point)`` for a :class:`QScheme` via :m
 
 Histogram observers keep 2048 bins over a range that grows as data arrives (old counts are re-binned).
 
+Each observer's options are a config (:class:`ObserverConfig` and its subclasses ``MinMaxObserverConfig``,
+``MovingAverageObserverConfig``, ``PercentileObserverConfig``, ``EntropyObserverConfig``, ``MSEObserverConfig``),
+given as an object or as keywords: ``make_observer("percentile", percentile=99.9)`` is
+``PercentileObserver(PercentileObserverConfig(percentile=99.9))``. A bad option is a ConfigError naming it.
+
 Example:
     >>> obs = make_observer("percentile")
     >>> for xb in batches: obs(xb)
@@ -25,10 +30,13 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from slimguard.core.config import Config, check_range
 from slimguard.core.errors import ConfigError, NotFittedError
+from slimguard.core.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,15 +116,61 @@ def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # ---- observers ----------------------------------------------------------------------------------------
+OBSERVERS: Registry[type[Observer]] = Registry("observer")
+"""Observer name -> class (see the table in the module docstring); :func:`make_observer` builds from it."""
+
+
+ObserverT = TypeVar("ObserverT", bound="Observer")
+
+
+def register_observer(name: str) -> Callable[[type[ObserverT]], type[ObserverT]]:
+    """Class decorator: make an observer available under ``name`` to :func:`make_observer`; a second
+    registration of the name is refused."""
+
+    def deco(cls: type[ObserverT]) -> type[ObserverT]:
+        cls.name = name
+        OBSERVERS.register(name, cls)
+        return cls
+
+    return deco
+
+
+def observer_names() -> list[str]:
+    return OBSERVERS.names()
+
+
+def make_observer(name: str, **options: Any) -> Observer:
+    """An observer by name (see the table in the module docstring) with its config's options as keywords:
+    ``make_observer("percentile", percentile=99.9)``. An unknown name or option, or a bad value, is a
+    ConfigError naming it and what is allowed."""
+    return OBSERVERS.get(name)(**options)
+
+
+@dataclasses.dataclass
+class ObserverConfig(Config):
+    """Options every observer has.
+
+    Args:
+        axis: channel axis for per-channel statistics; None means per tensor (default None).
+    """
+
+    axis: int | None = None
+
+
 class Observer(abc.ABC):
     """Base: ``__call__(x)`` folds a batch into running statistics; ``qparams(scheme)`` gives parameters.
 
-    Args:
-        axis: channel axis for per-channel statistics (None: per tensor).
+    An observer takes its config (``config_class``), or the config's options as keywords:
+    ``PercentileObserver(percentile=99.9)`` is ``PercentileObserver(PercentileObserverConfig(percentile=99.9))``;
+    ``observer.config`` holds them (see :class:`ObserverConfig`).
     """
 
-    def __init__(self, axis: int | None = None) -> None:
-        self.axis = axis
+    name: ClassVar[str] = "observer"
+    config_class: ClassVar[type[ObserverConfig]] = ObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        self.config = self.config_class.build(config, options, where=self.name)
+        self.axis = self.config.axis
         self.count = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +189,12 @@ class Observer(abc.ABC):
     def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(lo, hi)`` range to cover (tensors; per channel when ``axis`` is set)."""
 
+    def _not_fitted(self) -> NotFittedError:
+        return NotFittedError(f"{type(self).__name__} has seen no data; run calibration batches through it first")
+
     def qparams(self, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count == 0:
-            raise NotFittedError(f"{type(self).__name__} has seen no data; run calibration batches through it first")
+            raise self._not_fitted()
         lo, hi = self.value_range()
         return qparams_from_range(lo, hi, scheme)
 
@@ -147,12 +204,27 @@ class Observer(abc.ABC):
         flat = x.transpose(0, self.axis % x.dim()).reshape(x.shape[self.axis], -1)
         return flat.min(1).values, flat.max(1).values
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
 
+
+@dataclasses.dataclass
+class MinMaxObserverConfig(ObserverConfig):
+    """Options of :class:`MinMaxObserver`: ``axis`` (see :class:`ObserverConfig`)."""
+
+
+@register_observer("minmax")
 class MinMaxObserver(Observer):
-    """Running minimum and maximum (exact; sensitive to outliers)."""
+    """Running minimum and maximum (exact; sensitive to outliers).
 
-    def __init__(self, axis: int | None = None) -> None:
-        super().__init__(axis)
+    Options: :class:`MinMaxObserverConfig` (``axis``, default None: per tensor).
+    """
+
+    config_class = MinMaxObserverConfig
+    config: MinMaxObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
 
@@ -162,19 +234,43 @@ class MinMaxObserver(Observer):
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 
     def value_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lo, self.hi  # type: ignore[return-value]
+        if self.lo is None or self.hi is None:
+            raise self._not_fitted()
+        return self.lo, self.hi
 
 
+@dataclasses.dataclass
+class MovingAverageObserverConfig(MinMaxObserverConfig):
+    """Options of :class:`MovingAverageObserver` (besides ``axis``).
+
+    Args:
+        momentum: weight of the new batch in the moving average, in (0, 1] (default 0.1; 1 keeps only the
+            last batch).
+    """
+
+    momentum: float = 0.1
+
+    def validate(self) -> None:
+        check_range("momentum", self.momentum, 0.0, 1.0, low_inclusive=False)
+
+
+@register_observer("moving-average")
 class MovingAverageObserver(MinMaxObserver):
-    """Exponential moving average of per-batch min / max (``momentum`` weight on the new batch; QAT default)."""
+    """Exponential moving average of per-batch min / max (``momentum`` weight on the new batch; QAT default).
 
-    def __init__(self, axis: int | None = None, momentum: float = 0.1) -> None:
-        super().__init__(axis)
-        self.momentum = momentum
+    Options: :class:`MovingAverageObserverConfig` (``axis``, ``momentum`` default 0.1).
+    """
+
+    config_class = MovingAverageObserverConfig
+    config: MovingAverageObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.momentum = self.config.momentum
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = self._reduce(x)
-        if self.lo is None:
+        if self.lo is None or self.hi is None:
             self.lo, self.hi = lo, hi
         else:
             m = self.momentum
@@ -182,16 +278,37 @@ class MovingAverageObserver(MinMaxObserver):
             self.hi = (1 - m) * self.hi + m * hi
 
 
+@dataclasses.dataclass
+class HistogramObserverConfig(ObserverConfig):
+    """Options of the histogram observers (per tensor only: ``axis`` must stay None).
+
+    Args:
+        bins: histogram bins, 2..65536 (default 2048).
+    """
+
+    bins: int = 2048
+
+    def validate(self) -> None:
+        if self.axis is not None:
+            raise ConfigError(f"axis: {self.axis!r} is not allowed; histogram observers (percentile, entropy, mse) "
+                              "are per tensor: leave axis unset, or use minmax per channel")
+        check_range("bins", self.bins, 2, 1 << 16)
+
+
 class HistogramObserver(Observer):
     """A streaming histogram of values (``bins`` over ``[lo, hi]``, widened and re-binned as needed);
-    subclasses choose the clip range from it. Per tensor only."""
+    subclasses choose the clip range from it. Per tensor only.
 
-    def __init__(self, axis: int | None = None, bins: int = 2048) -> None:
-        if axis is not None:
-            raise ConfigError("histogram observers (percentile, entropy, mse) are per tensor; use minmax per channel")
-        super().__init__(None)
-        self.bins = bins
-        self.hist = torch.zeros(bins, dtype=torch.float64)
+    Options: :class:`HistogramObserverConfig` (``bins``, default 2048).
+    """
+
+    config_class = HistogramObserverConfig
+    config: HistogramObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.bins = self.config.bins
+        self.hist = torch.zeros(self.bins, dtype=torch.float64)
         self.lo = self.hi = 0.0
 
     def update(self, x: torch.Tensor) -> None:
@@ -223,12 +340,35 @@ class HistogramObserver(Observer):
         return [(self.lo * f, self.hi * f) for f in torch.linspace(0.05, 1.0, n).tolist()]
 
 
-class PercentileObserver(HistogramObserver):
-    """Clip at the ``percentile`` of the value distribution on each side (default 99.99)."""
+@dataclasses.dataclass
+class PercentileObserverConfig(HistogramObserverConfig):
+    """Options of :class:`PercentileObserver` (besides ``bins``).
 
-    def __init__(self, axis: int | None = None, percentile: float = 99.99, bins: int = 2048) -> None:
-        super().__init__(axis, bins)
-        self.percentile = percentile
+    Args:
+        percentile: share of values kept inside the range on each side, in percent, in (50, 100]
+            (default 99.99; 100 keeps the whole observed range).
+    """
+
+    percentile: float = 99.99
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("percentile", self.percentile, 50.0, 100.0, low_inclusive=False)
+
+
+@register_observer("percentile")
+class PercentileObserver(HistogramObserver):
+    """Clip at the ``percentile`` of the value distribution on each side (default 99.99).
+
+    Options: :class:`PercentileObserverConfig` (``percentile``, ``bins``).
+    """
+
+    config_class = PercentileObserverConfig
+    config: PercentileObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.percentile = self.config.percentile
 
     def choose_range(self) -> tuple[float, float]:
         cdf = self.hist.cumsum(0) / self.hist.sum().clamp_min(1)
@@ -240,12 +380,37 @@ class PercentileObserver(HistogramObserver):
         return min(lo, 0.0), max(float(edges[min(hi_i + 1, self.bins)]), 0.0)
 
 
-class MSEObserver(HistogramObserver):
-    """Clip range minimising the expected squared quantization error over the histogram."""
+@dataclasses.dataclass
+class MSEObserverConfig(HistogramObserverConfig):
+    """Options of :class:`MSEObserver` (besides ``bins``).
 
-    def __init__(self, axis: int | None = None, bins: int = 2048, scheme: QScheme | None = None) -> None:
-        super().__init__(axis, bins)
-        self.scheme = scheme or QScheme(8, symmetric=False)
+    Args:
+        scheme: the :class:`QScheme` whose error is minimised; None means 8-bit asymmetric, the scheme of
+            activations (default None).
+    """
+
+    scheme: QScheme | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scheme is not None and not isinstance(self.scheme, QScheme):
+            raise ConfigError(f"scheme: expected a QScheme (e.g. QScheme(bits=8, symmetric=False)) or None, "
+                              f"got {self.scheme!r}")
+
+
+@register_observer("mse")
+class MSEObserver(HistogramObserver):
+    """Clip range minimising the expected squared quantization error over the histogram.
+
+    Options: :class:`MSEObserverConfig` (``scheme``, ``bins``).
+    """
+
+    config_class = MSEObserverConfig
+    config: MSEObserverConfig
+
+    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.scheme = self.config.scheme or QScheme(8, symmetric=False)
 
     def _err(self, lo: float, hi: float) -> float:
         centres = (self._edges()[:-1] + self._edges()[1:]) / 2
@@ -257,9 +422,20 @@ class MSEObserver(HistogramObserver):
         return min(self._candidates(), key=lambda r: self._err(*r))
 
 
+@dataclasses.dataclass
+class EntropyObserverConfig(HistogramObserverConfig):
+    """Options of :class:`EntropyObserver`: ``bins`` (see :class:`HistogramObserverConfig`)."""
+
+
+@register_observer("entropy")
 class EntropyObserver(HistogramObserver):
     """Clip range minimising KL divergence between the clipped histogram and its 8-bit quantization
-    (Migacz, "8-bit Inference with TensorRT", GTC 2017)."""
+    (Migacz, "8-bit Inference with TensorRT", GTC 2017).
+
+    Options: :class:`EntropyObserverConfig` (``bins``).
+    """
+
+    config_class = EntropyObserverConfig
 
     def _kl(self, lo: float, hi: float, levels: int = 255) -> float:
         edges = self._edges()
@@ -283,19 +459,3 @@ class EntropyObserver(HistogramObserver):
 
     def choose_range(self) -> tuple[float, float]:
         return min(self._candidates(), key=lambda r: self._kl(*r))
-
-
-OBSERVERS: dict[str, Callable[..., Observer]] = {
-    "minmax": MinMaxObserver,
-    "moving-average": MovingAverageObserver,
-    "percentile": PercentileObserver,
-    "entropy": EntropyObserver,
-    "mse": MSEObserver,
-}
-
-
-def make_observer(name: str, axis: int | None = None) -> Observer:
-    """An observer by name (see the table in the module docstring)."""
-    if name not in OBSERVERS:
-        raise ConfigError(f"calibration {name!r} is not allowed; allowed: {', '.join(OBSERVERS)}")
-    return OBSERVERS[name](axis=axis)

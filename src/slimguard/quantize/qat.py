@@ -10,15 +10,16 @@ ReLU; activation ranges come from moving-average observers, initialised by a cal
 ``QuantLinear``. The ``qat`` recipe step does all three.
 
 Example:
-    >>> sg.prepare_qat_(model, sg.QATConfig(weight_bits=4), calib=data.calib)
-    >>> sg.finetune(model, data, sg.FinetuneConfig(epochs=3, lr=1e-4), callbacks=[QATFreezer(1, 2)])
+    >>> cfg = sg.QATConfig(weight_bits=4)
+    >>> sg.prepare_qat_(model, cfg, calib=data.calib)
+    >>> sg.finetune(model, data, cfg.finetune, callbacks=[QATFreezer(cfg.freeze_bn_epoch, cfg.freeze_observers_epoch)])
     >>> sg.convert_(model)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -32,7 +33,7 @@ from slimguard.quantize.qmodules import (
     convert_fake_quant,
     insert_fake_quant,
 )
-from slimguard.train.loop import Callback, FinetuneConfig, finetune
+from slimguard.train.loop import Callback, FinetuneConfig, check_finetune, finetune, finetune_block
 
 _FQ = (FakeQuantConv2d, FakeQuantLinear)
 
@@ -40,30 +41,46 @@ _FQ = (FakeQuantConv2d, FakeQuantLinear)
 @register_config("qat")
 @dataclasses.dataclass
 class QATConfig(Config):
-    """Quantization-aware training of Conv2d / Linear layers.
+    """Quantization-aware training of Conv2d / Linear layers (also the ``qat`` recipe step).
 
     Args:
         weight_bits: weight bits, 2..8 (default 8); activations are uint8.
-        epochs, lr, batch_size: training (defaults 3, 1e-4, 64).
         freeze_bn_epoch: epochs after which BN statistics stop updating (default 1).
         freeze_observers_epoch: epochs after which activation ranges stop updating (default 2).
         ignore: layers to keep in float.
+        finetune: the training loop's options (:class:`~slimguard.train.loop.FinetuneConfig`; default 3
+            epochs at lr 1e-4, batch size 64, no early stopping, otherwise FinetuneConfig's defaults). In a
+            recipe, keys the block leaves out keep these defaults; the old spelling with ``epochs``, ``lr``,
+            ``batch_size`` beside the step's options is still read, with a deprecation warning.
+
+    Example:
+        >>> cfg = QATConfig(weight_bits=4, finetune=FinetuneConfig(epochs=5, lr=1e-4))
+
+    In a recipe::
+
+        - qat: {weight_bits: 4, finetune: {epochs: 5, lr: 0.0001}}
     """
 
     weight_bits: int = 8
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 64
     freeze_bn_epoch: int = 1
     freeze_observers_epoch: int = 2
     ignore: list[str] = dataclasses.field(default_factory=list)
+    finetune: FinetuneConfig = dataclasses.field(
+        default_factory=lambda: FinetuneConfig(epochs=3, lr=1e-4, batch_size=64, patience=0))
+
+    # training options older recipes wrote beside the step's own (read into ``finetune``, with a warning)
+    FLAT_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size")
 
     def validate(self) -> None:
         check_range("weight_bits", self.weight_bits, 2, 8)
-        check_range("epochs", self.epochs, 0, 10_000)
-        check_range("lr", self.lr, 0.0, 10.0, low_inclusive=False)
         check_range("freeze_bn_epoch", self.freeze_bn_epoch, 0)
         check_range("freeze_observers_epoch", self.freeze_observers_epoch, 0)
+        check_finetune(self.finetune)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], where: str = "") -> QATConfig:
+        where = where or cls.config_name
+        return super().from_fields(finetune_block(cls, fields, where, cls.FLAT_TRAINING_KEYS), where)
 
 
 def prepare_qat_(model: nn.Module, config: QATConfig | None = None, *, calib: Split | None = None, data: Any = None,
@@ -124,8 +141,7 @@ def _qat(model: nn.Module, config: QATConfig, *, data: Any = None, calib: Split 
     if data is None:
         raise DataError("QAT needs training data; pass data=<a DataBundle> (recipes do this)")
     report = prepare_qat_(model, config, calib=calib, data=data, progress=progress)
-    history = finetune(model, data, FinetuneConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-                                                   patience=0),
+    history = finetune(model, data, config.finetune,
                        callbacks=[QATFreezer(config.freeze_bn_epoch, config.freeze_observers_epoch)],
                        progress=progress, description="QAT")
     report["quantized"] = convert_(model)

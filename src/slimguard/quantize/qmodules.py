@@ -23,6 +23,7 @@ Shape:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.modules import register_module
-from slimguard.quantize.common import conv_padding_reason, ignored, pair, set_submodule
+from slimguard.core.torch_utils import matches
+from slimguard.quantize.common import conv_padding_reason, pair, set_submodule
 from slimguard.quantize.fuse import FoldedConv2d, FoldedLinear, find_chains, fold_all
 from slimguard.quantize.kernels import (
     PackCache,
@@ -40,7 +42,6 @@ from slimguard.quantize.kernels import (
     weight_row_sums,
 )
 from slimguard.quantize.observers import (
-    MovingAverageObserver,
     Observer,
     QScheme,
     fake_quantize,
@@ -61,8 +62,18 @@ def weight_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return scale, torch.zeros(w.shape[0], dtype=torch.int32)
 
 
-class _FakeQuantMixin:
-    """Shared state of the fake-quant layers (activation observers and their frozen parameters)."""
+class _FakeQuantMixin(nn.Module):
+    """Shared state of the fake-quant layers (activation observers and their frozen parameters).
+
+    Mixed into ``nn.Conv2d`` / ``nn.Linear`` (listed after them), whose ``weight`` and ``bias`` it uses.
+    """
+
+    weight: torch.Tensor
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    output_scale: torch.Tensor
+    output_zero_point: torch.Tensor
+    observed: torch.Tensor
 
     def _init_fq(self, relu: bool, weight_bits: int, observer: str, quantize_output: bool) -> None:
         self.relu = relu
@@ -72,16 +83,16 @@ class _FakeQuantMixin:
         self.fake_quant_enabled = True
         self.observers_frozen = False
         self.bn_frozen = False
-        self.obs_in: Observer = make_observer(observer) if observer != "moving-average" else MovingAverageObserver()
-        self.obs_out: Observer = make_observer(observer) if observer != "moving-average" else MovingAverageObserver()
+        self.obs_in: Observer = make_observer(observer)
+        self.obs_out: Observer = make_observer(observer)
         for n in ("input", "output"):
-            self.register_buffer(f"{n}_scale", torch.ones(1))  # type: ignore[attr-defined]
-            self.register_buffer(f"{n}_zero_point", torch.zeros(1, dtype=torch.int32))  # type: ignore[attr-defined]
-        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))  # type: ignore[attr-defined]
+            self.register_buffer(f"{n}_scale", torch.ones(1))
+            self.register_buffer(f"{n}_zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         self._stale: set[str] = set()  # observers with data not yet copied into the buffers
 
     def _observe(self, obs: Observer, t: torch.Tensor, which: str) -> None:
-        if (self.training or not self.fake_quant_enabled) and not self.observers_frozen:  # type: ignore[attr-defined]
+        if (self.training or not self.fake_quant_enabled) and not self.observers_frozen:
             obs(t)
             self._stale.add(which)
             self.observed.fill_(True)
@@ -103,7 +114,7 @@ class _FakeQuantMixin:
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias with the carried BatchNorm folded in (running statistics)."""
-        w, b = self.weight, self.bias  # type: ignore[attr-defined]
+        w, b = self.weight, self.bias if isinstance(self.bias, torch.Tensor) else None
         bn = getattr(self, "bn", None)
         if bn is None:
             return w, b
@@ -119,7 +130,7 @@ class _FakeQuantMixin:
         if bn is not None and self.training and not self.bn_frozen:
             with torch.no_grad():  # update BN running statistics from this batch
                 bn.train()
-                bn(op(x, self.weight, self.bias))  # type: ignore[attr-defined]
+                bn(op(x, self.weight, self.bias))
         w, b = self.folded()
         if self.fake_quant_enabled:
             s, z = weight_qparams(w, self.weight_bits)
@@ -146,7 +157,7 @@ class FakeQuantConv2d(nn.Conv2d, _FakeQuantMixin):
                  observer: str = "moving-average", quantize_output: bool = True, with_bn: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self._init_fq(relu, weight_bits, observer, quantize_output)
-        self.bn = nn.BatchNorm2d(out_channels) if with_bn else None
+        self.bn: nn.Module | None = nn.BatchNorm2d(out_channels) if with_bn else None
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bn: nn.Module | None = None, **kw: Any) -> FakeQuantConv2d:
@@ -175,7 +186,7 @@ class FakeQuantLinear(nn.Linear, _FakeQuantMixin):
                  with_bn: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
         self._init_fq(relu, weight_bits, observer, quantize_output)
-        self.bn = nn.BatchNorm1d(out_features) if with_bn else None
+        self.bn: nn.Module | None = nn.BatchNorm1d(out_features) if with_bn else None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bn: nn.Module | None = None, **kw: Any) -> FakeQuantLinear:
@@ -194,16 +205,27 @@ class FakeQuantLinear(nn.Linear, _FakeQuantMixin):
 
 
 # ---- converted int8 layers ----------------------------------------------------------------------------
-class _QuantMixin:
+class _QuantMixin(nn.Module):
+    """Shared state of the converted int8 layers: int8 weight, its per-channel scales, and the activations'
+    frozen parameters (buffers)."""
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    output_scale: torch.Tensor
+    output_zero_point: torch.Tensor
+
     def _init_q(self, out: int, wshape: tuple[int, ...], bias: bool, relu: bool, weight_bits: int) -> None:
         self.relu = relu
         self.weight_bits = weight_bits
-        self.register_buffer("weight_int8", torch.zeros(wshape, dtype=torch.int8))  # type: ignore[attr-defined]
-        self.register_buffer("weight_scale", torch.ones(out))  # type: ignore[attr-defined]
+        self.register_buffer("weight_int8", torch.zeros(wshape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out))
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         for n in ("input", "output"):
-            self.register_buffer(f"{n}_scale", torch.ones(1))  # type: ignore[attr-defined]
-            self.register_buffer(f"{n}_zero_point", torch.zeros(1, dtype=torch.int32))  # type: ignore[attr-defined]
+            self.register_buffer(f"{n}_scale", torch.ones(1))
+            self.register_buffer(f"{n}_zero_point", torch.zeros(1, dtype=torch.int32))
 
     def dequantized_weight(self) -> torch.Tensor:
         shape = [-1] + [1] * (self.weight_int8.dim() - 1)
@@ -223,7 +245,7 @@ class _QuantMixin:
             y = F.relu(y)
         return fake_quantize(y, self.output_scale, self.output_zero_point, ACT)
 
-    def _load_from(self, fq: nn.Module) -> None:
+    def _load_from(self, fq: _FakeQuantMixin) -> None:
         fq.sync_qparams()
         w, b = fq.folded()
         w = w.detach()
@@ -237,7 +259,7 @@ class _QuantMixin:
         for n in ("input_scale", "input_zero_point", "output_scale", "output_zero_point"):
             getattr(self, n).copy_(getattr(fq, n))
 
-    def _twin(self, twin: nn.Module) -> nn.Module:
+    def _twin(self, twin: _FakeQuantMixin) -> nn.Module:
         sd = {"weight": self.dequantized_weight()}
         if self.bias is not None:
             sd["bias"] = self.bias.detach().clone()
@@ -251,7 +273,7 @@ class _QuantMixin:
 
 
 @register_module("slimguard.QuantConv2d")
-class QuantConv2d(nn.Module, _QuantMixin):
+class QuantConv2d(_QuantMixin):
     """Static int8 Conv2d: int8 weights per output channel, uint8 activations (see the module docstring)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
@@ -290,7 +312,7 @@ class QuantConv2d(nn.Module, _QuantMixin):
 
 
 @register_module("slimguard.QuantLinear")
-class QuantLinear(nn.Module, _QuantMixin, Prepacked):
+class QuantLinear(_QuantMixin, Prepacked):
     """Static int8 Linear: int8 weights per output channel, uint8 activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, relu: bool = False,
@@ -333,7 +355,9 @@ class QuantLinear(nn.Module, _QuantMixin, Prepacked):
             ", relu" if self.relu else "")
 
 
-FAKE_TO_QUANT = {FakeQuantConv2d: QuantConv2d.from_fake_quant, FakeQuantLinear: QuantLinear.from_fake_quant}
+#: fake-quant layer type (exactly) -> the function converting an observed one to its int8 layer
+FAKE_TO_QUANT: dict[type[nn.Module], Callable[..., nn.Module]] = {
+    FakeQuantConv2d: QuantConv2d.from_fake_quant, FakeQuantLinear: QuantLinear.from_fake_quant}
 
 
 def convert_fake_quant(model: nn.Module) -> list[str]:
@@ -341,15 +365,17 @@ def convert_fake_quant(model: nn.Module) -> list[str]:
     done = []
     for name, mod in list(model.named_modules()):
         fn = FAKE_TO_QUANT.get(type(mod))
-        if fn is not None and bool(mod.observed):
+        if fn is not None and isinstance(mod, _FakeQuantMixin) and bool(mod.observed):
             set_submodule(model, name, fn(mod))
             done.append(name)
     return done
 
 
 # ---- prepare: float layers -> fake-quant layers -------------------------------------------------------
-QUANTIZABLE = {nn.Conv2d: FakeQuantConv2d, FoldedConv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear,
-               FoldedLinear: FakeQuantLinear}
+#: float layer type (exactly) -> the function building its fake-quant layer (``from_float(layer, bn=..., ...)``)
+QUANTIZABLE: dict[type[nn.Module], Callable[..., nn.Module]] = {
+    nn.Conv2d: FakeQuantConv2d.from_float, FoldedConv2d: FakeQuantConv2d.from_float,
+    nn.Linear: FakeQuantLinear.from_float, FoldedLinear: FakeQuantLinear.from_float}
 #: float layer types that hold weights but have no int8 layer here (reported, left in float)
 NOT_SUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
                  nn.Bilinear, nn.LSTM, nn.GRU, nn.MultiheadAttention)
@@ -368,28 +394,29 @@ def insert_fake_quant(model: nn.Module, *, ignore: list[str], weight_bits: int, 
     prepared, kept, relus = [], [], []
     for c in chains:
         layer = model.get_submodule(c.layer)
-        cls = QUANTIZABLE.get(type(layer))
+        to_fake_quant = QUANTIZABLE.get(type(layer))
         reason = None
-        if ignored(c.layer, ignore):
+        if matches(c.layer, ignore):
             reason = "ignored by config"
-        elif cls is None:
+        elif to_fake_quant is None:
             reason = f"{type(layer).__name__} has no int8 layer"
         else:
             reason = conv_padding_reason(layer)
-        if reason:
+        if reason or to_fake_quant is None:
             kept.append({"layer": c.layer, "reason": reason})
             continue
-        bn = model.get_submodule(c.bn) if (keep_bn and c.bn) else None
+        bn_name = c.bn if keep_bn and c.bn else None
+        bn = model.get_submodule(bn_name) if bn_name else None
         # a ReLU after an unfolded BN cannot move before that BN
-        relu = c.relu is not None and (c.bn is None or bn is not None)
-        fq = cls.from_float(layer, bn=bn, relu=relu, weight_bits=weight_bits, observer=observer)
+        relu_name = c.relu if c.bn is None or bn_name is not None else None
+        fq = to_fake_quant(layer, bn=bn, relu=relu_name is not None, weight_bits=weight_bits, observer=observer)
         set_submodule(model, c.layer, fq)
-        if bn is not None:
-            set_submodule(model, c.bn, nn.Identity())
-            fused.append([c.layer, c.bn])
-        if relu:
-            set_submodule(model, c.relu, nn.Identity())
-            relus.append([c.layer, c.relu])
+        if bn_name is not None:
+            set_submodule(model, bn_name, nn.Identity())
+            fused.append([c.layer, bn_name])
+        if relu_name is not None:
+            set_submodule(model, relu_name, nn.Identity())
+            relus.append([c.layer, relu_name])
         prepared.append(c.layer)
     chained = {c.layer for c in chains}
     for name, mod in model.named_modules():

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -158,17 +158,24 @@ def _padded(cols: int, group: int, bits: int) -> tuple[int, int]:
     return math.ceil(cols / group) * group, group
 
 
-class _WeightOnlyMixin:
+class _WeightOnlyMixin(nn.Module):
+    """Shared state of the weight-only layers: packed codes, group scales and zero points (buffers)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
     def _init_wo(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool) -> None:
         if bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits: {bits} is not supported; allowed: 2, 3, 4, 8")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.cols = cols  # input weights per output row, before padding
         self.cols_padded, self.group = _padded(cols, group_size, bits)
         packed_cols = self.cols_padded // 2 if bits <= 4 else self.cols_padded
         ngroups = self.cols_padded // self.group
-        self.register_buffer("qweight", torch.zeros(rows, packed_cols, dtype=torch.uint8))  # type: ignore[attr-defined]
-        self.register_buffer("scales", torch.ones(rows, ngroups))  # type: ignore[attr-defined]
-        self.register_buffer("zeros", torch.zeros(rows, ngroups))  # type: ignore[attr-defined]
+        self.register_buffer("qweight", torch.zeros(rows, packed_cols, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(rows, ngroups))
+        self.register_buffer("zeros", torch.zeros(rows, ngroups))
         self._cache: tuple[Any, torch.Tensor] | None = None
         self._packed = PackCache()  # the kernel's layout of the weight (never stored in artifacts)
 
@@ -180,6 +187,8 @@ class _WeightOnlyMixin:
             pad = torch.zeros(rows, self.cols_padded, dtype=torch.float32, device=w2d.device)
             pad[:, :cols] = w2d.detach().float()
             codes, scales, zeros = quantize_groups(pad, self.bits, self.group, self.symmetric)
+        elif scales is None or zeros is None:
+            raise ValueError("set_weight: give scales and zeros together with codes")
         self.qweight.copy_(pack_codes(codes, self.bits))
         self.scales.copy_(scales)
         self.zeros.copy_(zeros)
@@ -194,12 +203,12 @@ class _WeightOnlyMixin:
             rows = codes.shape[0]
             g = codes.reshape(rows, -1, self.group)
             w = ((g - self.zeros[..., None]) * self.scales[..., None]).reshape(rows, -1)
-            self._cache = (key, w[:, : self._cols()])
+            self._cache = (key, w[:, : self.cols])
         return self._cache[1]
 
 
 @register_module("slimguard.WeightOnlyLinear")
-class WeightOnlyLinear(nn.Module, _WeightOnlyMixin, Prepacked):
+class WeightOnlyLinear(_WeightOnlyMixin, Prepacked):
     """Linear with 2..8-bit group-wise weights (packed), float activations.
 
     Shape:
@@ -213,14 +222,11 @@ class WeightOnlyLinear(nn.Module, _WeightOnlyMixin, Prepacked):
         self._init_wo(out_features, in_features, bits, group_size, symmetric)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
-    def _cols(self) -> int:
-        return self.in_features
-
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True) -> WeightOnlyLinear:
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, symmetric)
         m.to(linear.weight.device).set_weight(linear.weight)
-        if linear.bias is not None:
+        if linear.bias is not None and m.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         return m
 
@@ -271,7 +277,7 @@ class WeightOnlyLinear(nn.Module, _WeightOnlyMixin, Prepacked):
 
 
 @register_module("slimguard.WeightOnlyConv2d")
-class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
+class WeightOnlyConv2d(_WeightOnlyMixin):
     """Conv2d with 2..8-bit group-wise weights over each flattened filter (packed), float activations."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
@@ -292,7 +298,7 @@ class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, bits, group_size, symmetric)
         m.to(conv.weight.device).set_weight(conv.weight.reshape(conv.out_channels, -1))
-        if conv.bias is not None:
+        if conv.bias is not None and m.bias is not None:
             m.bias.data.copy_(conv.bias.detach())
         return m
 
@@ -309,7 +315,7 @@ class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
                          self.dilation, self.groups, self.bias is not None)
         with torch.no_grad():
             conv.weight.copy_(self.weight())
-            if self.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv.requires_grad_(False).to(self.scales.device)
 
@@ -318,6 +324,16 @@ class WeightOnlyConv2d(nn.Module, _WeightOnlyMixin):
                     stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
                     groups=self.groups, bias=self.bias is not None, bits=self.bits, group_size=self.group_size,
                     symmetric=self.symmetric)
+
+
+def weight_only_layer(layer: nn.Module, bits: int, group_size: int, symmetric: bool = True) -> nn.Module:
+    """The weight-only layer (:class:`WeightOnlyConv2d` or :class:`WeightOnlyLinear`) of a float Conv2d or
+    Linear layer; TypeError for other layers."""
+    if isinstance(layer, nn.Conv2d):
+        return WeightOnlyConv2d.from_float(layer, bits, group_size, symmetric)
+    if isinstance(layer, nn.Linear):
+        return WeightOnlyLinear.from_float(layer, bits, group_size, symmetric)
+    raise TypeError(f"weight-only quantization takes Linear and Conv2d layers, not {type(layer).__name__}")
 
 
 def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str], list[dict[str, str]]]:
@@ -333,9 +349,8 @@ def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str]
 def _weight_only(model: nn.Module, config: WeightOnlyConfig, **_: Any) -> dict[str, Any]:
     targets, kept = _targets(model, list(config.ignore), config.conv)
     for name in targets:
-        mod = model.get_submodule(name)
-        cls = WeightOnlyConv2d if isinstance(mod, nn.Conv2d) else WeightOnlyLinear
-        set_submodule(model, name, cls.from_float(mod, config.bits, config.group_size, config.symmetric))
+        new = weight_only_layer(model.get_submodule(name), config.bits, config.group_size, config.symmetric)
+        set_submodule(model, name, new)
     return {"quantized": targets, "kept_float": kept, "bits": config.bits}
 
 
@@ -400,10 +415,10 @@ def _gptq(model: nn.Module, config: GPTQConfig, *, calib: Split | None = None, d
     try:
         run_calibration(model, split, config.batch_size, config.max_batches, "GPTQ", progress)
     finally:
-        for h in hooks:
-            h.remove()
+        for handle in hooks:
+            handle.remove()
     for name in targets:
-        lin = model.get_submodule(name)
+        lin = cast(nn.Linear, model.get_submodule(name))  # _targets(conv=False) selects Linear layers only
         m = WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, config.bits, config.group_size)
         cols = m.cols_padded
         w = torch.zeros(lin.out_features, cols)
@@ -412,7 +427,7 @@ def _gptq(model: nn.Module, config: GPTQConfig, *, calib: Split | None = None, d
         h[: lin.in_features, : lin.in_features] = hess[name].double().cpu() / max(1, counts[name])
         codes, scales, zeros = gptq_quantize(w, h, config.bits, m.group, config.damp, config.block_size)
         m.set_weight(w, codes, scales, zeros)
-        if lin.bias is not None:
+        if lin.bias is not None and m.bias is not None:
             m.bias.data.copy_(lin.bias.detach().cpu())
         set_submodule(model, name, m.to(lin.weight.device))
     return {"quantized": targets, "kept_float": kept, "bits": config.bits}

@@ -9,11 +9,11 @@ Example:
     >>> card = sg.scorecard(model, data)
 """
 
+from slimguard.core.torch_utils import accuracy as accuracy_on
 from slimguard.robust.attacks import APGD, CW, FGSM, PGD, APGDConfig, CWConfig, FGSMConfig, PGDConfig
 from slimguard.robust.base import (
     Attack,
     AttackConfig,
-    accuracy_on,
     frozen_eval,
     perturbation_norm,
     random_targets,

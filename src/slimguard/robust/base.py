@@ -12,11 +12,11 @@ class's ``__call__`` does the rest (checks, batching, device, eval mode, frozen 
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError
+from slimguard.core.torch_utils import device_of, eval_mode
 
 Bounds = tuple[torch.Tensor | float, torch.Tensor | float]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -37,28 +38,10 @@ NO_GRAD_HINT = (
 )
 
 
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` on every parameter for the duration; both restored after."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+def frozen_eval(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter for the duration; both restored after
+    (:func:`slimguard.core.torch_utils.eval_mode` with ``requires_grad=False``)."""
+    return eval_mode(model, requires_grad=False)
 
 
 def resolve_bounds(model: nn.Module, bounds: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,20 +307,6 @@ class Attack(abc.ABC):
     def _perturb(self, f: Forward, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  low: torch.Tensor, high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Adversarial ``x`` for one batch on ``f``'s device, inside ``[low, high]`` and the eps ball."""
-
-
-@torch.no_grad()
-def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on given inputs (mode saved and restored)."""
-    if len(x) == 0:
-        return float("nan")
-    device = device_of(model)
-    correct = 0
-    with frozen_eval(model):
-        for i in range(0, len(x), batch_size):
-            pred = model(x[i : i + batch_size].to(device)).argmax(-1).cpu()
-            correct += int((pred == y[i : i + batch_size].cpu()).sum())
-    return correct / len(x)
 
 
 def random_targets(y: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:

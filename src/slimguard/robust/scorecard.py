@@ -27,10 +27,12 @@ import torch.nn as nn
 
 from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.registry import Registry
+from slimguard.core.torch_utils import accuracy as accuracy_on
+from slimguard.core.torch_utils import device_of, eval_mode
 from slimguard.data.core import DataBundle, Split
 from slimguard.robust import corruptions as corr
 from slimguard.robust.attacks import APGD, FGSM, PGD
-from slimguard.robust.base import Attack, accuracy_on, check_labels, device_of, frozen_eval
+from slimguard.robust.base import Attack, check_labels, frozen_eval
 from slimguard.robust.twin import fake_quant_twin, is_quantized
 from slimguard.ui import progress as progress_bar
 
@@ -197,15 +199,10 @@ def attack_accuracy(model: nn.Module, attack: Attack | tuple[APGD, APGD], x: tor
 
 def _text_fidelity(model: nn.Module, reference: nn.Module, texts: list[str], clean_ref: torch.Tensor) -> float:
     tok = reference.tokenize
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            # torch's stub types every Module attribute as Tensor | Module, hiding the tokenize method
-            emb = torch.cat([model(**tok(texts[i : i + 32]))  # type: ignore[operator]
-                             for i in range(0, len(texts), 32)])
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        # torch's stub types every Module attribute as Tensor | Module, hiding the tokenize method
+        emb = torch.cat([model(**tok(texts[i : i + 32]))  # type: ignore[operator]
+                         for i in range(0, len(texts), 32)])
     return float(torch.nn.functional.cosine_similarity(emb.float(), clean_ref.float(), dim=-1).mean())
 
 

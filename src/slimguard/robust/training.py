@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError, ModelError
-from slimguard.core.registry import register_handler
+from slimguard.core.torch_utils import accuracy as accuracy_on
 from slimguard.data.core import DataBundle
 from slimguard.robust.attacks import PGD, PGDConfig
-from slimguard.robust.base import Attack, accuracy_on, direction, frozen_eval, project, resolve_bounds
-from slimguard.train.loop import FinetuneConfig, LossFn, check_finetune, finetune
+from slimguard.robust.base import Attack, direction, frozen_eval, project, resolve_bounds
+from slimguard.train.loop import FinetuneConfig, LossFn, check_finetune, finetune, register_trainer
 
 
 def pgd_at_loss(attack: Attack, bounds: Any = None, clean_weight: float = 0.0) -> LossFn:
@@ -188,7 +188,4 @@ def adversarial_finetune(model: nn.Module, data: DataBundle, config: Adversarial
     return history
 
 
-@register_handler("train", AdversarialFinetuneConfig)
-def _adv_finetune_step(model: nn.Module, config: AdversarialFinetuneConfig, *, data: DataBundle, progress: bool = True,
-                       **_: Any) -> dict[str, Any]:
-    return adversarial_finetune(model, data, config, progress=progress)
+register_trainer(AdversarialFinetuneConfig, adversarial_finetune)

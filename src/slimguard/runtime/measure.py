@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimguard.core.torch_utils import eval_mode, forward
+
 
 def _weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     yield from model.parameters()
@@ -33,27 +35,14 @@ def count_nonzero(model: nn.Module) -> int:
     return sum(int(torch.count_nonzero(t)) for t in _weight_tensors(model))
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
 @torch.no_grad()
 def count_macs(model: nn.Module, inputs: Any) -> int:
     """Multiply-accumulates of one forward on ``inputs``, counted by PyTorch's FLOP counter at the
     operator level (convolutions, matrix products, attention); ``MACs = FLOPs / 2``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            _call(model, inputs)
-    finally:
-        model.train(was)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        forward(model, inputs)
     return int(counter.get_total_flops() // 2)
 
 
@@ -99,13 +88,8 @@ def percentile(values: list[float], q: float) -> float:
 def latency(model: nn.Module, inputs: Any, *, warmup: int = 5, repeats: int = 30,
             num_threads: int | None = None) -> dict[str, float]:
     """Latency of ``model(inputs)``: p50 / p95 in ms and throughput in examples per second."""
-    was = model.training
-    model.eval()
-    try:
-        with threads(num_threads):
-            times = time_fn(lambda: _call(model, inputs), warmup, repeats)
-    finally:
-        model.train(was)
+    with eval_mode(model), threads(num_threads):
+        times = time_fn(lambda: forward(model, inputs), warmup, repeats)
     batch = _batch_size(inputs)
     p50 = statistics.median(times)
     return {"latency_ms_p50": p50, "latency_ms_p95": percentile(times, 0.95),

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ModelError, require
+from slimguard.core.torch_utils import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ INT8_OPS = frozenset({
     "QEmbedLayerNormalization", "MatMulNBits", "NhwcQLinearConv",
 })
 PathLike = str | os.PathLike[str]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
@@ -95,7 +86,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: PathLike, *,
         dynamic_axes = {n: {0: "batch"} for n in [*names, *output_names]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.modules import register_load_hook
 from slimguard.core.registry import register_handler
+from slimguard.core.torch_utils import select_modules
 
 SUFFIX = "_cluster"
 CODECS_ATTR = "_slimguard_codecs"
@@ -91,25 +92,6 @@ class WeightSharingConfig(Config):
             if isinstance(module, types) and key in self.bits_by_type:
                 return self.bits_by_type[key]
         return self.bits
-
-
-@register_config("huffman-coding")
-@dataclasses.dataclass
-class HuffmanCodingConfig(Config):
-    """Finish weight sharing for storage: round codebooks and code shared tensors with ``huffman``.
-
-    Args:
-        codebook_dtype: ``float16`` (default: every centroid is rounded to the nearest float16, so the
-            codebook takes 2 bytes per entry) or ``float32`` (centroids kept as they are).
-        gap_bits: bit width of relative positions, 1..8, or 0 to pick the smallest per layer (default 0).
-    """
-
-    codebook_dtype: Literal["float16", "float32"] = "float16"
-    gap_bits: int = 0
-
-    def validate(self) -> None:
-        if self.gap_bits != 0:
-            _check_bits("gap_bits", self.gap_bits)
 
 
 # ---- k-means -------------------------------------------------------------------------------------------
@@ -260,14 +242,7 @@ def _set_hint(model: nn.Module, qualified: str, options: dict[str, Any]) -> None
 
 
 def _eligible(model: nn.Module, ignore: list[str]) -> dict[str, nn.Module]:
-    names = dict(model.named_modules())
-    for entry in ignore:
-        if entry not in names:
-            raise ConfigError(f"ignore: {entry!r} names no module; modules are e.g. "
-                              f"{', '.join(n for n in list(names)[1:6])}")
-    kinds = tuple(t for ts in LAYER_TYPES.values() for t in ts)
-    return {n: m for n, m in names.items() if isinstance(m, kinds) and n not in ignore
-            and not any(n.startswith(i + ".") for i in ignore)}
+    return select_modules(model, tuple(t for ts in LAYER_TYPES.values() for t in ts), ignore)
 
 
 @register_handler("cluster", WeightSharingConfig)
@@ -297,23 +272,6 @@ def _weight_sharing(model: nn.Module, config: WeightSharingConfig, **_: Any) -> 
             _set_hint(model, qualified, {})
             report[qualified] = {"bits": bits, "clusters": int(centroids.numel()), "kept": int(nz.sum()),
                                  "numel": flat.numel(), "distinct_before": distinct}
-    return {"layers": report}
-
-
-@register_handler("cluster", HuffmanCodingConfig)
-def _huffman_coding(model: nn.Module, config: HuffmanCodingConfig, **_: Any) -> dict[str, Any]:
-    shared = iter_shared(model)
-    if not shared:
-        raise ConfigError("huffman-coding: the model has no shared weights; run weight-sharing first")
-    options = {} if config.gap_bits == 0 else {"gap_bits": config.gap_bits}
-    report: dict[str, Any] = {}
-    for qualified, module, pname in shared:
-        c = centroids_of(module, pname)
-        if config.codebook_dtype == "float16":
-            c = c.to(torch.float16).to(c.dtype)
-        share_(module, pname, c, module.get_buffer(pname + SUFFIX))
-        _set_hint(model, qualified, options)
-        report[qualified] = {"clusters": int(torch.unique(c).numel())}
     return {"layers": report}
 
 

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError
+from slimguard.core.registry import register_handler
+from slimguard.core.torch_utils import accuracy as _accuracy
+from slimguard.core.torch_utils import device_of, eval_mode, to_device
 from slimguard.data.core import DataBundle, Split
 from slimguard.ui import progress as progress_bar
 
@@ -138,20 +141,6 @@ def default_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
 def _take(x: Any, idx: torch.Tensor) -> Any:
     if torch.is_tensor(x):
         return x[idx]
@@ -160,34 +149,24 @@ def _take(x: Any, idx: torch.Tensor) -> Any:
     return [x[i] for i in idx.tolist()]
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
-    """Top-1 accuracy on a labelled split (model mode saved and restored)."""
-    was = model.training
-    model.eval()
-    device = _device_of(model)
-    correct = 0
-    try:
-        for xb, yb in split.batches(batch_size):
-            correct += (model(_to(xb, device)).argmax(-1).cpu() == yb).sum().item()
-    finally:
-        model.train(was)
-    return correct / max(1, len(split))
+    """Top-1 accuracy on a labelled split (model mode saved and restored); 0.0 for an empty split."""
+    if len(split) == 0:
+        return 0.0
+    if split.y is None:
+        raise DataError(f"split {split.name!r} has no labels; accuracy needs labelled data")
+    return _accuracy(model, split.x, split.y, batch_size)
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, split: Split, loss_fn: LossFn, batch_size: int = 512) -> float:
-    was = model.training
-    model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     total, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for xb, yb in split.batches(batch_size):
             k = len(xb)
-            total += float(loss_fn(model, _to(xb, device), _to(yb, device))) * k
+            total += float(loss_fn(model, to_device(xb, device), to_device(yb, device))) * k
             n += k
-    finally:
-        model.train(was)
     return total / max(1, n)
 
 
@@ -245,7 +224,7 @@ def finetune(
                 return -mean_loss(m, data.val, loss_fn)
 
     torch.manual_seed(cfg.seed)
-    device = _device_of(model)
+    device = device_of(model)
     is_dist, rank, world = _distributed()
     train_model: nn.Module = model
     if is_dist:
@@ -288,8 +267,8 @@ def finetune(
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
                 idx = perm[i : i + cfg.batch_size]
-                xb = _to(_take(data.train.x, idx), device)
-                yb = None if data.train.y is None else _to(data.train.y[idx], device)
+                xb = to_device(_take(data.train.x, idx), device)
+                yb = None if data.train.y is None else to_device(data.train.y[idx], device)
                 loss = loss_fn(train_model, xb, yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
@@ -330,13 +309,14 @@ def finetune(
     return history
 
 
-def _register() -> None:
-    from slimguard.core.registry import register_handler
+def register_trainer(config_type: type, train: Callable[..., dict[str, Any]]) -> None:
+    """Make ``train(model, data, config, progress=...)`` the recipe step (verb ``train``) for configs of
+    ``config_type``; fine-tuning, sparsity training and adversarial training register this way."""
 
-    @register_handler("train", FinetuneConfig)
-    def _finetune_step(model: nn.Module, config: FinetuneConfig, *, data: DataBundle, progress: bool = True,
-                       **_: Any) -> dict[str, Any]:
-        return finetune(model, data, config, progress=progress)
+    def step(model: nn.Module, config: Any, *, data: DataBundle, progress: bool = True, **_: Any) -> dict[str, Any]:
+        return train(model, data, config, progress=progress)
+
+    register_handler("train", config_type)(step)
 
 
-_register()
+register_trainer(FinetuneConfig, finetune)

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, ModelError
+from slimguard.core.torch_utils import matches
 from slimguard.train.loop import (
     FinetuneConfig,
     LossFn,
@@ -33,6 +34,7 @@ from slimguard.train.loop import (
     default_loss,
     finetune,
     finetune_block,
+    register_trainer,
 )
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -53,7 +55,7 @@ def group_lasso(model: nn.Module, ignore: Sequence[str] = ()) -> torch.Tensor:
     """``sum_c ||W_c||_2`` over output channels of Conv and Linear weights (names in ``ignore`` skipped)."""
     terms = []
     for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in ignore):
+        if matches(name, ignore):
             continue
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.requires_grad:
             terms.append(m.weight.flatten(1).norm(dim=1).sum())
@@ -153,13 +155,4 @@ def sparsity_train(model: nn.Module, data: Any, config: SparsityTrainingConfig |
     return history
 
 
-def _register() -> None:
-    from slimguard.core.registry import register_handler
-
-    @register_handler("train", SparsityTrainingConfig)
-    def _sparsity_step(model: nn.Module, config: SparsityTrainingConfig, *, data: Any, progress: bool = True,
-                       **_: Any) -> dict[str, Any]:
-        return sparsity_train(model, data, config, progress=progress)
-
-
-_register()
+register_trainer(SparsityTrainingConfig, sparsity_train)

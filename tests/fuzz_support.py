@@ -1,4 +1,5 @@
-"""Machinery shared by the fuzz suites (``tests/artifact/test_artifact_fuzz.py``, ``tests/core/test_core_fuzz_inputs.py``).
+"""Machinery shared by the fuzz suites (``tests/artifact/test_artifact_fuzz.py`` and
+``tests/core/test_core_fuzz_inputs.py``).
 
 The suites feed untrusted files (mutated ``.slim`` artifacts, random recipe YAML, random npz/csv/text) to
 slimguard's loaders and check one property: every file either loads (bit-identically, where the mutation

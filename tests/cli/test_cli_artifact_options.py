@@ -44,6 +44,7 @@ def unsigned(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("command", [*COMMANDS, "compress"])
 def test_every_loading_command_applies_the_policy(command, unsigned, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLIMGUARD_SIGNING_KEY", raising=False)  # only the options under test configure a key
     monkeypatch.setenv("MY_KEYS", "k2,k1")
     for options in (["--require-signature"], ["--key-env", "MY_KEYS"]):
         r = runner.invoke(APP, _args(command, unsigned, tmp_path, *options))

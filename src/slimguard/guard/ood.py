@@ -251,7 +251,7 @@ class ODIN(Detector):
                 (grad,) = torch.autograd.grad(loss, xg)
             x = (xg - epsilon * grad.sign()).detach()
         with torch.no_grad():
-            return -F.softmax(self.model(x).float(), dim=-1).amax(-1)  # MUTATION
+            return -F.softmax(self.model(x).float() / t, dim=-1).amax(-1)
 
 
 # ---- feature-based detectors --------------------------------------------------------------------------------

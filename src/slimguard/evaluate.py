@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from slimguard.core.errors import DataError, ModelError
 from slimguard.core.torch_utils import eval_mode
 from slimguard.data.core import Split
-from slimguard.runtime.measure import count_macs, count_nonzero, count_params, latency
+from slimguard.runtime.measure import MEASURE_THREADS, count_macs, count_nonzero, count_params, latency
 
 
 def _check_fits(model: nn.Module, split: Split) -> None:
@@ -60,6 +60,21 @@ def embedding_fidelity(model: nn.Module, reference: nn.Module, texts: list[str],
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
+def timing_inputs(split: Split, batch_size: int, *, reference: nn.Module | None = None) -> Any:
+    """A batch of ``batch_size`` examples of ``split`` to time a model on (examples repeated when the split
+    is smaller); for text splits, the texts tokenized by ``reference`` (a sentence embedder)."""
+    if batch_size < 1:
+        raise DataError(f"timing batch size {batch_size} is not positive; use a batch of 1 or more")
+    if split.meta.task == "embedding" or isinstance(split.x, list):
+        if reference is None:
+            raise DataError("embedding evaluation needs a reference model (the original) to compare with")
+        texts = list(split.x)
+        texts = (texts * -(-batch_size // len(texts)))[:batch_size]
+        return _embedder_method(reference, "tokenize")(texts)
+    reps = -(-batch_size // len(split))
+    return split.x.repeat(reps, *[1] * (split.x.ndim - 1))[:batch_size]
+
+
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -67,7 +82,7 @@ def evaluate(
     reference: nn.Module | None = None,
     batch_size: int = 512,
     latency_batch: int = 1,
-    num_threads: int | None = None,
+    num_threads: int | None = MEASURE_THREADS,
     measure_latency: bool = True,
     measure_size: bool = True,
     repeats: int = 30,
@@ -79,12 +94,18 @@ def evaluate(
         split: a labelled split (classification) or a text split (embedding; needs ``reference``).
         reference: for embedding models, the model whose outputs count as truth.
         latency_batch: batch size for the latency measurement (default 1).
-        num_threads: torch threads during the latency measurement (default: leave as is).
+        num_threads: torch threads, pinned during the latency measurement (default
+            :data:`~slimguard.runtime.measure.MEASURE_THREADS`, 1; None: torch's current count).
 
     Returns:
         ``accuracy`` (or ``cosine_mean``/``cosine_min``), ``params``, ``nonzero_params``, ``size_bytes``
-        (of the ``.slim`` file), ``macs`` (per example), ``latency_ms_p50``, ``latency_ms_p95``,
-        ``throughput_per_s``.
+        (of the ``.slim`` file), ``macs`` (per example), and with ``measure_latency``: ``latency_ms_p50``,
+        ``latency_ms_p95``, ``throughput_per_s``, ``latency_batch``, ``threads`` (pinned while timing) and
+        ``machine`` (:func:`slimguard.runtime.measure.machine`: CPU model, cores, threads, torch version).
+
+    The latency is one model's absolute time (:func:`slimguard.runtime.measure.latency`), which moves from
+    run to run on a shared machine; to compare two models use
+    :func:`slimguard.runtime.measure.compare_speed` (as ``compress`` does).
     """
     if len(split) == 0:
         raise DataError(f"split {split.name!r} is empty; nothing to evaluate")
@@ -93,9 +114,7 @@ def evaluate(
         if reference is None:
             raise DataError("embedding evaluation needs a reference model (the original) to compare with")
         out.update(embedding_fidelity(model, reference, split.x))
-        tokenize = _embedder_method(reference, "tokenize")
-        example: Any = tokenize(split.x[:latency_batch])
-        one: Any = tokenize(split.x[:1])
+        one: Any = _embedder_method(reference, "tokenize")(split.x[:1])
     else:
         _check_fits(model, split)
         logits = predict(model, split.x, batch_size)
@@ -105,8 +124,6 @@ def evaluate(
                     f"labels go up to {int(split.y.max())} but the model has {logits.shape[-1]} outputs"
                 )
             out["accuracy"] = float((logits.argmax(-1) == split.y).float().mean())
-        reps = -(-latency_batch // len(split))
-        example = split.x.repeat(reps, *[1] * (split.x.ndim - 1))[:latency_batch]
         one = split.x[:1]
     out["params"] = count_params(model)
     out["nonzero_params"] = count_nonzero(model)
@@ -120,7 +137,9 @@ def evaluate(
     except Exception:  # some custom kernels cannot run under the FLOP counter
         out["macs"] = None
     if measure_latency:
-        lat = latency(model, example, num_threads=num_threads, repeats=repeats)
-        out.update({k: lat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s")})
+        lat = latency(model, timing_inputs(split, latency_batch, reference=reference), num_threads=num_threads,
+                      repeats=repeats)
+        out.update({k: lat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s", "threads")})
         out["latency_batch"] = latency_batch
+        out["machine"] = lat["machine"]
     return out

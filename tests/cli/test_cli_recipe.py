@@ -70,8 +70,51 @@ def test_cli_compress_runs_a_recipe(tmp_path):
     assert sorted(result) == sorted(METRICS_FIELDS)
     assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"] / 3
     assert result["budget"]["ok"]
+    _check_speed_block(result)
     page = (out / "report.html").read_text()
-    assert "<td>file bytes</td>" in page and page.count("data:image/png;base64,") >= 3  # size, latency, accuracy
+    assert ">file bytes</td>" in page and page.count("data:image/png;base64,") >= 3  # size, latency, accuracy
+
+
+SPEED_KEYS = {"ratio", "ci95", "spread", "verdict", "per_round", "median_ms", "batch_size", "threads", "rounds",
+              "calls_per_round", "warmup", "seed", "machine"}
+
+
+def _check_speed_block(result):
+    """The ``speed`` block of metrics.json has the documented keys and holds together (no timing asserted)."""
+    from slimguard.runtime.measure import verdict
+
+    speed = result["speed"]
+    assert set(speed) == SPEED_KEYS
+    assert speed["threads"] == 1 and result["baseline"]["threads"] == result["compressed"]["threads"] == 1
+    assert speed["batch_size"] == 64 and speed["rounds"] == len(speed["per_round"]) >= 5
+    assert speed["spread"] == [min(speed["per_round"]), max(speed["per_round"])]
+    assert speed["spread"][0] <= speed["ci95"][0] <= speed["ratio"] <= speed["ci95"][1] <= speed["spread"][1]
+    assert speed["verdict"] == verdict(speed["ratio"], speed["ci95"])
+    assert set(speed["median_ms"]) == {"baseline", "compressed"} and min(speed["median_ms"].values()) > 0
+    assert {"cpu", "cores", "threads", "torch", "avx2", "avx512_vnni"} <= set(speed["machine"])
+    assert result["baseline"]["machine"]["torch"] == speed["machine"]["torch"]
+
+
+def test_compress_table_prints_the_speed_verdict(tmp_path, monkeypatch):
+    """The before/after table's speed row carries the verdict, not a ratio of two unpaired latencies."""
+    import slimguard.pipeline
+
+    scores = {"accuracy": 0.9, "params": 100, "nonzero_params": 50, "size_bytes": 1000, "macs": 10,
+              "latency_ms_p50": 5.0}
+    speed = {"ratio": 1.02, "ci95": [0.97, 1.08], "spread": [0.9, 1.2], "verdict": "no measurable difference",
+             "per_round": [1.02] * 15, "median_ms": {"baseline": 2.5, "compressed": 2.45}, "batch_size": 64,
+             "threads": 1, "rounds": 15, "calls_per_round": 20, "warmup": 10, "seed": 0,
+             "machine": {"cpu": "Test CPU", "cores": 2, "threads": 1, "torch": "9.9"}}
+    canned = {"baseline": scores, "compressed": {**scores, "latency_ms_p50": 1.0}, "speed": speed,
+              "accepted": True, "artifact": "a", "metrics_file": "m", "report": "r"}
+    monkeypatch.setattr(slimguard.pipeline, "compress", lambda *args, **kwargs: canned)
+    monkeypatch.setenv("COLUMNS", "200")
+    r = runner.invoke(APP, ["compress", "--recipe", str(_write_recipe(tmp_path, GOOD)), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "ms / call, batch 64" in line)
+    assert "no measurable difference" in row and "2.5" in row and "2.45" in row
+    assert "5.00x" not in r.output  # the unpaired latencies (5.0 -> 1.0 ms) are not turned into a claim
+    assert "15 paired rounds x 20 calls, 1 thread pinned" in r.output and "Test CPU, 2 cores" in r.output
 
 
 def test_cli_bad_recipe_writes_nothing(tmp_path):
@@ -135,6 +178,11 @@ def test_cli_inspect_and_evaluate(tmp_path, zoo_model):
     test = sgdata.load("digits").test
     expected = float((predict(m, test.x).argmax(-1) == test.y).float().mean())
     assert json.loads(r.output)["accuracy"] == pytest.approx(expected)  # the artifact scores as the model did
+    assert json.loads(r.output)["threads"] == 1  # pinned by default, and recorded
+    r = runner.invoke(APP, ["evaluate", str(p), "--threads", "2"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    machine_row = next(line for line in r.output.splitlines() if "machine" in line)
+    assert "2 threads" in machine_row and "torch" in machine_row  # one line, not a dict
 
 
 def test_cli_demo_json(tmp_path):
@@ -148,6 +196,7 @@ def test_cli_demo_json(tmp_path):
         assert set(metrics[side]) >= {"accuracy", "params", "nonzero_params", "size_bytes", "latency_ms_p50"}
     assert metrics["baseline"]["size_bytes"] / metrics["compressed"]["size_bytes"] >= 4
     assert metrics["baseline"]["accuracy"] - metrics["compressed"]["accuracy"] <= 0.01
+    _check_speed_block(metrics)
 
 
 def test_cli_compress_embedding_recipe_scores_fidelity(tmp_path):

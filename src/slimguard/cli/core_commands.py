@@ -19,23 +19,42 @@ from slimguard.cli.common import (
     resolve_data,
 )
 
+THREADS_OPT = typer.Option(1, min=0, help="Torch threads, pinned while timing (0: torch's default count).")
+
 commands = Commands()
 register = commands.register  # the CLI calls register(app)
 
 METRIC_ROWS = [
-    ("accuracy", "accuracy"), ("params", "params"), ("nonzero params", "nonzero_params"),
-    ("file bytes", "size_bytes"), ("MACs / example", "macs"), ("latency p50 (ms)", "latency_ms_p50"),
+    ("accuracy", "accuracy"), ("cosine mean", "cosine_mean"), ("cosine min", "cosine_min"), ("params", "params"),
+    ("nonzero params", "nonzero_params"), ("file bytes", "size_bytes"), ("MACs / example", "macs"),
 ]
 
 
-def before_after_table(title: str, baseline: dict[str, Any], after: dict[str, Any]) -> None:
+def before_after_table(title: str, baseline: dict[str, Any], after: dict[str, Any],
+                       speed: dict[str, Any] | None = None) -> None:
+    """Baseline against compressed, one row per metric; with ``speed`` (``metrics.json``'s block) a speed
+    row (ms per call, median of the paired rounds) whose change is the verdict ("1.80x faster [1.60, 2.00]",
+    or "no measurable difference"), and a line saying how and where it was measured."""
     rows = []
     for label, key in METRIC_ROWS:
         b, a = baseline.get(key), after.get(key)
-        change = ratio(b, a) if key in ("params", "nonzero_params", "size_bytes", "macs", "latency_ms_p50") else (
+        if b is None and a is None:
+            continue
+        change = ratio(b, a) if key in ("params", "nonzero_params", "size_bytes", "macs") else (
             f"{(a - b) * 100:+.2f} pts" if isinstance(a, float) and isinstance(b, float) else "-")
         rows.append((label, b, a, change))
+    if speed:
+        ms = speed.get("median_ms", {})
+        rows.append((f"ms / call, batch {speed['batch_size']}", ms.get("baseline"), ms.get("compressed"),
+                     speed["verdict"]))
     print_table(title, ["metric", "baseline", "compressed", "change"], rows)
+    if speed:
+        from slimguard.runtime.measure import machine_line
+
+        n = speed["threads"]
+        typer.echo(f"speed: median of {speed['rounds']} paired rounds x {speed['calls_per_round']} calls, "
+                   f"{n} thread{'s' if n != 1 else ''} pinned, ratio spread {speed['spread'][0]:.2f}-"
+                   f"{speed['spread'][1]:.2f}; {machine_line(speed.get('machine', {}))}")
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +68,7 @@ def _compressed(s: Session, result: dict[str, Any], title: str, note: str | None
     from slimguard.pipeline import rejection_message
 
     def show() -> None:
-        before_after_table(title, result["baseline"], result["compressed"])
+        before_after_table(title, result["baseline"], result["compressed"], result.get("speed"))
         if note:
             typer.echo(note)
 
@@ -63,18 +82,20 @@ def _compressed(s: Session, result: dict[str, Any], title: str, note: str | None
 def demo(
     s: Session,
     out: Path = typer.Option(Path("demo-out"), help="Directory for model.slim and metrics.json."),
+    threads: int = THREADS_OPT,
 ) -> None:
     """Compress LeNet-5 on digits end to end: evaluate, prune 80% + fine-tune, int8, save, reload, evaluate.
 
-    Writes model.slim, metrics.json and report.html (the shape of metrics.json is documented in
-    slimguard.pipeline); --json prints the metrics.json object.
+    Speed is compared in paired, interleaved rounds (median ratio with its 95% interval). Writes model.slim,
+    metrics.json and report.html (the shape of metrics.json is documented in slimguard.pipeline); --json
+    prints the metrics.json object.
     """
     from slimguard.core.recipe import loads
     from slimguard.pipeline import check_compress_output, compress
 
     check_compress_output(out)  # before any work
     recipe = loads(resources.files("slimguard.recipes").joinpath("demo.yaml").read_text(), "demo.yaml")
-    result = compress(recipe, out, progress=s.show)
+    result = compress(recipe, out, progress=s.show, threads=threads or None)
     _compressed(s, result, "slimguard demo: digits-lenet5 on digits32 (test split)",
                 f"artifact: {result['artifact']}  metrics: {result['metrics_file']}  report: {result['report']}")
 
@@ -112,15 +133,15 @@ def evaluate(
     data: str | None = DATA_OPT,
     split: str = typer.Option("test", help="Split to score: train, val, test."),
     latency_batch: int = typer.Option(1, help="Batch size of the latency measurement."),
-    threads: int | None = typer.Option(None, help="Torch threads during the latency measurement."),
+    threads: int = THREADS_OPT,
 ) -> None:
     """Accuracy, parameters, nonzeros, file bytes, MACs and latency of a model."""
     from slimguard.evaluate import evaluate as run_eval
 
     m = s.load(model)
     bundle, name = resolve_data(m, data)
-    metrics = run_eval(m, bundle.split(split), latency_batch=latency_batch, num_threads=threads)
-    s.emit(metrics, lambda: print_table(f"{model} on {name} ({split})", ["metric", "value"], list(metrics.items())))
+    metrics = run_eval(m, bundle.split(split), latency_batch=latency_batch, num_threads=threads or None)
+    s.emit(metrics, lambda: _metrics_table(f"{model} on {name} ({split})", metrics))
 
 
 @commands.add()
@@ -140,6 +161,7 @@ def compress(
     s: Session,
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.slim, metrics.json)."),
+    threads: int = THREADS_OPT,
 ) -> None:
     """Run a recipe: baseline, ordered steps, evaluation, artifact, budget check."""
     from slimguard.core.recipe import load as load_recipe
@@ -148,8 +170,16 @@ def compress(
 
     r = load_recipe(recipe)  # validated completely before any work starts
     check_compress_output(out)  # so is the output folder
-    result = run(r, out, progress=s.show, policy=s.policy)
+    result = run(r, out, progress=s.show, policy=s.policy, threads=threads or None)
     _compressed(s, result, f"{r.name or recipe.name}: {r.model} on {r.data}")
+
+
+def _metrics_table(title: str, metrics: dict[str, Any]) -> None:
+    """One row per metric; the machine record as one line."""
+    from slimguard.runtime.measure import machine_line
+
+    rows = [(k, machine_line(v) if k == "machine" else v) for k, v in metrics.items()]
+    print_table(title, ["metric", "value"], rows)
 
 
 def _inspect_tables(model: str, report: dict[str, Any]) -> None:

@@ -128,6 +128,8 @@ def import_file(file: str | os.PathLike[str], sha256: str | None = None) -> type
     module.__file__ = str(path)
     sys.modules[name] = module  # dataclasses and pickling look classes up by module name
     try:
+        # reached only with a path the caller named (a python: source argument, or load(trust_code=...));
+        # an artifact's manifest path is replaced by the caller's file before any build (artifact.slim)
         exec(compile(src, str(path), "exec"), module.__dict__)
     except Exception as exc:
         sys.modules.pop(name, None)

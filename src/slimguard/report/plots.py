@@ -75,20 +75,25 @@ def _both(baseline: dict[str, Any], after: dict[str, Any], key: str) -> tuple[fl
     return (float(b), float(a)) if fmt.is_number(b) and fmt.is_number(a) else None
 
 
+def _two_bars(ax: Any, b: float, a: float, labels: list[str], ylabel: str, title: str, headroom: float) -> str:
+    """Baseline and compressed as two bars from zero, each labelled, with ``title``; returns the title."""
+    bars = ax.bar(["baseline", "compressed"], [b, a], color=[GREY, BLUE])
+    ax.bar_label(bars, labels=labels, fontsize=8)
+    ax.set_ylim(0, max(b, a) * headroom)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.set_title(title, fontsize=10)
+    return title
+
+
 def _size(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
     pair = _both(baseline, after, "size_bytes")
     if pair is None:
         return None
     b, a = pair
-    bars = ax.bar(["baseline", "compressed"], [b, a], color=[GREY, BLUE])
-    ax.bar_label(bars, labels=[fmt.nbytes(b), fmt.nbytes(a)], fontsize=8)
-    ax.set_ylim(0, max(b, a) * 1.18)
     ax.yaxis.set_major_formatter("{x:,.0f}")
-    ax.set_ylabel("bytes of the file", fontsize=8)
     title = f"file size: {fmt.ratio(b / a)} smaller" if a > 0 else "file size"
-    ax.set_title(title, fontsize=10)
-    ax.tick_params(labelsize=8)
-    return title
+    return _two_bars(ax, b, a, [fmt.nbytes(b), fmt.nbytes(a)], "bytes of the file", title, 1.18)
 
 
 def _quality(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
@@ -136,13 +141,7 @@ def _latency(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: An
     if pair is None:
         return None
     b, a = pair
-    bars = ax.bar(["baseline", "compressed"], [b, a], color=[GREY, BLUE])
-    ax.bar_label(bars, labels=[f"{fmt.sig(b)} ms", f"{fmt.sig(a)} ms"], fontsize=8)
-    ax.set_ylim(0, max(b, a) * 1.25)
-    ax.set_ylabel("latency p50 (ms)", fontsize=8)
-    ax.tick_params(labelsize=8)
-    title = "latency p50: single unpaired runs"
-    ax.set_title(title, fontsize=10)
     ax.text(0.5, 0.92, "no interval: not a speed claim", transform=ax.transAxes, ha="center", fontsize=7,
             color=GREY)
-    return title
+    return _two_bars(ax, b, a, [f"{fmt.sig(b)} ms", f"{fmt.sig(a)} ms"], "latency p50 (ms)",
+                     "latency p50: single unpaired runs", 1.25)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError, DataError, ModelError
 from slimguard.core.torch_utils import eval_mode, matches
+from slimguard.runtime.stats import wilson
 
 # integer view used to flip bits of each storage dtype
 _INT_VIEW = {
@@ -154,17 +154,6 @@ class Fault:
     bit: int
     field: str
     kind: str = "weight"  # weight | activation
-
-
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (robust at rates near 0 or 1)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclasses.dataclass

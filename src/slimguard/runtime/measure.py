@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from slimguard.core.errors import ConfigError
 from slimguard.core.torch_utils import eval_mode, forward
+from slimguard.runtime.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, percentile
 
 
 def _weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -90,7 +91,6 @@ is recorded beside every number either way."""
 MIN_ROUNDS = 5
 """The fewest rounds a time budget may cut :func:`compare_speed` down to."""
 
-BOOTSTRAP_RESAMPLES = 2000
 """Resamples of the per-round ratios behind every 95% interval."""
 
 
@@ -143,41 +143,6 @@ def time_fn(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = 20,
             _sync()
             out.append((clock() - t0) * 1e3)
     return out
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, interpolated linearly between neighbours; nan when empty."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def bootstrap_ci(values: Sequence[float], *, statistic: Callable[[list[float]], float] = statistics.median,
-                 resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(values)`` (Efron & Tibshirani 1993, ch. 13).
-
-    Draws ``resamples`` samples of ``len(values)`` with replacement (seeded: the same inputs give the same
-    interval), computes the statistic of each, and returns the ``(1 - level) / 2`` and ``(1 + level) / 2``
-    quantiles of those.
-
-    Example:
-        >>> bootstrap_ci([2.0, 2.0, 2.0])
-        (2.0, 2.0)
-        >>> bootstrap_ci([1.0, 3.0])  # resampled medians are 1, 2 or 3 with chances 1/4, 1/2, 1/4
-        (1.0, 3.0)
-    """
-    if not values:
-        raise ConfigError("bootstrap_ci: values is empty; pass at least one value")
-    if resamples < 1 or not 0 < level < 1:
-        raise ConfigError(f"bootstrap_ci: resamples={resamples}, level={level}; need resamples >= 1 and 0 < level < 1")
-    rng = random.Random(seed)
-    pool = [float(v) for v in values]
-    stats = [float(statistic(rng.choices(pool, k=len(pool)))) for _ in range(resamples)]
-    tail = (1 - level) / 2
-    return percentile(stats, tail), percentile(stats, 1 - tail)
 
 
 def verdict(ratio: float, ci95: Sequence[float]) -> str:

@@ -1,19 +1,21 @@
 """Deep Compression end to end: prune -> fine-tune -> share weights -> fine-tune centroids -> Huffman code.
 
-Measures, for ``digits-mlp`` (LeNet-300-100 shape) and ``digits-lenet5``:
-  * bytes of the fp32 ``.slim`` (the zoo model as saved) and of the compressed ``.slim`` (whole files,
-    manifest and zip overhead included), and their ratio (target >= 40x, Han et al. ICLR 2016);
-  * test accuracy of both, the compressed one measured on the model *loaded back from the file*
-    (target: drop <= 0.5 points), and that the loaded model predicts exactly as the saved one;
-  * the per-layer table of the paper (weights, kept %, cluster bits, index bits/weight, position
-    bits/weight, bytes);
-  * decode speed: loading the coded artifact vs the fp32 artifact (ratio measured in one run, alternated,
-    warm-up, median of 7), and Huffman decode throughput.
+For ``digits-mlp`` (LeNet-300-100 shape) and ``digits-lenet5``:
+  * **settings chosen on validation**: each model has two candidate settings (per-layer sparsities, pruning
+    steps, sharing bits); on seed 0, the smallest file whose *validation* accuracy drop is <= 0.5 points is
+    chosen (else the best validation accuracy). Stages log validation accuracy, never test;
+  * then, for each of 5 seeds (its own split and trained zoo model), the chosen settings are run and the
+    test split is touched once: whole-file bytes of the fp32 ``.slim`` and the compressed ``.slim`` and their
+    ratio (target >= 40x, Han et al. ICLR 2016), test accuracy of both with Wilson intervals, the paired
+    delta, and that the loaded model predicts exactly as the saved one (target: drop <= 0.5 points, mean
+    over seeds);
+  * the per-layer table of the paper for seed 0 (weights, kept %, bits, index and position bits/weight);
+  * load time of the coded vs the fp32 artifact (paired rounds, ``compare_speed``) and decode throughput.
 
 Fine-tuning runs through the one training loop with a distillation loss from the original model.
-Seeded (seed 0), 1 thread. Writes ``benchmarks/results/deep_compression.json``.
+1 thread. Writes ``benchmarks/results/deep_compression.json``.
 
-Run: ``python benchmarks/deep_compression.py [--models digits-mlp digits-lenet5]``
+Run: ``python benchmarks/deep_compression.py [--models digits-mlp digits-lenet5] [--seeds 5]``
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import argparse
 import copy
 import logging
 import os
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,29 +33,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
-import slimguard as sg
-from slimguard.codec.base import codec
-from slimguard.core.outputs import write_json_atomic
-from slimguard.train.loop import accuracy
+os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
+import slimguard as sg  # noqa: E402
+from _schema import accuracy_row, claim, correct, environment, over_seeds, target, write_results  # noqa: E402
+from slimguard.codec.base import codec  # noqa: E402
+from slimguard.runtime.measure import compare_speed  # noqa: E402
+from slimguard.runtime.stats import paired_delta  # noqa: E402
 
-OUT = Path(__file__).parent / "results" / "deep_compression.json"
-SEED = 0
-
-# final sparsity per layer (by module name), pruning steps, fine-tuning epochs per step, sharing bits
-SETTINGS: dict[str, dict[str, Any]] = {
-    "digits-mlp": {
+# candidate settings per model: final sparsity per layer (by module name), pruning steps, fine-tuning epochs
+# per step, sharing bits. The first is the paper-like setting, the second a more conservative one.
+CANDIDATES: dict[str, list[dict[str, Any]]] = {
+    "digits-mlp": [{
         "sparsity": {"2": 0.94, "4": 0.97, "6": 0.5},
         "prune_steps": 8, "epochs": 30, "lr": 1e-3,
         "sharing": {"bits": 3, "bias_bits": 4},
         "centroid_epochs": 30, "centroid_lr": 3e-4,
-    },
-    "digits-lenet5": {
+    }, {
+        "sparsity": {"2": 0.92, "4": 0.95, "6": 0.5},
+        "prune_steps": 8, "epochs": 30, "lr": 1e-3,
+        "sharing": {"bits": 4, "bias_bits": 4},
+        "centroid_epochs": 30, "centroid_lr": 3e-4,
+    }],
+    "digits-lenet5": [{
         "sparsity": {"1": 0.4, "4": 0.85, "8": 0.915, "10": 0.7},
         "prune_steps": 10, "epochs": 8, "lr": 3e-4,
         "sharing": {"bits": 5, "bits_by_type": {"conv": 6, "linear": 3}, "bias_bits": 5},
         "centroid_epochs": 10, "centroid_lr": 2e-5,
-    },
+    }, {
+        "sparsity": {"1": 0.3, "4": 0.8, "8": 0.9, "10": 0.6},
+        "prune_steps": 10, "epochs": 8, "lr": 3e-4,
+        "sharing": {"bits": 5, "bits_by_type": {"conv": 6, "linear": 4}, "bias_bits": 5},
+        "centroid_epochs": 10, "centroid_lr": 2e-5,
+    }],
 }
 
 
@@ -82,107 +96,133 @@ def per_layer_table(model: torch.nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def _median_time(fn, repeats: int = 7) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def decode_speed(coded: Path, fp32: Path, repeats: int = 7) -> dict[str, Any]:
-    """Load time of the coded vs the fp32 artifact (alternated, warm-up, median), and decode throughput."""
+def decode_speed(coded: Path, fp32: Path, rounds: int = 15) -> dict[str, Any]:
+    """Load time of the coded vs the fp32 artifact (paired rounds) and Huffman decode throughput."""
     from slimguard.artifact.slim import _open, decode_tensors
 
-    sg.load(coded), sg.load(fp32)  # warm-up
-    t_coded, t_fp32 = [], []
-    for _ in range(repeats):
-        t_coded.append(_median_time(lambda: sg.load(coded), 1))
-        t_fp32.append(_median_time(lambda: sg.load(fp32), 1))
+    cmp = compare_speed({"fp32": lambda: sg.load(fp32), "coded": lambda: sg.load(coded)}, baseline="fp32",
+                        rounds=rounds, calls_per_round=1, threads=1)
     manifest, blobs = _open(coded)
     weights = sum(int(torch.tensor(m["shape"]).prod()) for m in manifest["tensors"].values()
                   if m.get("codec") == "huffman")
-    t_decode = _median_time(lambda: decode_tensors(manifest, blobs["tensors.safetensors"]), repeats)
-    return {"load_ms_coded": 1e3 * statistics.median(t_coded), "load_ms_fp32": 1e3 * statistics.median(t_fp32),
-            "load_time_ratio_coded_over_fp32": statistics.median(t_coded) / statistics.median(t_fp32),
-            "decode_ms_all_tensors": 1e3 * t_decode, "decoded_weights": weights,
-            "decode_weights_per_s": weights / t_decode, "repeats": repeats}
+    t0 = time.perf_counter()
+    decode_tensors(manifest, blobs["tensors.safetensors"])
+    t_decode = time.perf_counter() - t0
+    return {"load_speed_coded_vs_fp32": cmp.to_dict(), "decode_ms_all_tensors": 1e3 * t_decode,
+            "decoded_weights": weights, "decode_weights_per_s": weights / t_decode}
 
 
-def run(name: str, workdir: Path) -> dict[str, Any]:
-    cfg = SETTINGS[name]
-    torch.manual_seed(SEED)
+def _pct(model: torch.nn.Module, split: Any) -> float:
+    hits = correct(model, split)
+    return 100 * sum(hits) / len(hits)
+
+
+def compress(name: str, cfg: dict[str, Any], seed: int) -> tuple[torch.nn.Module, torch.nn.Module, Any, list]:
+    """The pipeline with settings ``cfg`` on seed ``seed``: (original, compressed, data, stages by val accuracy)."""
     from slimguard.models import zoo
 
-    original = zoo.load(name, seed=SEED, progress=False)
-    data = sg.data.load(zoo.ZOO.get(name).data, seed=SEED)
-    fp32_path = sg.save(original, workdir / f"{name}-fp32.slim")
-    base_acc = accuracy(original, data.test)
-    teacher = copy.deepcopy(original).eval()
-    loss = kd_loss(teacher)
+    torch.manual_seed(seed)
+    original = zoo.load(name, seed=seed, progress=False).eval()
+    data = sg.data.load(zoo.ZOO.get(name).data, seed=seed)
+    loss = kd_loss(copy.deepcopy(original).eval())
     model = copy.deepcopy(original)
-    stages = []
-    t0 = time.time()
+    stages: list[dict[str, Any]] = []
     steps = cfg["prune_steps"]
     for k in range(1, steps + 1):
         # iterative pruning, each step removing the same fraction of the remaining weights (density
         # falls geometrically to its target), with fine-tuning in between (Han et al. 2015)
         overrides = {layer: round(1 - (1 - s) ** (k / steps), 6) for layer, s in cfg["sparsity"].items()}
         sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.0, scope="layer", overrides=overrides))
-        sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["epochs"], lr=cfg["lr"], patience=0, seed=SEED),
+        sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["epochs"], lr=cfg["lr"], patience=0, seed=seed),
                     loss_fn=loss, progress=False)
-        stages.append({"stage": f"prune step {k}/{steps}", "sparsity": overrides,
-                       "test_accuracy": accuracy(model, data.test)})
-        logging.info("%s: %s", name, stages[-1])
-    pruned_acc = accuracy(model, data.test)
+        stages.append({"stage": f"prune step {k}/{steps}", "val_accuracy": _pct(model, data.val)})
+        logging.info("%s seed %d: %s", name, seed, stages[-1])
     sg.cluster_(model, sg.WeightSharingConfig(**cfg["sharing"]))
-    stages.append({"stage": "weight sharing", "test_accuracy": accuracy(model, data.test)})
+    stages.append({"stage": "weight sharing", "val_accuracy": _pct(model, data.val)})
     sg.finetune(model, data, sg.FinetuneConfig(epochs=cfg["centroid_epochs"], lr=cfg["centroid_lr"], patience=0,
-                                               seed=SEED), loss_fn=loss, progress=False)
-    stages.append({"stage": "centroid fine-tuning", "test_accuracy": accuracy(model, data.test)})
+                                               seed=seed), loss_fn=loss, progress=False)
+    stages.append({"stage": "centroid fine-tuning", "val_accuracy": _pct(model, data.val)})
     sg.cluster_(model, sg.HuffmanCodingConfig())
-    stages.append({"stage": "huffman coding (fp16 codebooks)", "test_accuracy": accuracy(model, data.test)})
+    stages.append({"stage": "huffman coding (fp16 codebooks)", "val_accuracy": _pct(model, data.val)})
+    return original, model.eval(), data, stages
+
+
+def select(name: str, workdir: Path) -> tuple[int, list[dict[str, Any]]]:
+    """Index of the chosen candidate for ``name``, judged on seed 0's validation split, and the evidence."""
+    rows = []
+    for i, cfg in enumerate(CANDIDATES[name]):
+        original, model, data, _ = compress(name, cfg, seed=0)
+        fp32 = sg.save(original, workdir / f"{name}-sel-fp32.slim").stat().st_size
+        coded = sg.save(model, workdir / f"{name}-sel-{i}.slim").stat().st_size
+        drop = _pct(original, data.val) - _pct(model, data.val)
+        rows.append({"candidate": i, "val_accuracy_drop_points": round(drop, 3), "ratio": round(fp32 / coded, 2),
+                     "compressed_file_bytes": coded})
+        logging.info("%s candidate %d: %s", name, i, rows[-1])
+    ok = [r for r in rows if r["val_accuracy_drop_points"] <= 0.5]
+    best = (min(ok, key=lambda r: r["compressed_file_bytes"]) if ok
+            else min(rows, key=lambda r: r["val_accuracy_drop_points"]))
+    return best["candidate"], rows
+
+
+def run(name: str, cfg: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+    t0 = time.time()
+    original, model, data, stages = compress(name, cfg, seed)
     train_s = time.time() - t0
-    coded_path = sg.save(model, workdir / f"{name}-deep.slim")
+    fp32_path = sg.save(original, workdir / f"{name}-{seed}-fp32.slim")
+    coded_path = sg.save(model, workdir / f"{name}-{seed}-deep.slim")
     loaded = sg.load(coded_path)
-    model.eval()
     with torch.no_grad():
         exact = bool(torch.equal(loaded(data.test.x), model(data.test.x)))
-    acc = accuracy(loaded, data.test)
+    hits_base, hits_new = correct(original, data.test), correct(loaded, data.test)
+    delta = paired_delta(hits_base, hits_new, seed=seed)
     fp32_bytes, coded_bytes = fp32_path.stat().st_size, coded_path.stat().st_size
-    return {
-        "model": name, "data": zoo.ZOO.get(name).data, "seed": SEED, "settings": cfg,
-        "fp32_file_bytes": fp32_bytes, "compressed_file_bytes": coded_bytes,
-        "ratio": fp32_bytes / coded_bytes, "target_ratio": 40.0, "ratio_ok": fp32_bytes / coded_bytes >= 40.0,
-        "fp32_accuracy": base_acc, "pruned_accuracy": pruned_acc, "compressed_accuracy": acc,
-        "accuracy_drop_points": 100 * (base_acc - acc), "accuracy_ok": 100 * (base_acc - acc) <= 0.5,
-        "loaded_predicts_exactly": exact, "test_examples": len(data.test), "stages": stages,
-        "train_seconds": train_s,
-        "layers": per_layer_table(loaded), "decode": decode_speed(coded_path, fp32_path),
-        "huffman_codec": codec("huffman").name,
-    }
+    case = {"model": name, "seed": seed, "fp32_file_bytes": fp32_bytes, "compressed_file_bytes": coded_bytes,
+            "ratio": round(fp32_bytes / coded_bytes, 3),
+            "test": [accuracy_row("fp32", hits_base), accuracy_row("compressed (loaded back)", hits_new)],
+            "accuracy_drop_points": -delta["delta_points"], "paired_delta": delta,
+            "loaded_predicts_exactly": exact, "stages_val": stages, "train_seconds": round(train_s, 1)}
+    if seed == 0:
+        case["layers"] = per_layer_table(loaded)
+        case["decode"] = decode_speed(coded_path, fp32_path)
+    return case
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--models", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = []
+    seeds = list(range(args.seeds))
+    env = environment(1, seed=seeds)
+    cases, selection, targets, summary = [], {}, [], []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            results.append(run(name, Path(d)))
-    write_json_atomic(OUT, {"benchmark": "deep_compression", "threads": 1, "results": results})
-    print(f"{'model':15} {'fp32 B':>9} {'coded B':>8} {'ratio':>7} {'acc fp32':>9} {'acc coded':>9} {'drop':>6}")
-    for r in results:
-        print(f"{r['model']:15} {r['fp32_file_bytes']:9d} {r['compressed_file_bytes']:8d} {r['ratio']:7.1f} "
-              f"{100 * r['fp32_accuracy']:9.2f} {100 * r['compressed_accuracy']:9.2f} "
-              f"{r['accuracy_drop_points']:6.2f}")
-        for row in r["layers"]:
-            print(f"    {row['tensor']:10} kept {row['kept_percent']}% bits {row['bits']} "
-                  f"bytes {row['stored_bytes']}")
+            chosen, evidence = select(name, Path(d))
+            cfg = CANDIDATES[name][chosen]
+            selection[name] = {"on": "validation, seed 0", "candidates": CANDIDATES[name], "evidence": evidence,
+                               "chosen": chosen}
+            runs = [run(name, cfg, seed, Path(d)) for seed in seeds]
+            cases += runs
+            ratio = over_seeds([r["ratio"] for r in runs], digits=2)
+            drop = over_seeds([r["accuracy_drop_points"] for r in runs])
+            exact = all(r["loaded_predicts_exactly"] for r in runs)
+            targets += [target(f"{name}: whole-file compression", ">= 40x on every seed",
+                               min(r["ratio"] for r in runs), min(r["ratio"] for r in runs) >= 40),
+                        target(f"{name}: accuracy drop, mean over seeds", "<= 0.5 points", drop, drop["mean"] <= 0.5),
+                        target(f"{name}: loaded model predicts exactly as saved", "every seed", exact, exact)]
+            summary += [claim(f"Deep Compression {name}: whole file smaller (x, mean of 5 seeds)", ratio["mean"],
+                              unit="x", ci95=ratio["ci95"], n=len(seeds)),
+                        claim(f"Deep Compression {name}: accuracy drop (points, mean of 5 seeds)", drop["mean"],
+                              ci95=drop["ci95"], n=len(seeds))]
+            print(f"{name}: candidate {chosen} chosen on val; {ratio['mean']:.1f}x [{ratio['ci95'][0]:.1f}, "
+                  f"{ratio['ci95'][1]:.1f}], drop {drop['mean']:.2f} [{drop['ci95'][0]:.2f}, {drop['ci95'][1]:.2f}]")
+    out = write_results("deep_compression", env=env, cases=cases, targets=targets, summary=summary,
+                        selection=selection, huffman_codec=codec("huffman").name,
+                        protocol="settings chosen on validation (seed 0) among two candidates per model; 5 seeds, "
+                                 "test touched once per seed; paired bootstrap per seed, t-interval over seeds")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

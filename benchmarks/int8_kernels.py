@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import math
 import os
-import platform
 import random
 import statistics
-import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -55,8 +53,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("SLIMGUARD_QUIET", "1")
-from slimguard.core.outputs import write_json_atomic
+from _schema import claim, environment, write_results
 from slimguard.quantize.dynamic import DynamicInt8Linear
 from slimguard.quantize.observers import sqnr
 from slimguard.quantize.qmodules import QuantLinear, convert_fake_quant, insert_fake_quant
@@ -69,42 +68,6 @@ DECODER = [(1024, 4096), (4096, 1024)]
 TOKENS = 32 * 128
 MIN_MEASURE_S = 0.01  # repeat fast calls within one timing so each measurement spans at least this
 BOOTSTRAP = 2000
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout
-    except OSError:
-        return ""
-
-
-def environment() -> dict[str, Any]:
-    lscpu = dict(line.split(":", 1) for line in _run(["lscpu"]).splitlines() if ":" in line)
-    try:
-        import onnxruntime
-
-        ort = onnxruntime.__version__
-    except ImportError:
-        ort = None
-    commit = _run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"]).strip()
-    dirty = bool(_run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain"]).strip())
-    flags = lscpu.get("Flags", "").split()
-    return {
-        "cpu": lscpu.get("Model name", platform.processor()).strip(),
-        "cpu_flags": sorted(f for f in flags if "vnni" in f or f in ("avx2", "avx512f", "avx512_bf16", "amx_int8")),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "onnxruntime": ort,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit + (" (with uncommitted changes)" if dirty else ""),
-        "measured_under_load": True,
-        "load_note": "shared 2-core machine with other jobs running; ratios are paired per round, "
-                     "absolute times are only indicative",
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-        "seed": SEED,
-    }
 
 
 # ---- the paired protocol -----------------------------------------------------------------------------
@@ -284,8 +247,7 @@ def main() -> None:
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     t_start = time.perf_counter()
-    env = environment()
-    env["threads"] = thread_counts
+    env = environment(thread_counts, seed=SEED)
     cases: list[dict[str, Any]] = []
     targets: list[dict[str, Any]] = []
     for i, threads in enumerate(thread_counts):
@@ -295,10 +257,23 @@ def main() -> None:
                                + (", control" if i else ""))
     env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     env["wall_s"] = round(time.perf_counter() - t_start, 1)
-    write_json_atomic(OUT, {"benchmark": "int8_kernels", "env": env, "cases": cases, "targets": targets,
-                            "protocol": {"ratio": "other time / new time per round (> 1: new is faster)",
-                                         "rounds": args.rounds, "warmup_rounds": 3, "bootstrap": BOOTSTRAP,
-                                         "order": "shuffled per round (seeded)", "threads": thread_counts}})
+    first = [c for c in cases if c["threads"] == thread_counts[0]]
+
+    def row(case: str, other: str, words: str) -> dict[str, Any]:
+        c = next(c for c in first if c["case"] == case)
+        r = _ratio(c, other)
+        return claim(f"{words} ({thread_counts[0]} threads)", r["median"], unit="x", ci95=r["ci95"],
+                     n=c["rounds"])
+
+    summary = [row("dynamic 384->384", "old", "dynamic int8 384->384: _int_mm path vs the removed fbgemm kernel"),
+               row("dynamic 384->1536", "old", "dynamic int8 384->1536: _int_mm path vs the removed fbgemm kernel"),
+               row("dynamic 1536->384", "old", "dynamic int8 1536->384: _int_mm path vs the removed fbgemm kernel"),
+               row("static 384->1536", "old", "static int8 384->1536 in PyTorch (_int_mm) vs its float emulation"),
+               row("weight-only int8 1024->4096 M=1", "old", "weight-only int8 decode (M=1) vs float32"),
+               row("weight-only int4 1024->4096 M=1", "old", "weight-only int4 decode (M=1) vs float32")]
+    write_results("int8_kernels", env=env, cases=cases, targets=targets, summary=summary,
+                  protocol=f"other time / new time per round (> 1: new is faster); {args.rounds} paired rounds, "
+                           f"3 warm-up rounds, order shuffled per round (seeded), {BOOTSTRAP} bootstrap resamples")
     print(f"{'case':34s} {'thr':>3s} {'old/new':>7s} {'95% interval':>14s} {'min..max':>11s} {'fp32/new':>8s} "
           f"{'SQNR':>5s}  new path")
     for c in cases:
@@ -309,7 +284,7 @@ def main() -> None:
               f"{c['new_path']}")
     for t in targets:
         print(f"target {'met' if t['met'] else 'MISSED'}: {t['name']} ({t['want']})")
-    print(f"wrote {OUT} in {env['wall_s']} s")
+    print(f"wrote results/int8_kernels.json in {env['wall_s']} s")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,21 @@ import typer
 from slimguard import plugins as _plugins  # noqa: F401  (the CLI is an entry point: every plugin registers)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from slimguard._version import __version__
+
+        typer.echo(f"slimguard {__version__}")
+        raise typer.Exit()
+
+
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Make trained PyTorch models smaller and faster, and keep them trustworthy once deployed."""
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(
         name="slimguard",
@@ -23,6 +38,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    app.callback()(_main_options)
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod.name.startswith("_") or mod.name == "common":
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,15 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _QUIET
+
+
+def _rank() -> int:
+    """This process's rank in an initialised ``torch.distributed`` group (0 when there is none); looked up
+    without importing torch.distributed, so a plain run pays nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
 
 
 class _NullTask:
@@ -42,7 +52,7 @@ class _Task:
 @contextlib.contextmanager
 def progress(total: float, description: str, enabled: bool = True) -> Iterator[_Task | _NullTask]:
     """A progress bar with ETA on stderr; a no-op when quiet or disabled."""
-    if _QUIET or not enabled:
+    if _QUIET or not enabled or _rank() != 0:  # in a data-parallel run only rank 0 shows progress
         yield _NullTask()
         return
     from rich.console import Console

@@ -13,6 +13,10 @@ statistics) and then gives ``(scale, zero_point)`` for a :class:`QScheme` via :m
 
 Histogram observers keep 2048 bins over a range that grows as data arrives (old counts are re-binned).
 
+In a data-parallel run each rank observes its share of the calibration data; :func:`reduce_observers_` then
+gives every rank the statistics of all of them (min / max ranges by MIN / MAX, histograms re-binned to the
+common range and summed, moving averages averaged), so the ranks quantize identically.
+
 Each observer's options are a config (:class:`ObserverConfig` and its subclasses ``MinMaxObserverConfig``,
 ``MovingAverageObserverConfig``, ``PercentileObserverConfig``, ``EntropyObserverConfig``, ``MSEObserverConfig``),
 given as an object or as keywords: ``make_observer("percentile", percentile=99.9)`` is
@@ -198,6 +202,17 @@ class Observer(abc.ABC):
         lo, hi = self.value_range()
         return qparams_from_range(lo, hi, scheme)
 
+    def all_reduce_(self) -> None:
+        """Replace this rank's statistics by those of every rank (see :func:`reduce_observers_`); each
+        observer kind says how. Called on every rank, in the same order."""
+        raise ConfigError(f"observer {self.name!r} cannot combine statistics across ranks; calibrate in one "
+                          "process, or use minmax, moving-average, percentile, entropy or mse")
+
+    def _reduce_count(self) -> None:
+        from slimguard.train.distributed import all_reduce_
+
+        self.count = int(all_reduce_(torch.tensor([self.count], dtype=torch.int64), "sum")[0])
+
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.axis is None:
             return x.min(), x.max()
@@ -238,6 +253,31 @@ class MinMaxObserver(Observer):
             raise self._not_fitted()
         return self.lo, self.hi
 
+    def _gather_range(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every rank's ``(lo, hi)`` padded for ranks that saw nothing (``+inf`` / ``-inf``), and whether this
+        rank saw data; None when no rank did."""
+        from slimguard.train.distributed import all_reduce_
+
+        size = all_reduce_(torch.tensor([-1 if self.lo is None else self.lo.numel()], dtype=torch.int64), "max")
+        if int(size[0]) < 0:
+            return None
+        shape = () if self.axis is None else (int(size[0]),)
+        seen = torch.tensor(float(self.lo is not None))
+        lo = self.lo.float().clone() if self.lo is not None else torch.full(shape, math.inf)
+        hi = self.hi.float().clone() if self.hi is not None else torch.full(shape, -math.inf)
+        return lo, hi, seen
+
+    def all_reduce_(self) -> None:
+        """The exact minimum and maximum over every rank's data (MIN / MAX all-reduce)."""
+        from slimguard.train.distributed import all_reduce_
+
+        gathered = self._gather_range()
+        if gathered is None:
+            return
+        lo, hi, _ = gathered
+        self.lo, self.hi = all_reduce_(lo, "min"), all_reduce_(hi, "max")
+        self._reduce_count()
+
 
 @dataclasses.dataclass
 class MovingAverageObserverConfig(MinMaxObserverConfig):
@@ -276,6 +316,20 @@ class MovingAverageObserver(MinMaxObserver):
             m = self.momentum
             self.lo = (1 - m) * self.lo + m * lo
             self.hi = (1 - m) * self.hi + m * hi
+
+    def all_reduce_(self) -> None:
+        """The mean of the ranks' moving averages (over the ranks that saw data): an average of averages,
+        close to, but not the same as, one process streaming every batch."""
+        from slimguard.train.distributed import all_reduce_
+
+        gathered = self._gather_range()
+        if gathered is None:
+            return
+        lo, hi, seen = gathered
+        ranks = all_reduce_(seen.clone(), "sum")
+        self.lo = all_reduce_(lo.nan_to_num(0.0, 0.0, 0.0) * seen, "sum") / ranks
+        self.hi = all_reduce_(hi.nan_to_num(0.0, 0.0, 0.0) * seen, "sum") / ranks
+        self._reduce_count()
 
 
 @dataclasses.dataclass
@@ -317,13 +371,34 @@ class HistogramObserver(Observer):
             new_lo, new_hi = min(lo, self.lo), max(hi, self.hi)
             if new_hi - new_lo <= 0:
                 new_hi = new_lo + 1e-8
-            if self.count:  # re-bin old counts at their bin centres
-                width = (self.hi - self.lo) / self.bins
-                centres = self.lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
-                idx = ((centres - new_lo) / (new_hi - new_lo) * self.bins).long().clamp(0, self.bins - 1)
-                self.hist = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
-            self.lo, self.hi = new_lo, new_hi
+            self._rebin(new_lo, new_hi)
         self.hist += torch.histc(x.double(), self.bins, self.lo, self.hi)
+
+    def _rebin(self, new_lo: float, new_hi: float) -> None:
+        """Widen the range to ``[new_lo, new_hi]``, moving old counts to the bins of their bin centres."""
+        if self.count and (new_lo, new_hi) != (self.lo, self.hi):
+            width = (self.hi - self.lo) / self.bins
+            centres = self.lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+            idx = ((centres - new_lo) / (new_hi - new_lo) * self.bins).long().clamp(0, self.bins - 1)
+            self.hist = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
+        self.lo, self.hi = new_lo, new_hi
+
+    def all_reduce_(self) -> None:
+        """One histogram of every rank's data: each rank re-bins its counts to the common range (MIN of the
+        lows, MAX of the highs), then the counts are summed."""
+        from slimguard.train.distributed import all_reduce_
+
+        seen = self.count > 0
+        lo = all_reduce_(torch.tensor([self.lo if seen else math.inf], dtype=torch.float64), "min")
+        hi = all_reduce_(torch.tensor([self.hi if seen else -math.inf], dtype=torch.float64), "max")
+        if not math.isfinite(float(lo[0])):  # no rank saw data
+            return
+        if seen:
+            self._rebin(float(lo[0]), float(hi[0]))
+        else:
+            self.lo, self.hi = float(lo[0]), float(hi[0])
+        self.hist = all_reduce_(self.hist.clone(), "sum")
+        self._reduce_count()
 
     def _edges(self) -> torch.Tensor:
         return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
@@ -366,14 +441,10 @@ class PercentileObserver(HistogramObserver):
     config_class = PercentileObserverConfig
     config: PercentileObserverConfig
 
-    def __init__(self, config: ObserverConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        self.percentile = self.config.percentile
-
     def choose_range(self) -> tuple[float, float]:
         cdf = self.hist.cumsum(0) / self.hist.sum().clamp_min(1)
         edges = self._edges()
-        tail = 1 - self.percentile / 100
+        tail = 1 - self.config.percentile / 100
         lo_i = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
         hi_i = int(torch.searchsorted(cdf, torch.tensor(1 - tail, dtype=torch.float64)))
         lo = float(edges[lo_i]) if self.lo < 0 else 0.0
@@ -459,3 +530,20 @@ class EntropyObserver(HistogramObserver):
 
     def choose_range(self) -> tuple[float, float]:
         return min(self._candidates(), key=lambda r: self._kl(*r))
+
+
+def reduce_observers_(model: Any) -> int:
+    """Give every rank's observers in ``model`` (attributes of its modules, such as the fake-quant layers'
+    ``obs_in`` / ``obs_out``) the statistics of all ranks' data; returns how many were reduced.
+
+    Call it on every rank after each has calibrated on its own shard; outside a distributed run it returns
+    0 and changes nothing.
+    """
+    from slimguard.train.distributed import world_size
+
+    if world_size() == 1:
+        return 0
+    found = [obs for m in model.modules() for obs in vars(m).values() if isinstance(obs, Observer)]
+    for obs in found:
+        obs.all_reduce_()
+    return len(found)

@@ -27,6 +27,7 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.registry import register_handler
 from slimguard.data.core import Split
 from slimguard.quantize.calibrate import calibration_split, check_input_shape, run_calibration
+from slimguard.quantize.observers import reduce_observers_
 from slimguard.quantize.qmodules import (
     FakeQuantConv2d,
     FakeQuantLinear,
@@ -97,7 +98,7 @@ def prepare_qat_(model: nn.Module, config: QATConfig | None = None, *, calib: Sp
     layers = [m for m in model.modules() if isinstance(m, _FQ)]
     for m in layers:
         m.fake_quant_enabled = False
-    run_calibration(model, split, 64, 0, "QAT init", progress)
+    run_calibration(model, split, 64, 0, "QAT init", progress, shard=True)
     for m in layers:
         m.fake_quant_enabled = True
     return report
@@ -144,6 +145,10 @@ def _qat(model: nn.Module, config: QATConfig, *, data: Any = None, calib: Split 
     history = finetune(model, data, config.finetune,
                        callbacks=[QATFreezer(config.freeze_bn_epoch, config.freeze_observers_epoch)],
                        progress=progress, description="QAT")
+    if reduce_observers_(model):  # data-parallel: every rank takes the ranks' mean ranges before converting
+        for m in model.modules():
+            if isinstance(m, _FQ) and bool(m.observed):
+                m._stale.update(("input", "output") if m.quantize_output else ("input",))
     report["quantized"] = convert_(model)
     report["best_val_score"] = history.get("best_val_score")
     del report["prepared"]

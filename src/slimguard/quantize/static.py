@@ -77,7 +77,7 @@ def _int8_static(model: nn.Module, config: Int8StaticConfig, *, calib: Split | N
         if isinstance(m, (FakeQuantConv2d, FakeQuantLinear)):
             m.fake_quant_enabled = False  # observe float activations
     report["calibration_batches"] = run_calibration(model, split, config.batch_size, config.max_batches, what,
-                                                    progress)
+                                                    progress, shard=True)
     report["quantized"] = convert_fake_quant(model)
     del report["prepared"]
     return report

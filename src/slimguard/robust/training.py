@@ -31,6 +31,7 @@ from slimguard.core.torch_utils import accuracy as accuracy_on
 from slimguard.data.core import DataBundle
 from slimguard.robust.attacks import PGD, PGDConfig
 from slimguard.robust.base import Attack, direction, frozen_eval, project, resolve_bounds
+from slimguard.train.distributed import unwrap
 from slimguard.train.loop import FinetuneConfig, LossFn, check_finetune, finetune, register_trainer
 
 
@@ -44,7 +45,7 @@ def pgd_at_loss(attack: Attack, bounds: Any = None, clean_weight: float = 0.0) -
     """
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = attack(model, x, y, bounds=bounds)
+        x_adv = attack(unwrap(model), x, y, bounds=bounds)  # input gradients only: not through DDP
         adv = F.cross_entropy(model(x_adv), y)
         if clean_weight <= 0:
             return adv
@@ -87,9 +88,9 @@ def trades_loss(eps: float, steps: int = 7, alpha: float | None = None, beta: fl
     calls = [0]
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b = resolve_bounds(model, bounds)
+        b = resolve_bounds(unwrap(model), bounds)
         calls[0] += 1
-        x_adv = trades_examples(model, x, eps, steps, step, norm, b, seed=seed + calls[0])
+        x_adv = trades_examples(unwrap(model), x, eps, steps, step, norm, b, seed=seed + calls[0])
         logits = model(x)
         kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + beta * kl

@@ -171,11 +171,9 @@ def mean_loss(model: nn.Module, split: Split, loss_fn: LossFn, batch_size: int =
 
 
 def _distributed() -> tuple[bool, int, int]:
-    import torch.distributed as dist
+    from slimguard.train import distributed
 
-    if dist.is_available() and dist.is_initialized():
-        return True, dist.get_rank(), dist.get_world_size()
-    return False, 0, 1
+    return distributed.is_initialized(), distributed.rank(), distributed.world_size()
 
 
 def finetune(
@@ -260,8 +258,10 @@ def finetune(
         for epoch in range(cfg.epochs):
             model.train()
             perm = torch.randperm(n, generator=gen)
-            if is_dist:
-                perm = perm[rank::world]
+            if is_dist:  # this rank's shard, padded so that every rank takes the same number of steps
+                from slimguard.train.distributed import shard_indices
+
+                perm = shard_indices(perm)
             running, seen = 0.0, 0
             for i in range(0, len(perm), cfg.batch_size):
                 if cfg.max_steps and step >= cfg.max_steps:
@@ -274,6 +274,12 @@ def finetune(
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if is_dist and extra_parameters:  # outside the DDP wrapper: average their gradients here
+                    from slimguard.train.distributed import all_reduce_
+
+                    for p in extra_parameters:
+                        if p.grad is not None:
+                            all_reduce_(p.grad, "mean")
                 opt.step()
                 sched.step()
                 apply_masks(model)
@@ -283,7 +289,13 @@ def finetune(
                 running += loss.item() * len(idx)
                 seen += len(idx)
                 bar.advance(1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {running / max(1, seen):.4f}")
+            if is_dist:  # rank 0's buffers (BatchNorm statistics) on every rank, then one score for all
+                from slimguard.train.distributed import broadcast_buffers_, broadcast_float
+
+                broadcast_buffers_(model)
             val = score_fn(model) if len(data.val) else None
+            if is_dist and val is not None:  # every rank takes the same early-stopping decision
+                val = broadcast_float(val)
             history["epochs"].append({"epoch": epoch, "train_loss": running / max(1, seen), "val_score": val})
             for cb in callbacks:
                 cb.on_epoch_end(model, epoch, val)

@@ -83,6 +83,9 @@ class HfSource(_Strict):
     pooling: Literal["mean", "cls"] = "mean"
     name: str | None = None
     tokenizer_dir: str | None = None
+    task: str | None = None
+    tokenizer: dict[str, str] | None = None  # tokenizer file name -> base64 of its bytes (models.hf)
+    image: dict[str, list[float]] | None = None  # image mean / std of an image classifier
 
 
 class ModelSection(_Strict):

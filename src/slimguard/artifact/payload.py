@@ -39,12 +39,14 @@ def encode_state(model: nn.Module,
     hints = {**getattr(model, CODEC_HINTS, {}), **(hints or {})}
     table: dict[str, Any] = {}
     encoded: dict[str, Encoded] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
-        if id(t) in seen and t.data_ptr() != 0:  # tied tensors are stored once
-            table[key] = {"tied": seen[id(t)]}
+        # tied tensors (GPT-2's lm_head and embedding) are stored once: the same memory, shape and strides
+        view = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.data_ptr() != 0 else (id(t),)
+        if view in seen:
+            table[key] = {"tied": seen[view]}
             continue
-        seen[id(t)] = key
+        seen[view] = key
         if key in hints:
             name, opts = hints[key]
             enc = codec(name).encode(t, **opts)

@@ -6,6 +6,14 @@ valid input range. Images are kept in raw [0, 1] space; zoo models normalise ins
 so attacks and contracts work on what a user would actually send.
 """
 
-from slimguard.data.core import DataBundle, DataMeta, Split, available, load, register_dataset
+from slimguard.data.core import (
+    DataBundle,
+    DataMeta,
+    Split,
+    available,
+    bundle_from_batches,
+    load,
+    register_dataset,
+)
 
-__all__ = ["DataBundle", "DataMeta", "Split", "available", "load", "register_dataset"]
+__all__ = ["DataBundle", "DataMeta", "Split", "available", "bundle_from_batches", "load", "register_dataset"]

@@ -1,5 +1,8 @@
 """Loaders for user files: ``npz:FILE`` (arrays ``x`` and ``y``) and ``csv:FILE`` (a named label column).
 
+Splits a user made are respected: separate files named with ``{split}`` (``npz:data-{split}.npz`` reads
+``data-train.npz``, ``data-test.npz`` and, when present, ``data-val.npz``), or a ``split`` array in the npz.
+
 Files are checked before their contents are trusted: an ``.npz`` must be a zip archive whose array
 headers promise no more bytes than it holds (and at most :data:`MAX_NPZ_BYTES`), loaded without pickle;
 a CSV must be UTF-8 text. Values must be finite and fit in float32, the dtype models see.
@@ -13,7 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from slimguard.core.errors import DataError
-from slimguard.data.core import DataBundle, make_bundle, register_prefix
+from slimguard.data.core import (
+    SPLIT_NAMES,
+    DataBundle,
+    announce_split,
+    bundle_from_splits,
+    make_bundle,
+    register_prefix,
+    user_split_indices,
+)
 
 MAX_NPZ_BYTES = 8 << 30  # uncompressed x and y together
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -26,16 +37,18 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
-def validate_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
-    """Check shapes, dtypes, finiteness and labels; raise a one-line DataError otherwise."""
+def validate_arrays(x: np.ndarray, y: np.ndarray, source: str, min_rows: int = 10) -> None:
+    """Check shapes, dtypes, finiteness and labels; raise a one-line DataError otherwise. ``min_rows``: 10
+    for a set slimguard splits, 1 for a split the user made."""
     if x.ndim < 2:
         raise DataError(f"{source}: x must have shape (N, features...) but has shape {tuple(x.shape)}")
     if y.ndim != 1:
         raise DataError(f"{source}: y must have shape (N,) but has shape {tuple(y.shape)}")
     if len(x) != len(y):
         raise DataError(f"{source}: x has {len(x)} rows but y has {len(y)}; they must match")
-    if len(x) < 10:
-        raise DataError(f"{source}: only {len(x)} rows; at least 10 are needed to split train/val/test")
+    if len(x) < min_rows:
+        raise DataError(f"{source}: only {len(x)} rows; at least {min_rows} are needed"
+                        + (" to split train/val/test" if min_rows > 1 else ""))
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{source}: x has dtype {x.dtype}; it must be numeric")
     wide = x.astype(np.float64)
@@ -78,7 +91,9 @@ def _check_npz(p: Path, source: str) -> None:
                 found = ", ".join(sorted(members)) or "nothing"
                 raise DataError(f"{source}: needs arrays named 'x' and 'y'; found {found}")
             total = 0
-            for key in ("x", "y"):
+            for key in ("x", "y", "split"):
+                if key not in members:  # "split" is optional: the user's split of the rows
+                    continue
                 info = members[key]
                 with zf.open(info) as fh:
                     version = np.lib.format.read_magic(fh)
@@ -100,26 +115,61 @@ def _check_npz(p: Path, source: str) -> None:
         raise DataError(f"{source}: not a readable .npz file ({_one_line(exc)})") from None
 
 
-@register_prefix("npz")
-def load_npz(path: str, seed: int = 0, image: bool | None = None) -> DataBundle:
-    """Arrays ``x`` (N, ...) and ``y`` (N,) from a ``.npz`` file (loaded without pickle)."""
-    p = _existing(path, "npz")
-    _check_npz(p, f"npz:{path}")
+def split_files(path: str, what: str) -> dict[str, Path] | None:
+    """The files of a path written with ``{split}`` (``data-{split}.npz``): ``train`` and ``test`` must exist,
+    ``val`` may; None for a path without the placeholder."""
+    if "{split}" not in path:
+        return None
+    files = {k: Path(path.replace("{split}", k)).expanduser() for k in SPLIT_NAMES}
+    for k in ("train", "test"):
+        if not files[k].is_file():
+            raise DataError(f"{what} file not found: {files[k]} (the {k} split of {path}); check the path")
+    return {k: f for k, f in files.items() if f.is_file()}
+
+
+def _read_npz(p: Path, source: str, min_rows: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    _check_npz(p, source)
     try:
         with np.load(p, allow_pickle=False) as f:
             x, y = f["x"], f["y"]
+            split = f["split"] if "split" in f.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"npz:{path}: not a readable .npz file ({_one_line(exc)})") from None
-    validate_arrays(x, y, f"npz:{path}")
+        raise DataError(f"{source}: not a readable .npz file ({_one_line(exc)})") from None
+    validate_arrays(x, y, source, min_rows)
+    if split is not None and (split.ndim != 1 or len(split) != len(y)):
+        raise DataError(f"{source}: 'split' must name one split per row ({len(y)} values), got shape {split.shape}")
+    return x, y, split
+
+
+@register_prefix("npz")
+def load_npz(path: str, seed: int = 0, image: bool | None = None) -> DataBundle:
+    """Arrays ``x`` (N, ...) and ``y`` (N,) from a ``.npz`` file (loaded without pickle).
+
+    Splits the user made are kept as given: an array ``split`` (``train``/``val``/``test`` per row), or
+    separate files named with ``{split}`` (``npz:digits-{split}.npz``). Otherwise the rows are split with a
+    seed, stratified 60/20/20, and ``meta.splits`` says so.
+    """
+    files = split_files(path, "npz")
+    source = f"npz:{path}"
+    if files is not None:
+        parts = {k: _read_npz(f, f"npz:{f}", min_rows=1)[:2] for k, f in files.items()}
+        x = parts["train"][0]
+    else:
+        p = _existing(path, "npz")
+        x, y, split = _read_npz(p, source)
     is_image = x.ndim >= 3 if image is None else image
-    x = x.astype(np.float32)
-    low, high = (float(x.min()), float(x.max())) if is_image else (x.min(axis=0).tolist(), x.max(axis=0).tolist())
-    return make_bundle(
-        x, y.astype(np.int64),
-        dict(name=f"npz:{path}", task="classification", low=low, high=high,
-             kind="image" if is_image else "tabular", description=f"arrays from {p.name}"),
-        seed,
-    )
+    xs = [v[0] for v in parts.values()] if files is not None else [x]
+    low = float(min(a.min() for a in xs)) if is_image else np.min([a.min(axis=0) for a in xs], axis=0).tolist()
+    high = float(max(a.max() for a in xs)) if is_image else np.max([a.max(axis=0) for a in xs], axis=0).tolist()
+    meta = dict(name=source, task="classification", low=low, high=high, kind="image" if is_image else "tabular",
+                description=f"arrays from {Path(path).name}")
+    if files is not None:
+        return bundle_from_splits(parts, meta, seed)
+    if split is not None:
+        idx = user_split_indices([str(v) for v in split.tolist()], source)
+        return bundle_from_splits({k: (x[i], y[i]) for k, i in idx.items()}, meta, seed)
+    announce_split(source, seed, "add a 'split' array (train/val/test per row) or give FILE-{split}.npz files")
+    return make_bundle(x.astype(np.float32), y.astype(np.int64), meta, seed)
 
 
 @register_prefix("csv")
@@ -153,6 +203,7 @@ def load_csv(path: str, seed: int = 0, label: str = "label") -> DataBundle:
     validate_arrays(x, y, f"csv:{path}")
     x = x.astype(np.float32)
     names = [h for i, h in enumerate(header) if i != li]
+    announce_split(f"csv:{path}", seed, "give FILE-{split}.csv files (train, val, test)")
     return make_bundle(
         x, y.astype(np.int64),
         dict(name=f"csv:{path}", task="classification", low=x.min(axis=0).tolist(),

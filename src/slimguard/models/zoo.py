@@ -6,6 +6,7 @@
 | ``digits-lenet5`` | digits32      | LeNet-5 (Caffe variant of Deep Compression): conv20-conv50-fc500-fc10 |
 | ``digits32-resnet`` | digits32    | ResNet with BN and residual blocks, widths 32/64/128 |
 | ``tabular-mlp``   | breast-cancer | 30-64-32-2                                         |
+| ``docs-lm``       | docs-corpus   | Llama decoder, 12.6M parameters (registered by :mod:`slimguard.lm.docs_lm`) |
 
 Zoo models are registered in :data:`ZOO` (name -> :class:`ZooEntry`); their architectures are built
 by the factories in :data:`FACTORIES`, the only code a ``zoo`` model source can name.
@@ -110,6 +111,10 @@ class ZooEntry:
     batch_size: int = 64
     weight_decay: float = 0.0
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # models that are not classifiers on a data set (docs-lm) bring their own steps:
+    create_fn: Callable[..., nn.Module] | None = None  # (seed=...) -> untrained model with its info
+    train_fn: Callable[..., Any] | None = None  # (model, seed=..., progress=...) trains it in place
+    key_fn: Callable[[int], str] | None = None  # (seed) -> what else the trained weights depend on
 
 
 ZOO: Registry[ZooEntry] = Registry("zoo model", error=ModelError)
@@ -164,6 +169,8 @@ def create(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     from slimguard import data as sgdata
 
     entry = ZOO.get(name)
+    if entry.create_fn is not None:
+        return entry.create_fn(seed=seed, **overrides)
     bundle = sgdata.load(entry.data, seed=seed)
     kwargs: dict[str, Any] = {"mean": bundle.meta.mean, "std": bundle.meta.std, **entry.kwargs, **overrides}
     if entry.factory is tabular_mlp:
@@ -186,8 +193,11 @@ def cache_dir() -> Path:
 
 
 def _cache_key(entry: ZooEntry, seed: int) -> str:
-    blob = json.dumps([ZOO_VERSION, entry.name, entry.data, entry.epochs, entry.lr, entry.batch_size,
-                       entry.weight_decay, entry.kwargs, seed, torch.__version__.split("+")[0]], sort_keys=True)
+    parts = [ZOO_VERSION, entry.name, entry.data, entry.epochs, entry.lr, entry.batch_size,
+             entry.weight_decay, entry.kwargs, seed, torch.__version__.split("+")[0]]
+    if entry.key_fn is not None:
+        parts.append(entry.key_fn(seed))
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -252,6 +262,9 @@ def train_zoo(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
 
     entry = ZOO.get(name)
     model = create(name, seed=seed)
+    if entry.train_fn is not None:
+        entry.train_fn(model, seed=seed, progress=progress)
+        return model
     bundle = sgdata.load(entry.data, seed=seed)
     cfg = FinetuneConfig(epochs=entry.epochs, lr=entry.lr, batch_size=entry.batch_size,
                          weight_decay=entry.weight_decay, seed=seed, patience=0)

@@ -5,6 +5,11 @@ How to use it:
 * **Any model** (float, or quantized by :mod:`slimguard.quantize`):
   ``path = export_onnx(model, example_inputs, "m.onnx")``; slimguard's quantized layers export as
   QuantizeLinear/DequantizeLinear (QDQ) pairs, which ORT fuses into int8 kernels (QLinearConv, ...).
+* **Dynamic int8** (``int8-dynamic``) exports as ``DynamicQuantizeLinear`` + ``MatMulInteger`` (ORT fuses
+  them into ``DynamicQuantizeMatMul``); layers whose int8 ONNX cannot keep (low-bit weight-only) are
+  refused by name (:data:`UNEXPORTABLE`), never written as float.
+* **torch.export**: ``program = export_program(model, example_inputs)`` gives the ``ExportedProgram`` of
+  the model as PyTorch runs it (int8 kernels included), for ExecuTorch or AOTInductor.
 * **Run it like a torch module**: ``ort_model = OrtModel(path, num_threads=2)``; ``ort_model(x)``
   takes and returns torch tensors (keyword arguments by ONNX input name work too). It is an
   ``nn.Module`` without parameters, so :func:`slimguard.evaluate`, ``latency`` and friends accept it.
@@ -64,11 +69,18 @@ def _as_tuple(inputs: Any) -> tuple[Any, ...]:
 def export_onnx(model: nn.Module, example_inputs: Any, path: PathLike, *,
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] = ("output",),
                 dynamic_batch: bool = True, dynamic_axes: dict[str, dict[int, str]] | None = None,
-                opset: int = 17) -> Path:
-    """Export ``model`` to an ONNX file (TorchScript-based exporter, constant folding on).
+                opset: int = 17, progress: bool = True) -> Path:
+    """Export ``model`` to an ONNX file (TorchScript-based exporter, constant folding on), with a progress
+    bar over its stages (trace and write, then int8 requantization when there are dynamic int8 layers).
 
     Quantized slimguard layers trace as ``fake_quantize`` ops and become QuantizeLinear /
-    DequantizeLinear (QDQ) pairs; int8 weights are stored as int8 initializers.
+    DequantizeLinear (QDQ) pairs; int8 weights are stored as int8 initializers. Dynamic int8 layers
+    (``int8-dynamic``) become ``DynamicQuantizeLinear`` + ``MatMulInteger`` (ORT's dynamic quantizer applied to
+    their nodes of the exported graph). Layers whose arithmetic ONNX would not keep (:data:`UNEXPORTABLE`)
+    are refused with a :class:`ModelError` naming one of them.
+
+    The exporter is TorchScript's (``torch.onnx.export(..., dynamo=False)``). For a graph without ONNX,
+    :func:`export_program` gives the ``torch.export`` program of the same model.
 
     Args:
         model: the model; its ``training`` flag is restored afterwards.
@@ -80,28 +92,159 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: PathLike, *,
         dynamic_axes: explicit dynamic axes (overrides ``dynamic_batch``).
         opset: ONNX opset (default 17).
     """
+    refused = unexportable_layers(model)
+    if refused:
+        name, why = next(iter(refused.items()))
+        raise ModelError(f"ONNX export cannot keep what {len(refused)} layer(s) compute, e.g. {name}: {why}; "
+                         "export the model before that step, or use int8-static / int8-dynamic, which export as "
+                         "int8")
+    dynamic_int8 = dynamic_int8_layers(model)
     args = _as_tuple(example_inputs)
     names = list(input_names) if input_names else (["input"] + [f"input_{i}" for i in range(1, len(args))])
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in [*names, *output_names]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
-                              output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=opset,
-                              do_constant_folding=True)
-        except Exception as exc:  # the exporter raises many types; name the model and the cause
-            raise ModelError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    from slimguard.ui import progress as bar
+
+    with bar(1 + bool(dynamic_int8), "ONNX export", enabled=progress) as task:
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
+                                  output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=opset,
+                                  do_constant_folding=True)
+            except Exception as exc:  # the exporter raises many types; name the model and the cause
+                raise ModelError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        task.advance(1, info="traced")
+        if dynamic_int8:
+            _requantize_dynamic(path, dynamic_int8)
+            task.advance(1, info="dynamic int8 nodes")
     return path
+
+
+def export_program(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True) -> Any:
+    """The ``torch.export`` program of ``model`` (``torch.export.export``, strict=False), for runtimes that
+    take an ``ExportedProgram`` (ExecuTorch, AOTInductor) instead of ONNX.
+
+    Compressed models export as they run in PyTorch: pruned layers at their new sizes, dynamic int8 layers
+    as ``torch._int_mm`` on int8 tensors, static int8 as quantize/dequantize ops. Dimension 0 of every input
+    is dynamic when ``dynamic_batch`` (example batch of at least 2).
+
+    Example:
+        >>> program = export_program(model, torch.rand(2, 1, 32, 32))
+        >>> program.module()(torch.rand(5, 1, 32, 32)).shape
+    """
+    args = _as_tuple(example_inputs)
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        shapes = tuple({0: batch} if torch.is_tensor(a) else None for a in args)
+    with eval_mode(model), torch.no_grad():
+        try:
+            return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:  # torch.export raises many types; name the model and the cause
+            raise ModelError(f"torch.export of {type(model).__name__} failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+#: Layer classes (registered names, :mod:`slimguard.core.modules`) whose arithmetic the ONNX graph keeps
+#: only as float, with why; :func:`export_onnx` refuses them instead of writing a model that is not theirs.
+UNEXPORTABLE = {
+    "slimguard.WeightOnlyLinear": "low-bit weight-only layers have no ONNX Runtime kernel here (they would "
+                                  "export as float)",
+    "slimguard.WeightOnlyConv2d": "low-bit weight-only layers have no ONNX Runtime kernel here (they would "
+                                  "export as float)",
+    "slimguard.WeightOnlyEmbedding": "low-bit weight-only embeddings have no ONNX Runtime kernel here (they "
+                                     "would export as float)",
+}
+DYNAMIC_INT8 = "slimguard.DynamicInt8Linear"
+
+
+def _registered_name(module: nn.Module) -> str | None:
+    from slimguard.core.modules import CLASSES
+
+    for name, cls in CLASSES.items():
+        if type(module) is cls:
+            return str(name)
+    return None
+
+
+def unexportable_layers(model: nn.Module) -> dict[str, str]:
+    """Qualified names of the layers :func:`export_onnx` refuses, with the reason."""
+    out = {}
+    for name, module in model.named_modules():
+        why = UNEXPORTABLE.get(_registered_name(module) or "")
+        if why is not None:
+            out[name or type(model).__name__] = why
+    return out
+
+
+def dynamic_int8_layers(model: nn.Module) -> list[str]:
+    """Qualified names of slimguard's dynamic int8 Linear layers (they export as ``DynamicQuantizeLinear`` +
+    ``MatMulInteger``)."""
+    return [name for name, module in model.named_modules() if _registered_name(module) == DYNAMIC_INT8]
+
+
+def _qualified_scope(scope: str) -> str:
+    """The module name of a TorchScript exporter scope: ``/model/vit/layers.0/mlp/fc1`` (names relative to
+    the parent) and ``/layers.0/layers.0.0`` (qualified names) give ``model.vit.layers.0.mlp.fc1`` and
+    ``layers.0.0``."""
+    name = ""
+    for seg in scope.strip("/").split("/"):
+        if seg:
+            name = seg if not name or seg.startswith(name + ".") else f"{name}.{seg}"
+    return name
+
+
+def _requantize_dynamic(path: Path, layers: Sequence[str]) -> None:
+    """Give the dynamic int8 layers of an exported float graph their int8 back: ORT's dynamic quantizer on
+    exactly their MatMul/Gemm nodes (a node belongs to a layer when its scope names the layer, see
+    :func:`_qualified_scope`). Weights are per output channel symmetric
+    int8, as the layer stores them; activations become per-tensor uint8 per batch (ORT's
+    ``DynamicQuantizeLinear``). A layer whose node is not found is an error, never dropped."""
+    require("onnxruntime", "onnx")
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    wanted = set(layers)
+    nodes, found = [], set()
+    for node in graph.node:
+        scope = node.name.rsplit("/", 1)[0]
+        for name in (_qualified_scope(scope), scope.rsplit("/", 1)[-1]):
+            if node.op_type in ("MatMul", "Gemm") and name in wanted:
+                nodes.append(node.name)
+                found.add(name)
+                break
+    present = {_qualified_scope(n.name.rsplit("/", 1)[0]) for n in graph.node}
+    present |= {n.name.rsplit("/", 1)[0].rsplit("/", 1)[-1] for n in graph.node}
+    missing = sorted((wanted - found) & present)  # a layer no output depends on (a pooler) is not in the graph
+    if missing or not found:
+        layer = missing[0] if missing else sorted(wanted)[0]
+        raise ModelError(f"ONNX export lost the int8 of layer {layer!r} (no MatMul/Gemm node of it in the "
+                         "graph); export the float model and quantize it with quantize_onnx_dynamic")
+    with tempfile.TemporaryDirectory(prefix="slimguard-q-") as tmp, quiet_ort_quantizer():
+        out = Path(tmp) / "int8.onnx"
+        # ORT's quantizer first splits a Gemm into "<name>_MatMul" + Add, then quantizes the MatMul
+        quantize_dynamic(str(path), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        kept = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(out), load_external_data=False).graph.node)
+        if kept < len(found):
+            raise ModelError(f"ONNX export: only {kept} of {len(found)} dynamic int8 layers became MatMulInteger "
+                             "(a layer's weight is not a constant of the graph); refused rather than written as "
+                             "float")
+        os.replace(out, path)
 
 
 def export_embedder(model: nn.Module, path: PathLike, *, max_length: int = 128, opset: int = 17,
                     attention: str | None = "eager") -> Path:
-    """Export a :class:`~slimguard.models.sources.SentenceEmbedder` as
-    ``(input_ids, attention_mask) -> embedding`` with dynamic batch and sequence length.
+    """Export a text model (a :class:`~slimguard.models.hf.SentenceEmbedder`, or a Hugging Face classifier or
+    causal LM wrapper of :mod:`slimguard.models.hf`) as ``(input_ids, attention_mask) -> embedding`` (or
+    ``logits``) with dynamic batch and sequence length.
 
     ``attention="eager"`` (default) exports Hugging Face's plain attention (an additive mask) instead of
     the SDPA path, whose boolean-mask ``Where`` ops cost ORT time in every layer; the implementation is
@@ -113,16 +256,18 @@ def export_embedder(model: nn.Module, path: PathLike, *, max_length: int = 128, 
     # torch's stub types every Module attribute as Tensor | Module, hiding the embedder's tokenize method
     enc = model.tokenize(["slimguard exports sentence embedders to ONNX.",  # type: ignore[operator]
                           "a second, longer example sentence so that padding is exercised"], max_length)
+    task = getattr(model, "task", "embedding")  # a classifier's or language model's output is logits
+    output = "embedding" if task == "embedding" else "logits"
     axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-            "embedding": {0: "batch"}}
-    encoder = getattr(model, "encoder", None)
+            output: {0: "batch", 1: "length"} if task == "causal-lm" else {0: "batch"}}
+    encoder = getattr(model, "encoder", None) or getattr(model, "model", None)  # an embedder's, a classifier's
     before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
     switch = attention is not None and before is not None and hasattr(encoder, "set_attn_implementation")
     if switch and encoder is not None:  # switch implies an encoder (None has no set_attn_implementation)
         encoder.set_attn_implementation(attention)
     try:
         return export_onnx(model, (enc["input_ids"], enc["attention_mask"]), path,
-                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                           input_names=["input_ids", "attention_mask"], output_names=[output],
                            dynamic_axes=axes, opset=opset)
     finally:
         if switch and encoder is not None:
@@ -255,7 +400,7 @@ def quantize_onnx_dynamic(path: PathLike, out: PathLike, *, per_channel: bool = 
             src = optimize_transformer(src, Path(tmp) / "fused.onnx", num_heads=num_heads, hidden_size=hidden_size)
         graph = onnx.load(str(src)).graph
         exclude = [n.name for n in graph.node if any(k in n.name for k in keep_float)] if keep_float else []
-        with _quiet_ort_quant():
+        with quiet_ort_quantizer():
             quantize_dynamic(str(src), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
                              nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm"],
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -296,7 +441,7 @@ def quantize_onnx_static(path: PathLike, out: PathLike, calib_inputs: Iterable[d
 
     graph = onnx.load(str(path)).graph
     exclude = [n.name for n in graph.node if any(k in n.name for k in keep_float)] if keep_float else []
-    with _quiet_ort_quant():
+    with quiet_ort_quantizer():
         quantize_static(str(path), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[calibration], nodes_to_exclude=exclude)
@@ -309,8 +454,12 @@ class _DropPreprocessHint(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_ort_quant() -> Iterator[None]:
-    """ORT's quantizer logs a pre-processing hint on the root logger for every call; drop only that."""
+def quiet_ort_quantizer() -> Iterator[None]:
+    """ORT's quantizer logs a pre-processing hint on the root logger for every call; drop only that.
+
+    Used around every ``onnxruntime.quantization`` call (static and dynamic, here and in
+    :mod:`slimguard.runtime.ort_transformer`); other records on the root logger pass.
+    """
     root, flt = logging.getLogger(), _DropPreprocessHint()
     root.addFilter(flt)
     try:

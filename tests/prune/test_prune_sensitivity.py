@@ -52,12 +52,12 @@ def test_cli_sensitivity(tmp_path):
 
     app = build_app()
     runner = CliRunner()
-    out = tmp_path / "s.json"
-    res = runner.invoke(app, ["sensitivity", "zoo:digits-mlp", "--sparsities", "0.5,0.9", "--max-examples",
-                              "100", "--out", str(out), "--json"])
+    out = tmp_path / "sens"
+    res = runner.invoke(app, ["sensitivity", "zoo:digits-mlp", "--sparsity", "0.5", "--sparsity", "0.9",
+                              "--max-examples", "100", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(out.read_text())
+    data = json.loads((out / "sensitivity.json").read_text())
     assert data["data"] == "digits" and set(data["layers"]) == {"2", "4", "6"}
     assert "suggested_ratios" in json.loads(res.stdout)
-    bad = runner.invoke(app, ["sensitivity", "zoo:digits-mlp", "--sparsities", "a,b"])
-    assert bad.exit_code == 2 and "--sparsities" in bad.output
+    bad = runner.invoke(app, ["sensitivity", "zoo:digits-mlp", "--sparsity", "0.5,0.9"])
+    assert bad.exit_code == 2 and "--sparsity" in bad.output

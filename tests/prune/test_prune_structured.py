@@ -112,7 +112,8 @@ CASES = [
     # whole groups go: 2 of 4 and 3 of 6 GroupNorm groups stay, 1205 of 4133 parameters
     ("groupnorm", GroupNormNet, torch.rand(2, 3, 8, 8), 0.5, (1205 / 4133 - 1e-9, 1205 / 4133 + 1e-9)),
     ("mlp", _mlp, torch.rand(2, 1, 8, 8), 0.5, (17810 / 50610 - 1e-9, 17810 / 50610 + 1e-9)),
-    ("transformer-block", TokenNet, torch.rand(2, 5, 16), 0.5, (0.6, 0.85)),
+    # FFN neurons, 2 of the 4 heads of its MultiheadAttention and half the head MLP go: 5804 of 10868 stay
+    ("transformer-block", TokenNet, torch.rand(2, 5, 16), 0.5, (5804 / 10868 - 1e-9, 5804 / 10868 + 1e-9)),
     ("bert", _bert, IDS, 0.5, (0.5, 0.8)),
 ]
 
@@ -172,10 +173,14 @@ def test_pruning_zero_channels_is_exact(name, factory, x):
         _zero_bert(model)
     else:
         if name == "transformer-block":
-            with torch.no_grad():  # FFN neurons 0..31 of the block
+            with torch.no_grad():  # FFN neurons 0..31 of the block, and its heads 0 and 1 (of 4, 8 wide)
                 model.block.linear1.weight[:32] = 0
                 model.block.linear1.bias[:32] = 0
                 model.block.linear2.weight[:, :32] = 0
+                for section in range(3):  # q, k, v rows of the packed projection
+                    model.block.self_attn.in_proj_weight[section * 32 : section * 32 + 16] = 0
+                    model.block.self_attn.in_proj_bias[section * 32 : section * 32 + 16] = 0
+                model.block.self_attn.out_proj.weight[:, :16] = 0
         _zero_graph_units(model, x[:1], 0.5)
     before = _run(model, x)
     prune_channels(model, ChannelPruningConfig(ratio=0.5), x[:1])
@@ -228,7 +233,9 @@ def test_unfollowable_operation_is_named_and_ignore_works():
     model = WithCustom()
     with pytest.raises(ModelError, match=r"'odd'.*ignore=\['odd'\]"):
         prune_channels(model, ChannelPruningConfig(ratio=0.5), torch.rand(1, 4))
-    prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["odd"]), torch.rand(1, 4))
+    with pytest.raises(ConfigError, match=r"removed nothing.*allow_empty=True"):  # fc1 feeds the ignored module
+        prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["odd"]), torch.rand(1, 4))
+    prune_channels(model, ChannelPruningConfig(ratio=0.5, ignore=["odd"], allow_empty=True), torch.rand(1, 4))
     assert model.fc1.out_features == 8 and model(torch.rand(3, 4)).shape == (3, 2)
 
 

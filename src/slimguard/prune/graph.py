@@ -133,14 +133,14 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-def _is_hf_model(m: nn.Module) -> bool:
+def is_hf_model(m: nn.Module) -> bool:
     hf = sys.modules.get("transformers.modeling_utils")  # a Hugging Face model exists only if it was imported
     return hf is not None and isinstance(m, hf.PreTrainedModel)
 
 
 def is_opaque(m: nn.Module) -> bool:
     """A transformer block or a Hugging Face model: a leaf whose outer channels stay fixed."""
-    return is_block(m) or _is_hf_model(m)
+    return is_block(m) or is_hf_model(m)
 
 
 def trace(model: nn.Module, ignore: Sequence[str] = ()) -> tuple[fx.GraphModule, set[str]]:
@@ -149,7 +149,7 @@ def trace(model: nn.Module, ignore: Sequence[str] = ()) -> tuple[fx.GraphModule,
     opaque: set[str] = set()
 
     def leaves(m: nn.Module, qualname: str) -> bool:
-        if qualname in ignore or _is_hf_model(m):
+        if qualname in ignore or is_hf_model(m):
             opaque.add(qualname)
             return True
         return rule_for(m, inherited=False) is not None

@@ -181,9 +181,28 @@ class DataImportance(Importance):
         super().__init__(config, **options)
         self.stats: dict[int, torch.Tensor] = {}
 
-    def first_batches(self, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """The first ``config.max_batches`` of ``batches``."""
-        return itertools.islice(batches, self.config.max_batches)
+    def first_batches(self, batches: Iterable[tuple[Any, Any]], *, shard: bool = False) -> Iterator[tuple[Any, Any]]:
+        """The first ``config.max_batches`` of ``batches``; with ``shard`` in a data-parallel run, only this
+        rank's share of them (every ``world_size``-th from its rank): the importance must then sum its
+        statistics across ranks (:meth:`reduce_stats`)."""
+        from slimguard.train.distributed import rank, world_size
+
+        first = itertools.islice(batches, self.config.max_batches)
+        if not shard or world_size() == 1:
+            return first
+        here, world = rank(), world_size()
+        return (b for i, b in enumerate(first) if i % world == here)
+
+    def reduce_stats(self, keys: list[tuple[int, tuple[int, ...]]]) -> None:
+        """Sum :attr:`stats` over the ranks (``keys``: every possible ``(key, shape)``, in the same order on
+        every rank), keeping the keys some rank filled; nothing outside a data-parallel run."""
+        from slimguard.train.distributed import all_reduce_, all_reduce_stats_, world_size
+
+        if world_size() == 1:
+            return
+        present = all_reduce_(torch.tensor([float(k in self.stats) for k, _ in keys]), "max").tolist()
+        all_reduce_stats_(self.stats, keys, "sum")
+        self.stats = {k: self.stats[k] for (k, _), p in zip(keys, present, strict=True) if p}
 
 
 @dataclasses.dataclass
@@ -207,7 +226,7 @@ class TaylorImportance(DataImportance):
         grads: dict[int, torch.Tensor] = {}
         params = [p for p in model.parameters() if p.is_floating_point()]
         with eval_mode(model, requires_grad=True):  # gradients of the weights, whatever their flags say
-            for x, y in self.first_batches(batches):
+            for x, y in self.first_batches(batches, shard=True):
                 if loss_fn is None:
                     if y is None:
                         raise DataError("taylor importance needs labelled data (or a loss_fn); use l1 instead")
@@ -219,6 +238,7 @@ class TaylorImportance(DataImportance):
                     if gp is not None:
                         grads[id(p)] = grads.get(id(p), 0) + gp.detach()
         self.stats = grads
+        self.reduce_stats([(id(p), tuple(p.shape)) for p in params])  # gradient sums over every rank's batches
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         w = getattr(module, name)
@@ -344,12 +364,16 @@ class ActivationImportance(DataImportance):
                 hooks.append(mod.register_forward_hook(hook))
         try:
             with eval_mode(model), torch.no_grad():
-                for x, _ in self.first_batches(batches):
+                for x, _ in self.first_batches(batches, shard=True):
                     run_batch(model, x)
         finally:
             for h in hooks:
                 h.remove()
-        self.stats = {k: v.sqrt() for k, v in sq.items()}
+        self.stats = sq
+        self.reduce_stats([(id(h.weight), (h.weight.shape[1],)) for h in model.modules()  # squared norms: summed
+                           if isinstance(h, nn.Linear) or (isinstance(h, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                                                            and h.groups == 1)])
+        self.stats = {k: v.sqrt() for k, v in self.stats.items()}
 
     def score(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
         w = getattr(module, name).detach().abs().float()

@@ -270,26 +270,40 @@ class ChannelRule(LayerRule[ModuleT]):
             self.prune_in(module, keep["in"])
 
 
+class _WeightOutInRule(ChannelRule[ModuleT]):
+    """A :class:`ChannelRule` for torch's own layers: weight ``(out, in, ...)``, bias ``(out,)``, and the
+    channel counts kept in the module attributes named by :attr:`in_attr` and :attr:`out_attr`.
+
+    A cut slices the weight (dimension 0 for outputs, with the bias; dimension 1 for inputs) and sets the
+    attribute to the number of channels kept.
+    """
+
+    in_attr: ClassVar[str]
+    out_attr: ClassVar[str]
+
+    def in_channels(self, module: ModuleT) -> int:
+        return int(getattr(module, self.in_attr))
+
+    def out_channels(self, module: ModuleT) -> int:
+        return int(getattr(module, self.out_attr))
+
+    def prune_out(self, module: ModuleT, keep: torch.Tensor) -> None:
+        setattr(module, self.out_attr, keep_slices(module, ("weight", "bias"), 0, keep))
+
+    def prune_in(self, module: ModuleT, keep: torch.Tensor) -> None:
+        setattr(module, self.in_attr, keep_slices(module, ("weight",), 1, keep))
+
+
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the modules ConvRule handles
 
 
-class ConvRule(ChannelRule[ConvNd]):
+class ConvRule(_WeightOutInRule[ConvNd]):
     """``nn.Conv1d/2d/3d``, including grouped and depthwise convolutions (weight ``(out, in/groups, k...)``)."""
 
-    def in_channels(self, module: ConvNd) -> int:
-        return int(module.in_channels)
-
-    def out_channels(self, module: ConvNd) -> int:
-        return int(module.out_channels)
+    in_attr, out_attr = "in_channels", "out_channels"
 
     def groups(self, module: ConvNd) -> int:
         return int(module.groups)
-
-    def prune_out(self, module: ConvNd, keep: torch.Tensor) -> None:
-        module.out_channels = keep_slices(module, ("weight", "bias"), 0, keep)
-
-    def prune_in(self, module: ConvNd, keep: torch.Tensor) -> None:
-        module.in_channels = keep_slices(module, ("weight",), 1, keep)
 
     def prune(self, module: ConvNd, keep: Mapping[str, torch.Tensor], name: str) -> None:
         bo, bi = module.out_channels // module.groups, module.in_channels // module.groups
@@ -301,22 +315,11 @@ class ConvRule(ChannelRule[ConvNd]):
                 raise ConfigError(f"grouped convolution {name!r} lost a partial group; add ignore=[{name!r}]")
 
 
-class LinearRule(ChannelRule[nn.Linear]):
+class LinearRule(_WeightOutInRule[nn.Linear]):
     """``nn.Linear`` (weight ``(out, in)``; channels on the last dimension)."""
 
     channels_last = True
-
-    def in_channels(self, module: nn.Linear) -> int:
-        return int(module.in_features)
-
-    def out_channels(self, module: nn.Linear) -> int:
-        return int(module.out_features)
-
-    def prune_out(self, module: nn.Linear, keep: torch.Tensor) -> None:
-        module.out_features = keep_slices(module, ("weight", "bias"), 0, keep)
-
-    def prune_in(self, module: nn.Linear, keep: torch.Tensor) -> None:
-        module.in_features = keep_slices(module, ("weight",), 1, keep)
+    in_attr, out_attr = "in_features", "out_features"
 
 
 LINEAR = LinearRule()

@@ -5,6 +5,8 @@ each transformer block) and every sparsity, a copy of the model is pruned at tha
 on the validation split: accuracy for classifiers, cosine fidelity to the unpruned model for embedding
 models. The result is plain JSON; :func:`ratios_from_sensitivity` turns it into per-layer ratios for
 ``ChannelPruningConfig(ratios=...)`` or ``MagnitudePruningConfig(overrides=...)``, and automatic search reuses it.
+In a data-parallel run the trials are shared between the ranks and their scores gathered, so every rank gets
+the same result.
 
 Paper: Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017 (per-layer sensitivity scans).
 
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -28,6 +31,7 @@ from slimguard.core.masks import set_mask
 from slimguard.core.torch_utils import eval_mode
 from slimguard.data.core import DataBundle, Split
 from slimguard.prune.magnitude import _layer_mask, prunable_layers
+from slimguard.train.distributed import all_reduce_, shard_range
 from slimguard.ui import progress as progress_bar
 
 
@@ -95,7 +99,7 @@ def _prune_one(model: nn.Module, method: str, name: str, sparsity: float, exampl
         return
     from slimguard.prune.structured import ChannelPruningConfig, prune_channels
 
-    prune_channels(model, ChannelPruningConfig(ratio=0.0, ratios={name: sparsity}), example)
+    prune_channels(model, ChannelPruningConfig(ratio=0.0, ratios={name: sparsity}, allow_empty=True), example)
 
 
 def sensitivity(
@@ -139,20 +143,27 @@ def sensitivity(
                               f"candidates: {', '.join(list(cands)[:8])}")
         cands = {n: cands[n] for n in layers}
     result: dict[str, Any] = {"metric": metric, "method": method, "sparsities": list(sparsities), "layers": {}}
+    trials = [(name, s) for name in cands for s in sparsities]
+    # in a data-parallel run each rank scores every world_size-th trial; a sum gathers them (NaN: refused)
+    found = torch.zeros(len(trials), dtype=torch.float64)
+    mine = shard_range(len(trials)).tolist()
     with eval_mode(model):
         result["baseline"] = score(model)
-        with progress_bar(len(cands) * len(sparsities), "sensitivity", enabled=progress) as bar:
-            for name, params in cands.items():
-                scores: dict[str, float | None] = {}
-                for s in sparsities:
-                    trial = copy.deepcopy(model)
-                    try:
-                        _prune_one(trial, method, name, s, example)
-                        scores[f"{s:g}"] = score(trial)
-                    except ConfigError:  # e.g. a ratio that would empty the layer
-                        scores[f"{s:g}"] = None
-                    bar.advance(1, info=name)
-                result["layers"][name] = {"params": params, "scores": scores}
+        with progress_bar(len(mine), "sensitivity", enabled=progress) as bar:
+            for i in mine:
+                name, s = trials[i]
+                trial = copy.deepcopy(model)
+                try:
+                    _prune_one(trial, method, name, s, example)
+                    found[i] = score(trial)
+                except ConfigError:  # e.g. a ratio that would empty the layer
+                    found[i] = math.nan
+                bar.advance(1, info=name)
+    values = all_reduce_(found, "sum").tolist()
+    for name, params in cands.items():
+        result["layers"][name] = {"params": params, "scores": {}}
+    for (name, s), v in zip(trials, values, strict=True):
+        result["layers"][name]["scores"][f"{s:g}"] = None if math.isnan(v) else v
     return result
 
 

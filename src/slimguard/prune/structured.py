@@ -3,9 +3,16 @@
 ``ChannelPruning`` scores coupled channel groups found by :class:`~slimguard.prune.graph.DependencyGraph`
 and physically shrinks every module they touch (Conv, BatchNorm, Linear, LayerNorm, GroupNorm,
 grouped/depthwise convolutions, and any layer type with a registered rule), and cuts attention heads and
-FFN neurons inside transformer blocks (:mod:`slimguard.prune.blocks`). Each module is scored and cut by
-the same layer rule (:mod:`slimguard.prune.rules`) that traced it. Output shapes never change. The model
-keeps its module classes, so an artifact stores only the new sizes and loads back.
+FFN neurons inside transformer blocks (:mod:`slimguard.prune.blocks`: BERT-family layers, torch's
+``nn.MultiheadAttention`` and transformer layers; :mod:`slimguard.prune.attention`: Llama with grouped-query
+attention, GPT-2, ViT, DistilBERT). Each module is scored and cut by the same layer rule
+(:mod:`slimguard.prune.rules`) that traced it. Output shapes never change. The model keeps its module
+classes (but ``nn.MultiheadAttention``, which becomes an allowlisted ``PrunedMultiheadAttention``), so an
+artifact stores only the new sizes and loads back.
+
+What it cannot cut (an attention module without a rule, a block whose ratio removes none of its heads) is
+reported by name under ``"skipped"``. A run that removes nothing at all is a ConfigError, naming what was
+skipped, unless ``allow_empty=True``: a pruning step that silently leaves the model as it was is a bug.
 
 Example:
     >>> model = sg.zoo.load("digits32-resnet")
@@ -23,10 +30,11 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
+from slimguard.core.modules import set_submodule
 from slimguard.core.registry import register_handler
 from slimguard.core.torch_utils import matches
-from slimguard.prune.blocks import BlockRule
-from slimguard.prune.graph import DependencyGraph, Group, is_opaque
+from slimguard.prune.blocks import BlockRule, Skip
+from slimguard.prune.graph import DependencyGraph, Group, is_hf_model, is_opaque
 from slimguard.prune.importance import Importance, get_importance, importance_names, prepare_importance
 from slimguard.prune.rules import ChannelRule, LayerRule, rule_for
 from slimguard.prune.surgery import complement, keep_count
@@ -49,6 +57,7 @@ class ChannelPruningConfig(Config):
             :func:`slimguard.prune.sensitivity.ratios_from_sensitivity`.
         head_ratio: fraction of attention heads to remove per block (default: ``ratio``).
         ffn_ratio: fraction of FFN neurons to remove per block (default: ``ratio``).
+        allow_empty: accept a run that removes nothing (default False: that is a ConfigError).
 
     Context: ``example_inputs`` (a batch for tracing; the recipe passes the data's example) and, for
     ``taylor``, ``data``.
@@ -61,6 +70,7 @@ class ChannelPruningConfig(Config):
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
     head_ratio: float | None = None
     ffn_ratio: float | None = None
+    allow_empty: bool = False
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -144,13 +154,113 @@ def _select(group: Group, units: list[int], scores: torch.Tensor, remove: int, m
     return chosen
 
 
+#: words in the class name of a module that holds heads or neurons: one without a rule is reported by name
+_TRANSFORMER_PARTS = ("Attention", "MLP", "FFN", "FeedForward")
+
+
+def _unhandled(model: nn.Module, covered: list[str]) -> dict[str, str]:
+    """Attention / MLP modules of Hugging Face models that no rule covers (neither they, an enclosing block
+    nor a part of them). Elsewhere the dependency graph follows every layer or refuses it by name."""
+    roots = [""] if is_hf_model(model) else [n for n, m in model.named_modules() if n and is_hf_model(m)]
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not name or not any(not r or matches(name, [r]) for r in roots):
+            continue
+        if matches(name, covered) or any(c.startswith(name + ".") for c in covered):
+            continue
+        if any(word in type(m).__name__ for word in _TRANSFORMER_PARTS) and any(True for _ in m.parameters()):
+            out[name] = f"no pruning rule for {type(m).__name__}"
+            covered.append(name)
+    return out
+
+
+def _sync_configs(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Write the pruned sizes into the config of each Hugging Face model inside ``model`` (see
+    :meth:`BlockRule.config_sizes`); returns ``{model name: {key: value}}`` of what was written."""
+    written: dict[str, dict[str, int]] = {}
+    mods = list(model.named_modules())
+    hf_names = [n for n, m in mods if is_hf_model(m)]
+    for root, hf in mods:
+        if root not in hf_names or any(o != root and (not o or root.startswith(o + ".")) for o in hf_names):
+            continue  # an HF model inside another one (BertModel in BertForSequenceClassification) shares its config
+        seen: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
+        readable = True
+        for name, m in mods:
+            rule = rule_for(m)
+            if not isinstance(rule, BlockRule) or (root and not matches(name, [root])):
+                continue
+            try:
+                groups = rule.config_sizes(m)
+            except Skip:  # a block whose sizes cannot be read: the config cannot speak for it
+                readable = False
+                break
+            for group in groups:
+                seen.setdefault(tuple(group), set()).add(tuple(group.values()))
+        cfg = getattr(hf, "config", None)
+        for keys, values in seen.items() if readable else ():
+            if len(values) == 1 and all(hasattr(cfg, k) for k in keys):
+                for k, v in zip(keys, next(iter(values)), strict=True):
+                    if getattr(cfg, k) != v:
+                        setattr(cfg, k, v)
+                        written.setdefault(root, {})[k] = v
+    return written
+
+
+def _prune_blocks(model: nn.Module, config: ChannelPruningConfig, imp: Importance, names: dict[str, nn.Module],
+                  used: set[str], skipped: dict[str, str]) -> dict[str, Any]:
+    """Cut heads and neurons inside every transformer block; returns ``{name: what changed}``."""
+    blocks: dict[str, Any] = {}
+    for name, m in list(names.items()):
+        rule = rule_for(m)
+        if matches(name, config.ignore) or not isinstance(rule, BlockRule):
+            continue
+        r = config.ratios.get(name)
+        used.add(name) if r is not None else None
+        hr = r if r is not None else (config.head_ratio if config.head_ratio is not None else config.ratio)
+        fr = r if r is not None else (config.ffn_ratio if config.ffn_ratio is not None else config.ratio)
+        try:
+            if hr > 0:
+                new = rule.convert(m)
+                if new is not m and not name:
+                    raise Skip(f"the model itself is a {type(m).__name__}, which must be replaced to lose heads; "
+                               "wrap it in a module")
+                if new is not m:
+                    set_submodule(model, name, new)
+                    m = new
+            result = rule.prune_block(m, hr, fr, imp, config.round_to)
+        except Skip as why:
+            skipped[name] = str(why)
+            continue
+        if result:
+            blocks[name] = result
+            asked = {k: v for k, v in result.items() if (hr if k == "heads" else fr) > 0}
+            if asked and all(before == after for before, after in asked.values()):
+                what = " / ".join(f"{v[0]} {'heads' if k == 'heads' else 'FFN neurons'}" for k, v in asked.items())
+                skipped[name] = f"the ratio removes none of its {what}"
+    return blocks
+
+
 def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any = None,
                    importance: Importance | None = None) -> dict[str, Any]:
     """Apply :class:`ChannelPruning` in place; returns what changed.
 
+    Args:
+        model: a plain module or a Hugging Face model as ``transformers`` builds it.
+        config: ratios and options.
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors (``input_ids``,
+            ``attention_mask``, ``pixel_values``), for tracing the dependency graph. A Hugging Face model
+            is pruned block by block and needs none.
+        importance: an importance object (default: from ``config.importance``).
+
     Returns:
         ``{"params_before", "params_after", "groups": [{"modules", "channels": [before, after]}],
-        "blocks": {name: {"heads": [before, after], "ffn": [before, after]}}}``.
+        "blocks": {name: {"heads": [before, after]} and/or {"ffn": [before, after]}},
+        "skipped": {name: why it was left whole}, "config": {HF model name: {config key: new size}}}``:
+        Hugging Face configs get the pruned sizes they can express when every layer agrees
+        (``intermediate_size``; Llama's head counts), so ``from_pretrained`` rebuilds the pruned shapes.
+
+    Raises:
+        ConfigError: bad names, a ratio that empties a layer, or (unless ``allow_empty``) nothing removed.
     """
     imp = importance or get_importance(config.importance)
     names = dict(model.named_modules())
@@ -159,16 +269,11 @@ def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_input
             raise ConfigError(f"{key!r} names no module; modules are e.g. {', '.join(list(names)[1:6])}")
     params_before = count_params(model)
     used: set[str] = set()
-    blocks: dict[str, Any] = {}
-    for name, m in list(names.items()):
-        rule = rule_for(m)
-        if not name or matches(name, config.ignore) or not isinstance(rule, BlockRule):
-            continue
-        r = config.ratios.get(name)
-        used.add(name) if r is not None else None
-        hr = r if r is not None else (config.head_ratio if config.head_ratio is not None else config.ratio)
-        fr = r if r is not None else (config.ffn_ratio if config.ffn_ratio is not None else config.ratio)
-        blocks[name] = rule.prune_block(m, hr, fr, imp, config.round_to)
+    skipped: dict[str, str] = {}
+    blocks = _prune_blocks(model, config, imp, names, used, skipped)
+    names = dict(model.named_modules())  # blocks may have been replaced
+    written = _sync_configs(model) if blocks else {}
+    skipped.update(_unhandled(model, [*config.ignore, *blocks, *skipped]))
     groups_out: list[dict[str, Any]] = []
     whole = [*config.ignore, *blocks, *(n for n, m in names.items() if n and is_opaque(m))]
     graph_needed = not is_opaque(model) and any(isinstance(rule_for(m), ChannelRule) and not matches(n, whole)
@@ -199,8 +304,14 @@ def prune_channels(model: nn.Module, config: ChannelPruningConfig, example_input
     if unused:
         raise ConfigError(f"ratios: {unused[0]!r} is not a prunable layer or transformer block "
                           "(its channels are fixed or it is ignored); remove it from ratios")
-    return {"params_before": params_before, "params_after": count_params(model), "groups": groups_out,
-            "blocks": blocks}
+    params_after = count_params(model)
+    if params_after == params_before and not config.allow_empty:
+        why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "no prunable channels, heads or neurons"
+        more = f" (and {len(skipped) - 4} more)" if len(skipped) > 4 else ""
+        raise ConfigError(f"channel pruning removed nothing ({why}{more}); raise ratio, or set allow_empty=True "
+                          "to accept an unchanged model")
+    return {"params_before": params_before, "params_after": params_after, "groups": groups_out,
+            "blocks": blocks, "skipped": skipped, "config": written}
 
 
 @register_handler("prune", ChannelPruningConfig)

@@ -58,15 +58,17 @@ def test_quantized_macs_are_counted(zoo_model, digits):
 
 def test_cli_export(tmp_path, digits):
     runner = CliRunner()
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "onnx"
     res = runner.invoke(build_app(), ["export", "zoo:digits-mlp", "--out", str(out), "--json",
                                       "--embed-into", str(tmp_path / "m.slim")])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
-    assert out.exists() and payload["argmax_agreement"] == 1.0 and payload["max_abs_diff"] < 1e-4
+    onnx = out / "model.onnx"
+    assert payload["onnx"] == str(onnx) and sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert payload["argmax_agreement"] == 1.0 and payload["max_abs_diff"] < 1e-4
     from slimguard.artifact import read_entry
 
-    assert read_entry(tmp_path / "m.slim", "model.onnx") == out.read_bytes()
+    assert read_entry(tmp_path / "m.slim", "model.onnx") == onnx.read_bytes()
     bad = runner.invoke(build_app(), ["export", "zoo:digits-mlp", "--format", "tflite", "--out", str(out)])
     assert bad.exit_code == 2 and "tflite" in bad.output
 

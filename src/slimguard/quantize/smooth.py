@@ -2,16 +2,21 @@
 Quantization for Large Language Models", ICML 2023).
 
 Activations of transformers have a few channels with large values, which makes per-tensor int8
-activations coarse. Smoothing divides each input channel ``j`` of a LayerNorm's output by
+activations coarse. Smoothing divides each input channel ``j`` of a norm's output (an affine ``LayerNorm``,
+or an ``RMSNorm`` of a Llama-style decoder: :func:`is_norm`) by
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (folded into the LayerNorm's weight and bias) and
 multiplies column ``j`` of every Linear that reads that output by ``s_j``. The float model computes the
 same function; its activations become easier and its weights a little harder to quantize.
 
-LayerNorm -> Linear pairs are found by running calibration batches: a Linear whose input *is* a
-LayerNorm's output tensor reads it directly.
+Norm -> Linear pairs are found by running calibration batches (a split of tensors or texts, or batches of
+token ids): a Linear whose input *is* a norm's output tensor (or a same-layout view of it) reads it directly.
+
+W8A8 for language models is this step followed by ``int8-dynamic`` (int8 weights per output channel, int8
+activations per token, products in ``torch._int_mm``), the per-token variant of the paper's recipe.
 
 Example:
     >>> sg.quantize_(model, sg.SmoothQuantConfig(alpha=0.5), calib=data.calib)   # then Int8Dynamic or ONNX int8
+    >>> sg.quantize_(model, sg.Int8DynamicConfig())                              # W8A8
 """
 
 from __future__ import annotations
@@ -50,28 +55,42 @@ class SmoothQuantConfig(Config):
         check_range("max_batches", self.max_batches, 0)
 
 
+def same_data_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """A key equal for a tensor and any view of it with the same layout (``h[:, 0:, :]`` of a norm's output,
+    as Llama's LM head reads it): storage address, shape and strides."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation whose per-channel weight can absorb a scale: affine LayerNorm or any ``*RMSNorm``."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        return False
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
 @torch.no_grad()
 def smooth_(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5) -> list[dict[str, Any]]:
-    """Smooth every LayerNorm -> Linear(s) group found while running ``batches``; returns the groups."""
-    lns = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine}
+    """Smooth every norm -> Linear(s) group found while running ``batches``; returns the groups."""
+    lns = {n: m for n, m in model.named_modules() if is_norm(m)}
     lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    last_out: dict[int, str] = {}
+    last_out: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
     readers: dict[str, set[str]] = {}
     amax: dict[str, torch.Tensor] = {}
     hooks = []
 
     def ln_hook(name: str):
         def fn(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            last_out[id(out)] = name
+            last_out[same_data_key(out)] = (name, out)  # the reference keeps its memory from being reused
             a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
         return fn
 
     def lin_hook(name: str):
         def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            src = last_out.get(id(inputs[0]))
+            src = last_out.get(same_data_key(inputs[0]))
             if src is not None:
-                readers.setdefault(src, set()).add(name)
+                readers.setdefault(src[0], set()).add(name)
         return fn
 
     hooks += [m.register_forward_hook(ln_hook(n)) for n, m in lns.items()]
@@ -87,7 +106,7 @@ def smooth_(model: nn.Module, batches: Iterable[Any], alpha: float = 0.5) -> lis
         wmax = torch.stack([lay.weight.abs().amax(0) for lay in layers]).amax(0).float().clamp_min(1e-5)
         s = (amax[ln_name].clamp_min(1e-5).pow(alpha) / wmax.pow(1 - alpha)).clamp_min(1e-5)
         ln.weight.div_(s.to(ln.weight.dtype))
-        if ln.bias is not None:
+        if getattr(ln, "bias", None) is not None:
             ln.bias.div_(s.to(ln.bias.dtype))
         for lay in layers:
             lay.weight.mul_(s.to(lay.weight.dtype)[None, :])

@@ -11,15 +11,11 @@ Padding (documented behaviour): when ``group_size`` does not divide a layer's in
 weight rows are padded with zeros up to the next multiple (and, for packing, to an even length);
 the padding is never used in the product. ``group_size=0`` means one group per output row.
 
-GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers", ICLR 2023) quantizes the columns of each Linear weight one at a time and spreads each
-column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
-``H = 2 X^T X`` of the layer's calibration inputs. Inputs are collected for all layers in one streamed
-pass over the float model.
+GPTQ (calibrated rounding with error compensation) and AWQ (activation-aware scales) produce the same
+packed layers: :mod:`slimguard.quantize.gptq`, :mod:`slimguard.quantize.awq`.
 
 Example:
     >>> sg.quantize_(model, sg.WeightOnlyConfig(bits=4, group_size=64))
-    >>> sg.quantize_(model, sg.GPTQConfig(bits=4, group_size=64), calib=data.calib)
 """
 
 from __future__ import annotations
@@ -36,8 +32,6 @@ from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.modules import register_module
 from slimguard.core.registry import register_handler
-from slimguard.data.core import Split
-from slimguard.quantize.calibrate import calibration_split, check_input_shape, run_calibration
 from slimguard.quantize.common import conv_padding_reason, pair, select_layers, set_submodule
 from slimguard.quantize.kernels import (
     WEIGHT_ONLY_MAX_ROWS,
@@ -73,6 +67,8 @@ class WeightOnlyConfig(Config):
             per group.
         ignore: qualified layer names (or prefixes) to keep in float.
         conv: also quantize Conv2d weights (flattened per output channel; default False).
+        embeddings: also quantize ``nn.Embedding`` tables (:class:`WeightOnlyEmbedding`: rows are looked up,
+            then dequantized; default False). Language models keep most of their weights there.
     """
 
     bits: int = 4
@@ -80,37 +76,10 @@ class WeightOnlyConfig(Config):
     symmetric: bool = True
     ignore: list[str] = dataclasses.field(default_factory=list)
     conv: bool = False
+    embeddings: bool = False
 
     def validate(self) -> None:
         _validate_bits_group(self.bits, self.group_size)
-
-
-@register_config("gptq")
-@dataclasses.dataclass
-class GPTQConfig(Config):
-    """GPTQ weight quantization of Linear layers with calibration data (see the module docstring).
-
-    Args:
-        bits: 8, 4, 3 or 2 (default 4).
-        group_size: input weights per scale (default 64; 0 = one group per row).
-        damp: dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01).
-        block_size: columns processed together (default 128).
-        ignore: layer names to keep in float.
-        batch_size, max_batches: calibration streaming (defaults 64 and 0 = whole split).
-    """
-
-    bits: int = 4
-    group_size: int = 64
-    damp: float = 0.01
-    block_size: int = 128
-    ignore: list[str] = dataclasses.field(default_factory=list)
-    batch_size: int = 64
-    max_batches: int = 0
-
-    def validate(self) -> None:
-        _validate_bits_group(self.bits, self.group_size)
-        check_range("damp", self.damp, 0.0, 1.0)
-        check_range("block_size", self.block_size, 1)
 
 
 # ---- packing ------------------------------------------------------------------------------------------
@@ -326,6 +295,41 @@ class WeightOnlyConv2d(_WeightOnlyMixin):
                     symmetric=self.symmetric)
 
 
+@register_module("slimguard.WeightOnlyEmbedding")
+class WeightOnlyEmbedding(_WeightOnlyMixin):
+    """An embedding table with 2..8-bit group-wise rows (packed); a lookup dequantizes only the rows it reads.
+
+    Shape:
+        Input ``(*)`` integer ids, output ``(*, embedding_dim)``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4, group_size: int = 64,
+                 symmetric: bool = True) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self._init_wo(num_embeddings, embedding_dim, bits, group_size, symmetric)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, bits: int, group_size: int, symmetric: bool = True) -> WeightOnlyEmbedding:
+        m = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, symmetric)
+        m.to(emb.weight.device).set_weight(emb.weight)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = unpack_codes(self.qweight[flat], self.bits).float()
+        g = codes.reshape(flat.numel(), -1, self.group)
+        rows = (g - self.zeros[flat][..., None]) * self.scales[flat][..., None]
+        return rows.reshape(flat.numel(), -1)[:, : self.cols].reshape(*ids.shape, self.cols)
+
+    def slimguard_init_kwargs(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}, group={self.group}"
+
+
 def weight_only_layer(layer: nn.Module, bits: int, group_size: int, symmetric: bool = True) -> nn.Module:
     """The weight-only layer (:class:`WeightOnlyConv2d` or :class:`WeightOnlyLinear`) of a float Conv2d or
     Linear layer; TypeError for other layers."""
@@ -334,6 +338,12 @@ def weight_only_layer(layer: nn.Module, bits: int, group_size: int, symmetric: b
     if isinstance(layer, nn.Linear):
         return WeightOnlyLinear.from_float(layer, bits, group_size, symmetric)
     raise TypeError(f"weight-only quantization takes Linear and Conv2d layers, not {type(layer).__name__}")
+
+
+def _embedding_reason(layer: nn.Module) -> str | None:
+    if getattr(layer, "max_norm", None) is not None or getattr(layer, "sparse", False):
+        return "Embedding with max_norm or sparse gradients"
+    return None
 
 
 def _targets(model: nn.Module, ignore: list[str], conv: bool) -> tuple[list[str], list[dict[str, str]]]:
@@ -351,83 +361,11 @@ def _weight_only(model: nn.Module, config: WeightOnlyConfig, **_: Any) -> dict[s
     for name in targets:
         new = weight_only_layer(model.get_submodule(name), config.bits, config.group_size, config.symmetric)
         set_submodule(model, name, new)
-    return {"quantized": targets, "kept_float": kept, "bits": config.bits}
-
-
-# ---- GPTQ ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01,
-                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ on one weight ``(rows, cols)`` (``cols % group == 0``) with Hessian ``(cols, cols)``.
-
-    Returns codes ``(rows, cols)``, scales and zeros ``(rows, cols // group)`` (symmetric codes).
-    """
-    w = w.detach().float().clone()
-    rows, cols = w.shape
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += torch.eye(cols, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.zeros(rows, cols // group)
-    zeros = torch.zeros(rows, cols // group)
-    block_size = max(group, block_size // group * group)  # groups never straddle blocks
-    for b0 in range(0, cols, block_size):
-        b1 = min(b0 + block_size, cols)
-        wb, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0)
-        for j in range(b1 - b0):
-            col = b0 + j
-            if col % group == 0:  # fix this group's scale from the (error-updated) weights
-                _, s, z = quantize_groups(wb[:, j:j + group], bits, group)
-                scales[:, col // group], zeros[:, col // group] = s[:, 0], z[:, 0]
-            s, z = scales[:, col // group], zeros[:, col // group]
-            q = torch.clamp(torch.round(wb[:, j] / s) + z, 0, 2**bits - 1)
-            codes[:, col] = q.to(torch.uint8)
-            deq = (q - z) * s
-            e = (wb[:, j] - deq) / hinv[col, col]
-            wb[:, j:] -= e[:, None] * hinv[col, col:b1][None, :]
-            err[:, j] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return codes, scales, zeros
-
-
-@register_handler("quantize", GPTQConfig)
-def _gptq(model: nn.Module, config: GPTQConfig, *, calib: Split | None = None, data: Any = None, progress: bool = True,
-          **_: Any) -> dict[str, Any]:
-    split = calibration_split(calib, data, "GPTQ")
-    check_input_shape(model, split, "GPTQ")
-    targets, kept = _targets(model, list(config.ignore), conv=False)
-    hess: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name: str):
-        def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            hess[name] = hess.get(name, 0) + 2 * x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    for name in targets:
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    try:
-        run_calibration(model, split, config.batch_size, config.max_batches, "GPTQ", progress)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    for name in targets:
-        lin = cast(nn.Linear, model.get_submodule(name))  # _targets(conv=False) selects Linear layers only
-        m = WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, config.bits, config.group_size)
-        cols = m.cols_padded
-        w = torch.zeros(lin.out_features, cols)
-        w[:, : lin.in_features] = lin.weight.detach().float().cpu()
-        h = torch.zeros(cols, cols, dtype=torch.float64)
-        h[: lin.in_features, : lin.in_features] = hess[name].double().cpu() / max(1, counts[name])
-        codes, scales, zeros = gptq_quantize(w, h, config.bits, m.group, config.damp, config.block_size)
-        m.set_weight(w, codes, scales, zeros)
-        if lin.bias is not None and m.bias is not None:
-            m.bias.data.copy_(lin.bias.detach().cpu())
-        set_submodule(model, name, m.to(lin.weight.device))
+    if config.embeddings:
+        tables, kept_tables = select_layers(model, (nn.Embedding,), list(config.ignore), check=_embedding_reason)
+        for name in tables:
+            emb = cast(nn.Embedding, model.get_submodule(name))
+            set_submodule(model, name, WeightOnlyEmbedding.from_float(emb, config.bits, config.group_size,
+                                                                      config.symmetric))
+        targets, kept = targets + tables, kept + kept_tables
     return {"quantized": targets, "kept_float": kept, "bits": config.bits}

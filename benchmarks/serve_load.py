@@ -1,0 +1,320 @@
+"""Load test of ``slimguard serve`` against a bare FastAPI endpoint with the same model.
+
+Model: ``digits-lenet5`` pruned to 90% sparsity (magnitude) and saved as a ``.slim`` artifact; the
+reference for the cascade is the unpruned ``digits-lenet5``. Three servers run on 127.0.0.1 (loaded one at
+a time), each in its own process with torch's default threads (what a user of either would get):
+
+* ``serve``: ``slimguard serve`` (contract, energy OOD detector, monitor, range restriction, periodic
+  checksum scrubs, micro-batching: up to 64 items, 2 ms wait);
+* ``serve_nobatch``: the same with ``--max-batch 1`` (guard, no batching), which isolates batching;
+* ``bare``: a FastAPI ``def`` endpoint that runs the same model on each request (no guard, no batching).
+
+A bounded async httpx client (one request = one digit, bodies encoded once up front) runs each server at
+concurrency 1, 8, 32 and 64 for a fixed time per cell, in ``--rounds`` interleaved rounds; throughput is
+responses per second, p50/p99 the per-request latency over all rounds. Non-200 answers are counted. The
+server's CPU time per request (user + system, from ``/proc``) is also reported: on a shared machine it is
+steadier than throughput, which depends on the CPU share each process gets.
+
+In-process, with :func:`slimguard.runtime.measure.compare_speed` (paired rounds, median ratio, 95% bootstrap
+interval): the guard's cost (``Guard.__call__`` vs the bare model on a batch of 32) and the cascade's
+accuracy (digits32 test, n=360, Wilson intervals; threshold chosen on validation data) and latency against
+each model alone.
+
+Targets (BENCHMARKS.md): at concurrency 32, ``serve`` >= 2x the bare endpoint's throughput, and the guard
+costs <= 10%. The machine is shared (see ``env.loadavg_1m_at_start``): absolute numbers are noisy.
+
+Run: ``nice python benchmarks/serve_load.py [--seconds 3] [--rounds 2]`` (about 3 minutes). Writes
+``benchmarks/results/serve_load.json``. ``--bare-server ARTIFACT`` is the bare server's own entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("SLIMGUARD_QUIET", "1")
+os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
+
+CONCURRENCY = (1, 8, 32, 64)
+MODEL = "digits-lenet5"
+SPARSITY = 0.9
+CASCADE_TOLERANCE = 0.3  # accuracy points the cascade may lose to the reference on validation data
+SEED = 0
+
+
+# ---- the bare server (a subprocess of this script) ----------------------------------------------------------
+def bare_server(artifact: str) -> None:
+    """A FastAPI endpoint as a user would write it: parse, run the model, answer. No guard, no batching."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+
+    from slimguard.artifact import load
+    from slimguard.serve.server import bind
+
+    model = load(artifact).eval()
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    def predict(body: dict) -> dict:  # a sync endpoint: FastAPI runs it in its thread pool
+        x = torch.tensor(body["inputs"], dtype=torch.float32)
+        with torch.no_grad():
+            probs = torch.softmax(model(x), -1)
+        conf, pred = probs.max(-1)
+        return {"predictions": pred.tolist(), "confidence": conf.tolist(), "scores": probs.tolist()}
+
+    @app.get("/readyz")
+    def readyz() -> dict:
+        return {"status": "ready"}
+
+    sock = bind("127.0.0.1", 0)
+    print(f"serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning")).run(sockets=[sock])
+
+
+# ---- server processes ------------------------------------------------------------------------------------
+class Proc:
+    def __init__(self, cmd: list[str]) -> None:
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        got: list[str] = []
+        t = threading.Thread(target=lambda: got.append(self.p.stdout.readline() if self.p.stdout else ""),
+                             daemon=True)
+        t.start()
+        t.join(180)
+        if not got or not got[0].startswith("serving on "):
+            self.p.kill()
+            raise SystemExit(f"server did not start: {cmd}")
+        self.url = got[0].split()[-1]
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used (threads included), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def start(kind: str, artifact: Path) -> Proc:
+    if kind == "bare":
+        return Proc([sys.executable, __file__, "--bare-server", str(artifact)])
+    extra = ["--max-batch", "1"] if kind == "serve_nobatch" else ["--max-batch", "64", "--max-wait-ms", "2"]
+    return Proc([sys.executable, "-c", "from slimguard.cli import main; main()", "serve", str(artifact),
+                 "--port", "0", "--max-concurrency", "256", "--scrub-interval-s", "5", *extra])
+
+
+# ---- the load client ---------------------------------------------------------------------------------------
+async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30, trust_env=False) as client:
+        headers = {"content-type": "application/json"}
+        for body in bodies[:concurrency]:  # warm the connections
+            await client.post("/v1/predict", content=body, headers=headers)
+        end = time.perf_counter() + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                r = await client.post("/v1/predict", content=bodies[i % len(bodies)], headers=headers)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                i += concurrency
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"ok": len(latencies), "errors": errors, "wall_s": wall, "latencies": latencies}
+
+
+def _pct(values: list[float], q: float) -> float:
+    from slimguard.runtime.measure import percentile
+
+    return percentile(values, q) * 1e3 if values else float("nan")
+
+
+# ---- in-process: guard cost and cascade ------------------------------------------------------------------
+def in_process(artifact: Path) -> dict[str, Any]:
+    import torch
+
+    from _schema import accuracy_row, correct
+    from slimguard import data as sgdata
+    from slimguard.runtime.measure import compare_speed
+    from slimguard.serve import ServeConfig, load_served
+
+    torch.set_num_threads(1)
+    data = sgdata.load("digits32")
+    loaded = load_served(ServeConfig(artifact=str(artifact), reference=f"zoo:{MODEL}",
+                                     cascade_tolerance=CASCADE_TOLERANCE))
+    try:
+        cascade = loaded.cascade
+        assert cascade is not None
+        small, large = cascade.small, cascade.large
+        x = data.test.x[:32]
+        # the guard around the same small model (no cascade), against the small model alone
+        plain = load_served(ServeConfig(artifact=str(artifact)))
+        try:
+            guard = plain.guard
+            with torch.no_grad():
+                guard_speed = compare_speed({"model": lambda: small(x), "guarded": lambda: guard(x)}, baseline="model",
+                                            threads=1, rounds=15, budget_s=12, batch_size=32, seed=SEED)
+        finally:
+            plain.close()
+        with torch.no_grad():
+            cascade.calls = cascade.rows = cascade.fallback_rows = 0
+            hits = {"small": correct(small, data.test), "reference": correct(large, data.test),
+                    "cascade": correct(cascade, data.test)}
+            fallback_rate = cascade.fallback_rate
+            speed = compare_speed({"reference": lambda: large(x), "small": lambda: small(x),
+                                   "cascade": lambda: cascade(x)}, baseline="reference", threads=1, rounds=15,
+                                  budget_s=15, batch_size=32, seed=SEED)
+    finally:
+        loaded.close()
+    g = guard_speed.ratios["guarded"]
+    return {
+        "guard": {"model_ms_per_batch32": guard_speed.median_ms["model"],
+                  "guarded_ms_per_batch32": guard_speed.median_ms["guarded"],
+                  "speed_ratio": g.ratio, "ci95": list(g.ci95),
+                  "overhead": 1 / g.ratio - 1, "overhead_ci95": [1 / g.ci95[1] - 1, 1 / g.ci95[0] - 1]},
+        "cascade": {"threshold": cascade.config.threshold, "validation": loaded.cascade_stats,
+                    "test_fallback_rate": fallback_rate,
+                    "accuracy": [accuracy_row(k, v) for k, v in hits.items()],
+                    "ms_per_batch32": speed.median_ms,
+                    "speed_vs_reference": {k: {"ratio": r.ratio, "ci95": list(r.ci95)}
+                                           for k, r in speed.ratios.items()}},
+    }
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bare-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=3.0, help="Seconds of load per cell and round.")
+    ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds over servers and concurrencies.")
+    args = ap.parse_args()
+    if args.bare_server:
+        bare_server(args.bare_server)
+        return
+
+    import torch
+
+    import slimguard as sg
+    from _schema import claim, environment, print_targets, target, write_results
+    from slimguard import data as sgdata
+    from slimguard.artifact import save
+    from slimguard.models import zoo
+
+    env = environment(torch.get_num_threads(), seed=SEED, in_process_threads=1,
+                      note="shared machine: the load client and the servers share its cores")
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    model = zoo.load(MODEL, progress=False)
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=SPARSITY))
+    artifact = save(model, tmp / "lenet5-sparse.slim")
+    test = sgdata.load("digits32").test
+    bodies = [json.dumps({"inputs": test.x[i : i + 1].tolist()}).encode() for i in range(64)]
+
+    kinds = ("serve", "serve_nobatch", "bare")
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {(k, c): [] for k in kinds for c in CONCURRENCY}
+    procs = {k: start(k, artifact) for k in kinds}  # all up at once; only one is loaded at a time
+    try:
+        for r in range(args.rounds):
+            order = kinds if r % 2 == 0 else tuple(reversed(kinds))
+            for c in CONCURRENCY:
+                for k in order:
+                    cpu0 = procs[k].cpu_s()
+                    run = asyncio.run(_load(procs[k].url, bodies, c, args.seconds))
+                    run["cpu_s"] = procs[k].cpu_s() - cpu0  # includes the connection warm-up requests
+                    run["requests"] = run["ok"] + run["errors"] + c
+                    cells[(k, c)].append(run)
+    finally:
+        for p in procs.values():
+            p.stop()
+    cases = []
+    for (k, c), runs in cells.items():
+        lat = [v for run in runs for v in run["latencies"]]
+        rps = [run["ok"] / run["wall_s"] for run in runs]
+        cases.append({"server": k, "concurrency": c, "throughput_rps": statistics.median(rps),
+                      "throughput_per_round": [round(v, 1) for v in rps], "p50_ms": _pct(lat, 0.5),
+                      "p99_ms": _pct(lat, 0.99), "responses": len(lat),
+                      "server_cpu_ms_per_request": 1e3 * sum(run["cpu_s"] for run in runs)
+                      / max(1, sum(run["requests"] for run in runs)),
+                      "non_200": sum(run["errors"] for run in runs)})
+    proc = in_process(artifact)
+
+    def rps(kind: str, c: int) -> float:
+        return next(x["throughput_rps"] for x in cases if x["server"] == kind and x["concurrency"] == c)
+
+    def cpu(kind: str, c: int) -> float:
+        return next(x["server_cpu_ms_per_request"] for x in cases if x["server"] == kind and x["concurrency"] == c)
+
+    gain_vs_bare = rps("serve", 32) / rps("bare", 32)
+    batching_gain = rps("serve", 32) / rps("serve_nobatch", 32)
+    g = proc["guard"]
+    lo, hi = (100 * v for v in g["overhead_ci95"])
+    targets = [
+        target("serve vs bare FastAPI throughput at concurrency 32", ">= 2x", round(gain_vs_bare, 2),
+               gain_vs_bare >= 2),
+        target("guard overhead (Guard call vs bare model, batch 32, in process)", "<= 10%",
+               f"{100 * g['overhead']:.1f}% (95% CI {lo:.1f}..{hi:.1f})",
+               g["overhead"] <= 0.10),
+        target("no 5xx or other non-200 answers under load", "0", sum(x["non_200"] for x in cases),
+               sum(x["non_200"] for x in cases) == 0),
+    ]
+    acc = {row["model"]: row for row in proc["cascade"]["accuracy"]}
+    summary = [
+        claim("slimguard serve / bare FastAPI throughput, concurrency 32", gain_vs_bare, unit="x"),
+        claim("micro-batching gain (serve / serve --max-batch 1), concurrency 32", batching_gain, unit="x"),
+        claim("server CPU per request, bare / serve, concurrency 32", cpu("bare", 32) / cpu("serve", 32), unit="x"),
+        claim("guard overhead per batch of 32, in process", 100 * g["overhead"], unit="%",
+              ci95=[100 * v for v in g["overhead_ci95"]]),
+        claim("cascade test accuracy", acc["cascade"]["accuracy"], unit="%", ci95=acc["cascade"]["ci95"],
+              n=acc["cascade"]["n"]),
+    ]
+    out = write_results(
+        "serve_load", env=env, cases=cases, targets=targets, summary=summary,
+        protocol=f"{args.rounds} interleaved rounds x {args.seconds:g} s per (server, concurrency); one digit per "
+                 "request; client and servers on one shared machine, default torch threads in the servers",
+        in_process=proc, wall_s=round(time.perf_counter() - t_start, 1))
+    print(f"{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} {'non-200':>7}")
+    for x in cases:
+        print(f"{x['server']:<14} {x['concurrency']:>4} {x['throughput_rps']:>8.1f} {x['p50_ms']:>8.2f} "
+              f"{x['p99_ms']:>8.2f} {x['server_cpu_ms_per_request']:>10.2f} {x['non_200']:>7}")
+    casc = proc["cascade"]
+    print(f"cascade (threshold {casc['threshold']:.3f} chosen on val; test fallback "
+          f"{100 * casc['test_fallback_rate']:.1f}%): " + ", ".join(
+              f"{m} {row['accuracy']:.2f}% [{row['ci95'][0]:.1f}, {row['ci95'][1]:.1f}]"
+              for m, row in acc.items()))
+    print("ms per batch of 32: " + ", ".join(f"{k} {v:.2f}" for k, v in casc["ms_per_batch32"].items()))
+    print_targets(targets)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Automatic search (``slimguard optimize``) at a fixed trial budget, against single-technique recipes and peers.
+
+Case ``digits32-resnet`` (objectives: file size and latency, budget 1 accuracy point on validation):
+
+* the search runs ``--trials`` trials (default 16, seed 0) over the default space (every registered step the
+  default ``search:`` block names), one process, 1 pinned thread for timing;
+* the references are measured with the search's own protocol (:class:`slimguard.search.objectives.Evaluator`:
+  validation accuracy drop, ``.slim`` bytes over the original's, paired interleaved speed ratio against the
+  original with a 95% bootstrap interval): the shipped recipe for this model (``recipes/prune-resnet.yaml``,
+  channel pruning 50% + 12 epochs of fine-tuning), each quantization technique alone (int8-static,
+  int8-dynamic, fp16, weight-only 8-bit), and the peers' best points: torch.ao ``quantize_dynamic`` (Linear
+  layers; file = its state dict saved by torch) and stock ONNX Runtime ``quantize_dynamic`` (file = the .onnx);
+* reported: the front (every point with its recipe, val and test drop, size ratio, speed ratio and
+  interval), its hypervolume against the original model (size ratio 1, time ratio 1), the wall time of the
+  search and the time at which the front first reached its final hypervolume, and, for each reference within
+  the budget, whether a front point dominates it (no larger and no slower, on the medians).
+
+Run: ``nice python benchmarks/optimize.py [--trials 16] [--out DIR]`` (with ``--out``, a rerun resumes the study
+and only finalizes it when it already holds the trials; the search's wall time comes from the trials' own
+timestamps).
+Writes ``benchmarks/results/optimize.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
+os.environ.setdefault("SLIMGUARD_QUIET", "1")
+import slimguard  # noqa: E402
+from _schema import claim, environment, print_targets, target, write_results  # noqa: E402
+from slimguard.core.config import config_class  # noqa: E402
+from slimguard.core.recipe import load as load_recipe  # noqa: E402
+from slimguard.runtime.measure import compare_speed  # noqa: E402
+from slimguard.search import Settings, optimize  # noqa: E402
+from slimguard.search.objectives import SPEED_CALLS, SPEED_ROUNDS, Evaluator  # noqa: E402
+from slimguard.search.pareto import dominates, hypervolume, pareto_indices  # noqa: E402
+
+MODEL, DATA, BUDGET, THREADS = "zoo:digits32-resnet", "digits32", 1.0, 1
+SINGLE = {"int8-static": {}, "int8-dynamic": {}, "half": {"dtype": "fp16"}, "weight-only": {"bits": 8, "conv": True}}
+
+
+def measure_steps(ev: Evaluator, steps: list[Any], where: Path) -> dict[str, Any]:
+    r = ev.run(steps, where)
+    return {k: r[k] for k in ("val_accuracy_drop_points", "bytes", "size_ratio", "speed_ratio", "speed_ci95")}
+
+
+def measure_module(ev: Evaluator, model: torch.nn.Module, nbytes: int) -> dict[str, Any]:
+    """A peer's model (not a .slim): its validation drop, its own file's bytes and the paired speed ratio."""
+    with torch.no_grad():
+        logits = torch.cat([model(ev.data.val.x[i:i + 256]) for i in range(0, len(ev.data.val), 256)])
+    acc = float((logits.argmax(-1) == ev.data.val.y).float().mean())
+    cmp = compare_speed({"baseline": ev.model, "candidate": model}, ev.inputs, baseline="baseline",
+                        rounds=SPEED_ROUNDS, calls_per_round=SPEED_CALLS, budget_s=ev.speed_budget_s,
+                        threads=THREADS, seed=0).to_dict("candidate")
+    return {"val_accuracy_drop_points": (ev.base_val_accuracy - acc) * 100, "bytes": nbytes,
+            "size_ratio": nbytes / ev.base_bytes, "speed_ratio": cmp["ratio"], "speed_ci95": cmp["ci95"]}
+
+
+def torch_ao_peer(ev: Evaluator, tmp: Path) -> dict[str, Any]:
+    model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ev.model).eval(), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    path = tmp / "torch_ao.pt"
+    torch.save(model.state_dict(), path)
+    return measure_module(ev, model, path.stat().st_size)
+
+
+def ort_peer(ev: Evaluator, tmp: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import quantize_dynamic
+
+    from slimguard.runtime.onnx import OrtModel, export_onnx
+
+    fp32 = export_onnx(ev.model, ev.data.val.x[:1], tmp / "fp32.onnx")
+    quantize_dynamic(str(fp32), str(tmp / "int8.onnx"))  # stock settings
+    model = OrtModel(tmp / "int8.onnx", num_threads=THREADS)
+    return measure_module(ev, model, (tmp / "int8.onnx").stat().st_size)
+
+
+def references(ev: Evaluator, tmp: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    recipe = load_recipe(ROOT / "src" / "slimguard" / "recipes" / "prune-resnet.yaml")
+    out["recipe prune-resnet.yaml"] = measure_steps(ev, recipe.steps, tmp / "prune.slim")
+    for name, options in SINGLE.items():
+        out[f"{name} alone"] = measure_steps(ev, [config_class(name).from_fields(options)], tmp / f"{name}.slim")
+    for name, fn in (("peer torch.ao quantize_dynamic", torch_ao_peer), ("peer ORT stock quantize_dynamic", ort_peer)):
+        try:
+            out[name] = fn(ev, tmp)
+        except Exception as exc:  # a peer that cannot run here is reported, not dropped
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out
+
+
+def time_to_final_hv(study: Any, reference: list[float], budget: float, final: float) -> float | None:
+    """Seconds from the study's first trial start until the feasible front first reached ``final``."""
+    done = sorted((t for t in study.get_trials(deepcopy=False)
+                   if t.state.name == "COMPLETE" and t.user_attrs.get("steps")), key=lambda t: t.datetime_complete)
+    if not done:
+        return None
+    start = min(t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start)
+    seen: list[list[float]] = []
+    for t in done:
+        if t.user_attrs["val_accuracy_drop_points"] <= budget + 1e-9:
+            seen.append(list(t.values))
+            front = [seen[i] for i in pareto_indices(seen)]
+            if hypervolume(front, reference) >= final - 1e-12:
+                return (t.datetime_complete - start).total_seconds()
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed-budget", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    env = environment(THREADS, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="slimguard-opt-") as tmpdir:
+        out = args.out or Path(tmpdir) / "search"
+        settings = Settings(model=MODEL, data=DATA, out=out, budget=BUDGET, objectives=("size", "latency"),
+                            trials=args.trials, seed=args.seed, speed_budget_s=args.speed_budget, threads=THREADS,
+                            track=False, study_name=f"bench-{args.seed}-{args.trials}")
+        t0 = time.perf_counter()
+        result = optimize(settings, progress=False)
+        wall = time.perf_counter() - t0
+        import optuna
+
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.storage_url)
+        started = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
+        completed = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+        search_s = (max(completed) - min(started)).total_seconds()  # also right for a resumed study
+        reach = time_to_final_hv(study, result["hypervolume_reference"], BUDGET, result["hypervolume"])
+        ev = Evaluator(copy.deepcopy(slimguard.zoo.load("digits32-resnet", seed=args.seed, progress=False)),
+                       slimguard.data.load(DATA, seed=args.seed), BUDGET, seed=args.seed,
+                       speed_budget_s=args.speed_budget, threads=THREADS)
+        refs = references(ev, Path(tmpdir))
+    front = [[p["size_ratio"], 1 / p["speed_ratio"]] for p in result["points"]]
+    rows = []
+    for name, ref in refs.items():
+        if "error" in ref:
+            rows.append({"reference": name, **ref, "within_budget": None, "dominated_by_front": None})
+            continue
+        point = [ref["size_ratio"], 1 / ref["speed_ratio"]]
+        within = ref["val_accuracy_drop_points"] <= BUDGET + 1e-9
+        rows.append({"reference": name, **ref, "within_budget": within,
+                     "dominated_by_front": any(dominates(f, point) for f in front)})
+    competing = [r for r in rows if r["within_budget"]]
+    beaten = sum(bool(r["dominated_by_front"]) for r in competing)
+    case = {"case": "digits32-resnet", "model": MODEL, "data": DATA, "objectives": ["size", "latency"],
+            "budget_points": BUDGET, "trials": result["trials"], "seed": args.seed, "search_wall_s": round(search_s, 1),
+            "this_run_wall_s": round(wall, 1),
+            "seconds_to_final_hypervolume": reach, "hypervolume": result["hypervolume"],
+            "hypervolume_reference": result["hypervolume_reference"], "baseline": result["baseline"],
+            "front": [{k: p[k] for k in ("trial", "steps", "val_accuracy_drop_points", "test_accuracy_drop_points",
+                                         "test_n", "bytes", "size_ratio", "speed_ratio", "speed_ci95")}
+                      for p in result["points"]],
+            "chosen": result["chosen"], "references": rows}
+    targets = [target("front dominates every single-technique recipe and peer point within the budget",
+                      "all", f"{beaten} of {len(competing)}", beaten == len(competing) and bool(competing))]
+    chosen = result["chosen_point"]
+    summary = [claim("optimize digits32-resnet: hypervolume (size x time, ref 1,1)", result["hypervolume"], digits=3),
+               claim("optimize digits32-resnet: chosen size ratio", chosen["size_ratio"], digits=3),
+               claim("optimize digits32-resnet: chosen speed ratio", chosen["speed_ratio"], unit="x",
+                     ci95=chosen["speed_ci95"]),
+               claim("optimize digits32-resnet: chosen test accuracy drop", chosen["test_accuracy_drop_points"],
+                     unit="points", n=chosen["test_n"]),
+               claim("optimize digits32-resnet: search wall time (first trial start to last trial end)",
+                     round(search_s, 1), unit="s")]
+    path = write_results("optimize", env=env, cases=[case], targets=targets, summary=summary,
+                         protocol="Every point measured on validation with the search's protocol (paired "
+                                  "interleaved speed rounds vs the original, 1 thread; .slim bytes); test split "
+                                  "scored once for the front. Dominance on medians.")
+    print(f"{MODEL}: {result['trials']['finished']} trials in {search_s:.0f} s; "
+          f"hypervolume {result['hypervolume']:.3f} (reached after {reach if reach is None else round(reach)} s)")
+    for p in case["front"]:
+        steps = " > ".join(next(iter(s)) for s in p["steps"])
+        print(f"  front trial {p['trial']:3d}: {steps:45s} size {p['size_ratio']:.3f}  speed {p['speed_ratio']:.2f}x "
+              f"[{p['speed_ci95'][0]:.2f}, {p['speed_ci95'][1]:.2f}]  val drop {p['val_accuracy_drop_points']:.2f}  "
+              f"test drop {p['test_accuracy_drop_points']:.2f}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['reference']}: {r['error']}")
+        else:
+            print(f"  {r['reference']:34s} size {r['size_ratio']:.3f}  speed {r['speed_ratio']:.2f}x  val drop "
+                  f"{r['val_accuracy_drop_points']:.2f}  within budget {r['within_budget']}  dominated "
+                  f"{r['dominated_by_front']}")
+    print_targets(targets)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -171,6 +171,19 @@ def loads(text: str, where: str = "recipe") -> Recipe:
     return parse(load_yaml(text, where), where=where)
 
 
+def builtin_recipe(name: str) -> Path | None:
+    """The path of the recipe shipped with slimguard under ``name`` (``minilm-fast``), or None."""
+    from importlib import resources
+
+    if not name or not name.replace("-", "a").isalnum():
+        return None
+    found = resources.files("slimguard.recipes").joinpath(f"{name}.yaml")
+    return Path(str(found)) if found.is_file() else None
+
+
 def load(path: str | Path) -> Recipe:
-    """Read, parse and validate a recipe file (UTF-8 YAML, at most :data:`MAX_RECIPE_BYTES`)."""
+    """Read, parse and validate a recipe file (UTF-8 YAML, at most :data:`MAX_RECIPE_BYTES`); a bare name
+    that is not a file (``minilm-fast``) names a recipe shipped in ``slimguard/recipes/``."""
+    if not Path(path).exists():
+        path = builtin_recipe(str(path)) or path
     return parse(read_yaml_file(path, "recipe", MAX_RECIPE_BYTES), where=Path(path).name)

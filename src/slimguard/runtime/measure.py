@@ -48,22 +48,35 @@ from slimguard.runtime.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, percentil
 def _weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     yield from model.parameters()
     for module in model.modules():
+        skip = getattr(module, "not_weights", ())  # buffers a module declares are not weights (a serialized graph)
         for bname, b in module._buffers.items():
             # quantized weights and coded payloads are integer buffers; counters and statistics are not
             # weights, nor are non-persistent buffers (masks, cluster indices, hash indices: never stored)
             if (b is None or b.is_floating_point() or b.dtype == torch.bool or bname == "num_batches_tracked"
-                    or bname in module._non_persistent_buffers_set):
+                    or bname in module._non_persistent_buffers_set or bname in skip):
                 continue
             yield b
 
 
+def _declared(model: nn.Module) -> tuple[int, int]:
+    """``(weights, nonzero)`` that modules holding weights outside torch tensors (an ONNX graph) report
+    through a ``weight_counts()`` method."""
+    counts: list[tuple[int, int]] = []
+    for m in model.modules():
+        report = getattr(m, "weight_counts", None)
+        if callable(report):
+            counts.append(report())
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 def count_params(model: nn.Module) -> int:
-    """Parameters plus integer weight buffers (int8/int4 quantized weights)."""
-    return sum(t.numel() for t in _weight_tensors(model))
+    """Parameters plus integer weight buffers (int8/int4 quantized weights), plus the weights of modules that
+    hold them elsewhere (an ONNX graph's initializers)."""
+    return sum(t.numel() for t in _weight_tensors(model)) + _declared(model)[0]
 
 
 def count_nonzero(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(t)) for t in _weight_tensors(model))
+    return sum(int(torch.count_nonzero(t)) for t in _weight_tensors(model)) + _declared(model)[1]
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ COMMANDS = {
     "robustness": [],
     "ood": [],
     "faults": [],
-    "export": ["--out", "{tmp}/m.onnx"],
-    "distill": ["--out", "{tmp}/s.slim", "--width", "0.5"],
+    "export": ["--out", "{tmp}/onnx"],
+    "distill": ["--out", "{tmp}/student", "--width", "0.5"],
 }
 
 

@@ -139,22 +139,25 @@ def no_work(monkeypatch):
         (["compress", "-r", "{recipe}", "-o", "{file}/sub"], "is a file, not a folder; choose a path under"),
         (["compress", "-r", "{recipe}", "-o", "{dir}/clash"], "model.slim is a folder"),
         (["demo", "--out", "{file}"], "is a file, not a folder"),
-        (["train", "digits-mlp", "--out", "{dir}"], "--out {dir} is a folder"),
-        (["export", "zoo:digits-mlp", "--out", "{dir}"], "--out {dir} is a folder"),
-        (["export", "zoo:digits-mlp", "--out", "{dir}/m.onnx", "--embed-into", "{file}/m.slim"],
+        (["train", "digits-mlp", "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["train", "digits-mlp", "--out", "{dir}/clash"], "--out {dir}/clash/model.slim is a folder"),
+        (["export", "zoo:digits-mlp", "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["export", "zoo:digits-mlp", "--out", "{dir}/clash"], "--out {dir}/clash/model.onnx is a folder"),
+        (["export", "zoo:digits-mlp", "--out", "{dir}/o", "--embed-into", "{file}/m.slim"],
          "--embed-into {file}/m.slim: {file} is a file"),
-        (["distill", "zoo:digits-mlp", "--width", "0.5", "--out", "{file}/s.slim"], "{file} is a file, not a folder"),
-        (["sensitivity", "zoo:digits-mlp", "--out", "{dir}"], "--out {dir} is a folder"),
-        (["robustness", "zoo:digits-mlp", "--out", "{dir}"], "--out {dir} is a folder"),
+        (["distill", "zoo:digits-mlp", "--width", "0.5", "--out", "{file}/s"], "{file} is a file, not a folder"),
+        (["sensitivity", "zoo:digits-mlp", "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["robustness", "zoo:digits-mlp", "--out", "{file}"], "--out {file} is a file, not a folder"),
     ],
-    ids=["compress-file", "compress-under-file", "compress-clash", "demo-file", "train", "export", "embed-into",
-         "distill", "sensitivity", "robustness"],
+    ids=["compress-file", "compress-under-file", "compress-clash", "demo-file", "train", "train-clash", "export",
+         "export-clash", "embed-into", "distill", "sensitivity", "robustness"],
 )
 def test_bad_output_paths_fail_at_once(tmp_path, no_work, args, message):
     names = {"recipe": str(_recipe(tmp_path, "r.yaml", GOOD)), "file": str(tmp_path / "a-file"),
              "dir": str(tmp_path)}
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "clash" / "model.slim").mkdir(parents=True)
+    (tmp_path / "clash" / "model.onnx").mkdir()
     result = runner.invoke(APP, [a.format(**names) for a in args])
     _one_line_exit_2(result, message.format(**names))
     assert "work started" not in result.output

@@ -71,7 +71,8 @@ def test_guard_repairs_a_flipped_weight_and_needs_a_calibrated_detector(guard, z
 
 
 def test_ood_command_json():
-    result = runner.invoke(APP, ["ood", "zoo:digits-mlp", "--detectors", "energy,mahalanobis", "--json"])
+    result = runner.invoke(APP, ["ood", "zoo:digits-mlp", "--detector", "energy", "--detector", "mahalanobis",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out["detectors"]) == {"energy", "mahalanobis"}
@@ -80,7 +81,7 @@ def test_ood_command_json():
 
 
 def test_faults_command_json():
-    result = runner.invoke(APP, ["faults", "zoo:digits-mlp", "--trials", "200", "--bits", "30", "--protect", "range",
+    result = runner.invoke(APP, ["faults", "zoo:digits-mlp", "--trials", "200", "--bit", "30", "--protect", "range",
                                  "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -90,8 +91,9 @@ def test_faults_command_json():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["ood", "zoo:digits-mlp", "--ood", "digits32-ood"], "has examples of shape (1, 32, 32)"),
-    (["ood", "zoo:digits-mlp", "--detectors", "lof"], "unknown detector 'lof'"),
-    (["faults", "zoo:digits-mlp", "--bits", "most"], "bits: 'most' is not allowed"),
+    (["ood", "zoo:digits-mlp", "--detector", "lof"], "unknown detector 'lof'"),
+    (["faults", "zoo:digits-mlp", "--bit", "most"], "bits: 'most' is not allowed"),
+    (["faults", "zoo:digits-mlp", "--bit", "30", "--bit", "sign"], "--bit: '30 sign' mixes names and positions"),
     (["faults", "zoo:digits-mlp", "--protect", "prayer"], "protect: 'prayer' is not allowed"),
     (["ood", "zoo:nope"], "unknown zoo model"),
 ])

@@ -177,15 +177,15 @@ def test_cli_robustness_against_original(tmp_path, mlp_and_int8):
 
     _, q = mlp_and_int8
     path = save(q, tmp_path / "int8.slim")
-    out = tmp_path / "card.json"
+    out = tmp_path / "card"
     runner = CliRunner()
-    args = ["robustness", str(path), "--against", "zoo:digits-mlp", "--eps", "0.1", "--attacks", "fgsm,pgd",
-            "--examples", "60", "--pgd-steps", "3", "--corruptions", "blur", "--out", str(out), "--json"]
+    args = ["robustness", str(path), "--against", "zoo:digits-mlp", "--eps", "0.1", "--attack", "fgsm", "--attack",
+            "pgd", "--max-examples", "60", "--pgd-steps", "3", "--corruption", "blur", "--out", str(out), "--json"]
     res = runner.invoke(build_app(), args)
     assert res.exit_code == 0, res.output
     card = json.loads(res.stdout)
     assert card["models"]["compressed"]["quantized"] is True
     assert "twin_accuracy" in card["models"]["compressed"]["attacks"]["pgd-linf eps=0.1"]
-    assert json.loads(out.read_text())["settings"]["attack_examples"] == 60
+    assert json.loads((out / "scorecard.json").read_text())["settings"]["attack_examples"] == 60
     bad = runner.invoke(build_app(), ["robustness", "zoo:digits-mlp", "--eps", "-0.1", "--quiet"])
     assert bad.exit_code == 2 and "eps" in bad.output and "Traceback" not in bad.output

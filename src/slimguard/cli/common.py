@@ -4,7 +4,8 @@ modes (table, ``--json``, ``--quiet``), and loading models and their data under 
 A command is a module-level function whose first parameter is a :class:`Session`, collected by its
 module's :class:`Commands`; registering it (:func:`command`) adds the shared options (``--trust-code``,
 ``--require-signature``, ``--key-env`` for commands that load models; ``--json`` and ``--quiet`` for all),
-so a command declares only its own options::
+so a command declares only its own options. Commands registered with ``distributed=True`` (those that train,
+calibrate or score in parallel) run data-parallel under ``torchrun`` (see :func:`command`)::
 
     commands = Commands()
     register = commands.register                      # what the CLI calls for each module
@@ -19,13 +20,16 @@ so a command declares only its own options::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
@@ -57,16 +61,38 @@ KeyEnvOpt = Annotated[str | None, typer.Option(
     help="Environment variable holding the signing key(s) a .slim must be signed with, comma-separated "
          "(default: SLIMGUARD_SIGNING_KEY). Once a key is set, unsigned files are refused.")]
 
+WeightsOpt = Annotated[Path | None, typer.Option(
+    "--weights", metavar="FILE.safetensors", help="Weights for a python:FILE.py:factory model (safetensors).")]
+InputShapeOpt = Annotated[str | None, typer.Option(
+    "--input-shape", metavar="C,H,W",
+    help="Shape of one example, no batch (e.g. 1,32,32), for models that record none.")]
+TaskOpt = Annotated[str | None, typer.Option(
+    "--task", help="hf:DIR models: sequence-classification, image-classification, causal-lm or embedding "
+                   "(default: from config.json architectures).")]
+
 _KW = inspect.Parameter.KEYWORD_ONLY
 _LOAD_PARAMS = [inspect.Parameter("trust_code", _KW, default=None, annotation=TrustCodeOpt),
                 inspect.Parameter("require_signature", _KW, default=False, annotation=RequireSignatureOpt),
                 inspect.Parameter("key_env", _KW, default=None, annotation=KeyEnvOpt)]
+_MODEL_PARAMS = [inspect.Parameter("weights", _KW, default=None, annotation=WeightsOpt),
+                 inspect.Parameter("input_shape", _KW, default=None, annotation=InputShapeOpt),
+                 inspect.Parameter("task", _KW, default=None, annotation=TaskOpt)]
 _OUTPUT_PARAMS = [inspect.Parameter("json_out", _KW, default=False, annotation=JsonOpt),
                   inspect.Parameter("quiet", _KW, default=False, annotation=QuietOpt)]
 
 # ---- arguments and options several commands take ----------------------------------------------------------
 MODEL_ARG = typer.Argument(..., help="zoo:NAME, a .slim file, python:FILE.py:factory, hf:DIR, minilm.")
 DATA_OPT = typer.Option(None, help="Data set (default: the model's own).")
+THREADS_OPT = typer.Option(1, min=0, help="Torch threads, pinned while timing (0: torch's default count).")
+
+
+def model_options(weights: Path | None, input_shape: str | None, task: str | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`slimguard.models.sources.load_model` for ``--weights``,
+    ``--input-shape`` and ``--task``."""
+    from slimguard.models.sources import parse_shape
+
+    return {"weights": None if weights is None else str(weights),
+            "input_shape": None if input_shape is None else parse_shape(input_shape), "task": task}
 
 
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -95,11 +121,21 @@ class Session:
     trust_code: Path | None = None
     require_signature: bool = False
     key_env: str | None = None
+    weights: Path | None = None
+    input_shape: str | None = None
+    task: str | None = None
 
     @property
     def show(self) -> bool:
         """Progress bars and tables wanted (neither ``--json`` nor ``--quiet``)."""
         return not (self.json_out or self.quiet)
+
+    @property
+    def main(self) -> bool:
+        """This process writes outputs: always, except on ranks other than 0 of a data-parallel run."""
+        from slimguard.train.distributed import is_main
+
+        return is_main()
 
     @functools.cached_property
     def policy(self) -> LoadPolicy:
@@ -107,9 +143,25 @@ class Session:
         (checked when first used, so each command checks it where it starts loading)."""
         return load_policy(self.trust_code, self.require_signature, self.key_env)
 
-    def load(self, source: str, *, seed: int = 0) -> nn.Module:
-        """Load a model source (``zoo:``, ``python:``, ``hf:``, ``minilm`` or a ``.slim`` under the policy)."""
-        return load_source(source, self.policy, progress=self.show, seed=seed)
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """:func:`model_options` of ``--weights``, ``--input-shape`` and ``--task`` (what :meth:`load` and
+        ``compress`` pass on to the model source)."""
+        return model_options(self.weights, self.input_shape, self.task)
+
+    def load(self, source: str, *, seed: int = 0, main_model: bool = True) -> nn.Module:
+        """Load a model source (``zoo:``, ``python:``, ``hf:``, ``minilm`` or a ``.slim`` under the policy);
+        the command's main model takes ``--weights``, ``--input-shape`` and ``--task`` (a reference given
+        with ``--against``, ``main_model=False``, does not)."""
+        options = self.model_options if main_model else {}
+        return load_source(source, self.policy, progress=self.show, seed=seed, **options)
+
+    def wrote(self, *paths: Path | str) -> None:
+        """Say where the outputs went, one ``wrote PATH`` line each (not with ``--json`` or ``--quiet``, and
+        only on the process that writes)."""
+        if self.show and self.main:
+            for path in paths:
+                typer.echo(f"wrote {path}")
 
     def emit(self, result: Any, show: Callable[[], object] | None = None) -> None:
         """Print ``result`` as JSON with ``--json``; otherwise, unless ``--quiet``, call ``show`` (tables)."""
@@ -133,39 +185,55 @@ class Commands:
     """
 
     def __init__(self) -> None:
-        self._added: list[tuple[Callable[..., Any], bool]] = []
+        self._added: list[tuple[Callable[..., Any], bool, bool, bool]] = []
 
-    def add(self, *, loads_models: bool = True) -> Callable[[F], F]:
-        """Collect a command; ``loads_models`` gives it the artifact policy options (see :func:`command`)."""
+    def add(self, *, loads_models: bool = True, user_models: bool = False,
+            distributed: bool = False) -> Callable[[F], F]:
+        """Collect a command; ``loads_models`` gives it the artifact policy options, ``user_models`` the options
+        of a user's model source (``--weights``, ``--input-shape``, ``--task``), ``distributed`` lets it run
+        data-parallel under ``torchrun`` (see :func:`command`)."""
 
         def collect(fn: F) -> F:
-            self._added.append((fn, loads_models))
+            self._added.append((fn, loads_models, user_models, distributed))
             return fn
 
         return collect
 
     def register(self, app: typer.Typer) -> None:
-        for fn, loads_models in self._added:
-            command(app, loads_models=loads_models)(fn)
+        for fn, loads_models, user_models, distributed in self._added:
+            command(app, loads_models=loads_models, user_models=user_models, distributed=distributed)(fn)
 
 
-def command(app: typer.Typer, *, loads_models: bool = True) -> Callable[[F], F]:
+def command(app: typer.Typer, *, loads_models: bool = True, user_models: bool = False,
+            distributed: bool = False) -> Callable[[F], F]:
     """Register ``fn(session, **own_options)`` as a command of ``app``.
 
     The command gets the shared options after its own (``--trust-code``, ``--require-signature`` and
-    ``--key-env`` when ``loads_models``; ``--json`` and ``--quiet`` always), user errors as one line with
+    ``--key-env`` when ``loads_models``; ``--weights``, ``--input-shape`` and ``--task`` when ``user_models``,
+    applied by :meth:`Session.load`; ``--json`` and ``--quiet`` always), user errors as one line with
     exit code 2 (:func:`handle_errors`), and the output mode set before its body runs.
+
+    Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` set), a ``distributed``
+    command runs inside the process group (:func:`slimguard.train.distributed.process_group`: gloo on CPU,
+    NCCL on CUDA), torn down when it ends; ranks other than 0 print nothing (:attr:`Session.main` says
+    whether to write outputs), and a failure on any rank is reported once, by the first rank that failed,
+    as one line (the launcher then stops the others). Other commands refuse to run on several ranks.
     """
 
     def register(fn: F) -> F:
-        shared = [*(_LOAD_PARAMS if loads_models else []), *_OUTPUT_PARAMS]
+        shared = [*(_LOAD_PARAMS if loads_models else []), *(_MODEL_PARAMS if user_models else []),
+                  *_OUTPUT_PARAMS]
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]  # the first is the Session
 
         @functools.wraps(fn)
         def run(**kwargs: Any) -> Any:
             session = Session(**{p.name: kwargs.pop(p.name) for p in shared})
             set_output(session.json_out, session.quiet)
-            return fn(session, **kwargs)
+            if not _launched_data_parallel():
+                return fn(session, **kwargs)
+            if not distributed:
+                return _refuse_data_parallel(fn.__name__)
+            return _run_data_parallel(fn, session, kwargs)
 
         params = [*own, *shared]
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what typer reads
@@ -174,6 +242,46 @@ def command(app: typer.Typer, *, loads_models: bool = True) -> Callable[[F], F]:
         return fn
 
     return register
+
+
+def _launched_data_parallel() -> bool:
+    from slimguard.train.distributed import launch_env
+
+    env = launch_env()
+    return env is not None and env.world_size > 1
+
+
+def _refuse_data_parallel(name: str) -> None:
+    """A command that cannot run on several ranks: rank 0 says so (one line), every rank exits 2."""
+    if os.environ.get("RANK") == "0":
+        typer.echo(f"error: `slimguard {name.replace('_', '-')}` does not run data-parallel; run it as one "
+                   "process, without torchrun", err=True)
+    raise typer.Exit(code=ConfigError.exit_code)
+
+
+def _run_data_parallel(fn: Callable[..., Any], session: Session, kwargs: dict[str, Any]) -> Any:
+    """Run a command inside the ``torchrun`` process group (see :func:`command`)."""
+    from slimguard.train import distributed
+
+    with distributed.process_group():
+        if not distributed.is_main():
+            session.json_out, session.quiet = False, True
+            set_output(False, True)
+        try:
+            return fn(session, **kwargs)
+        except (typer.Exit, typer.Abort):  # the command's own exit (same on every rank)
+            raise
+        except BaseException as exc:
+            first = distributed.claim_failure()
+            if isinstance(exc, UserError):
+                if first:
+                    typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=exc.exit_code) from None
+            if first:  # not a user error: the rank and the exception's first line
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                typer.echo(f"error: rank {distributed.rank()} of {distributed.world_size()} failed: "
+                           f"{type(exc).__name__}" + (f": {detail}" if detail else ""), err=True)
+            raise typer.Exit(code=130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
 
 def resolve_data(model: nn.Module, data: str | None, *, text_default: str | None = None, seed: int = 0,
@@ -201,6 +309,52 @@ def check_outputs(**paths: Path | None) -> None:
             check_output_file(path, "--" + option.replace("_", "-"))
 
 
+def check_out_dir(out: Path | None, *names: str) -> Path | None:
+    """Refuse an unusable ``--out`` folder before any work: it must be a folder (created if missing) that
+    can be written, and none of the fixed file ``names`` it will hold may be a folder. Returns ``out``.
+
+    Example:
+        >>> check_out_dir(Path("runs/train"), "model.slim")   # then save(model, out / "model.slim")
+    """
+    if out is None:
+        return None
+    from slimguard.core.outputs import check_output_dir, check_output_file
+
+    check_output_dir(out, "--out")
+    for name in names:
+        check_output_file(out / name, "--out")
+    return out
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path) -> Iterator[Path]:
+    """Write a command's files into a hidden temporary folder inside ``out``; they take their names in ``out``
+    (``os.replace``, so each appears whole) only when the block ends without error. On an error nothing is
+    left behind: the temporary folder is removed, and so is ``out`` when this created it (and it is empty).
+
+    For writers that are not atomic themselves or whose result is checked after writing (an ONNX export
+    verified on ONNX Runtime)::
+
+        with staged_outputs(out) as stage:
+            path = export_onnx(model, x, stage / "model.onnx")
+            check(path)                                   # raises: out is left as it was
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".slimguard-stage-", dir=out))
+    ok = False
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out / item.name)
+        ok = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok and created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
+
+
 def load_policy(trust_code: Path | None, require_signature: bool, key_env: str | None) -> LoadPolicy:
     """The :class:`~slimguard.artifact.LoadPolicy` of the shared loading options; ConfigError when
     ``--key-env`` names a variable that is unset or holds no key."""
@@ -216,11 +370,11 @@ def load_policy(trust_code: Path | None, require_signature: bool, key_env: str |
                       require_signature=require_signature)
 
 
-def load_source(source: str, policy: LoadPolicy, *, progress: bool, seed: int = 0) -> nn.Module:
+def load_source(source: str, policy: LoadPolicy, *, progress: bool, seed: int = 0, **options: Any) -> nn.Module:
     """Load a model source (``zoo:``, ``python:``, ``hf:``, ``minilm`` or a ``.slim`` under ``policy``)."""
     from slimguard.models.sources import load_model
 
-    return load_model(source, seed=seed, progress=progress, policy=policy)
+    return load_model(source, seed=seed, progress=progress, policy=policy, **options)
 
 
 def set_output(json_out: bool, quiet: bool) -> None:

@@ -1,4 +1,4 @@
-"""``demo``, ``train``, ``evaluate``, ``inspect`` and ``compress``."""
+"""``demo``, ``train``, ``evaluate``, ``inspect``, ``compress`` and ``sensitivity`` (which layers tolerate pruning)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,21 @@ import typer
 from slimguard.cli.common import (
     DATA_OPT,
     MODEL_ARG,
+    THREADS_OPT,
     Commands,
     Session,
-    check_outputs,
+    check_out_dir,
     print_table,
     ratio,
     resolve_data,
 )
 
-THREADS_OPT = typer.Option(1, min=0, help="Torch threads, pinned while timing (0: torch's default count).")
-
 commands = Commands()
 register = commands.register  # the CLI calls register(app)
 
 METRIC_ROWS = [
-    ("accuracy", "accuracy"), ("cosine mean", "cosine_mean"), ("cosine min", "cosine_min"), ("params", "params"),
+    ("accuracy", "accuracy"), ("F1 (macro)", "f1_macro"), ("agreement", "agreement"), ("KL", "kl"),
+    ("perplexity", "perplexity"), ("cosine mean", "cosine_mean"), ("cosine min", "cosine_min"), ("params", "params"),
     ("nonzero params", "nonzero_params"), ("file bytes", "size_bytes"), ("MACs / example", "macs"),
 ]
 
@@ -40,8 +40,14 @@ def before_after_table(title: str, baseline: dict[str, Any], after: dict[str, An
         b, a = baseline.get(key), after.get(key)
         if b is None and a is None:
             continue
-        change = ratio(b, a) if key in ("params", "nonzero_params", "size_bytes", "macs") else (
-            f"{(a - b) * 100:+.2f} pts" if isinstance(a, float) and isinstance(b, float) else "-")
+        if key in ("params", "nonzero_params", "size_bytes", "macs"):
+            change = ratio(b, a)
+        elif not (isinstance(a, float) and isinstance(b, float)):
+            change = "-"
+        elif key in ("perplexity", "kl"):  # not fractions: the plain difference
+            change = f"{a - b:+.3g}"
+        else:
+            change = f"{(a - b) * 100:+.2f} pts"
         rows.append((label, b, a, change))
     if speed:
         ms = speed.get("median_ms", {})
@@ -63,8 +69,8 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compressed(s: Session, result: dict[str, Any], title: str, note: str | None = None) -> None:
-    """Print a compress result (JSON, or the before/after table and ``note``); exit 1 when the budget was
-    missed."""
+    """Print a compress result (JSON, or the before/after table, ``note`` and where the files went); exit 1
+    when the budget was missed."""
     from slimguard.pipeline import rejection_message
 
     def show() -> None:
@@ -73,15 +79,19 @@ def _compressed(s: Session, result: dict[str, Any], title: str, note: str | None
             typer.echo(note)
 
     s.emit(result, show)
-    if not result["accepted"]:  # not a user error: exit 1, one line saying where the files went
-        typer.echo(rejection_message(result), err=True)
+    if result["accepted"]:
+        s.wrote(*(result[k] for k in ("artifact", "metrics_file", "report") if result.get(k)))
+    else:  # not a user error: exit 1, one line saying where the files went
+        if s.main:
+            typer.echo(rejection_message(result), err=True)
         raise typer.Exit(code=1)
 
 
-@commands.add(loads_models=False)
+@commands.add(loads_models=False, distributed=True)
 def demo(
     s: Session,
-    out: Path = typer.Option(Path("demo-out"), help="Directory for model.slim and metrics.json."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o",
+                             help="Output folder: model.slim, metrics.json and report.html are written in it."),
     threads: int = THREADS_OPT,
 ) -> None:
     """Compress LeNet-5 on digits end to end: evaluate, prune 80% + fine-tune, int8, save, reload, evaluate.
@@ -96,8 +106,7 @@ def demo(
     check_compress_output(out)  # before any work
     recipe = loads(resources.files("slimguard.recipes").joinpath("demo.yaml").read_text(), "demo.yaml")
     result = compress(recipe, out, progress=s.show, threads=threads or None)
-    _compressed(s, result, "slimguard demo: digits-lenet5 on digits32 (test split)",
-                f"artifact: {result['artifact']}  metrics: {result['metrics_file']}  report: {result['report']}")
+    _compressed(s, result, "slimguard demo: digits-lenet5 on digits32 (test split)")
 
 
 @commands.add(loads_models=False)
@@ -105,28 +114,33 @@ def train(
     s: Session,
     model: str = typer.Argument(..., help="Zoo model name, e.g. digits-lenet5."),
     seed: int = typer.Option(0, help="Seed of data split and training."),
-    retrain: bool = typer.Option(False, help="Train again even when cached."),
-    out: Path | None = typer.Option(None, help="Also save the trained model to this .slim file."),
+    retrain: bool = typer.Option(False, "--retrain/--no-retrain", help="Train again even when cached."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Also save the trained model to this folder, as model.slim."),
 ) -> None:
-    """Train a zoo model on its built-in data (cached for later use)."""
+    """Train a zoo model on its built-in data (cached for later use); with --out, save it as OUT/model.slim."""
     from slimguard import data as sgdata
     from slimguard.artifact import save
     from slimguard.evaluate import evaluate
     from slimguard.models import zoo
 
-    check_outputs(out=out)  # before training
+    check_out_dir(out, "model.slim")  # before training
     name = model.removeprefix("zoo:")
     m = zoo.load(name, seed=seed, retrain=retrain, progress=s.show)
     data = sgdata.load(zoo.ZOO.get(name).data, seed=seed)
     metrics = evaluate(m, data.test)
-    if out is not None:
-        save(m, out, metrics=metrics)
+    artifact = None if out is None else save(m, out / "model.slim", metrics=metrics)
     summary = _summary(metrics)
-    s.emit({"model": name, "data": data.name, "test": summary},
-           lambda: print_table(f"{name} on {data.name} (test split)", ["metric", "value"], list(summary.items())))
+    result: dict[str, Any] = {"model": name, "data": data.name, "test": summary}
+    if artifact is not None:
+        result["artifact"] = str(artifact)
+    s.emit(result, lambda: print_table(f"{name} on {data.name} (test split)", ["metric", "value"],
+                                       list(summary.items())))
+    if artifact is not None:
+        s.wrote(artifact)
 
 
-@commands.add()
+@commands.add(user_models=True)
 def evaluate(
     s: Session,
     model: str = MODEL_ARG,
@@ -134,13 +148,18 @@ def evaluate(
     split: str = typer.Option("test", help="Split to score: train, val, test."),
     latency_batch: int = typer.Option(1, help="Batch size of the latency measurement."),
     threads: int = THREADS_OPT,
+    against: str | None = typer.Option(None, help="The original model: agreement and KL (or cosine) to it "
+                                                  "(default: the model itself)."),
 ) -> None:
-    """Accuracy, parameters, nonzeros, file bytes, MACs and latency of a model."""
+    """The task's score (accuracy and F1, agreement and KL, cosine, or perplexity), parameters, nonzeros,
+    file bytes, MACs and latency of a model."""
     from slimguard.evaluate import evaluate as run_eval
 
     m = s.load(model)
-    bundle, name = resolve_data(m, data)
-    metrics = run_eval(m, bundle.split(split), latency_batch=latency_batch, num_threads=threads or None)
+    ref = s.load(against, main_model=False) if against else None
+    bundle, name = resolve_data(m, data, text_default="docs-text")
+    metrics = run_eval(m, bundle.split(split), reference=ref, latency_batch=latency_batch,
+                       num_threads=threads or None)
     s.emit(metrics, lambda: _metrics_table(f"{model} on {name} ({split})", metrics))
 
 
@@ -156,11 +175,12 @@ def inspect(
     s.emit(report, lambda: _inspect_tables(model, report))
 
 
-@commands.add()
+@commands.add(user_models=True, distributed=True)
 def compress(
     s: Session,
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.slim, metrics.json)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Output folder: model.slim, metrics.json and report.html are written in it."),
     threads: int = THREADS_OPT,
 ) -> None:
     """Run a recipe: baseline, ordered steps, evaluation, artifact, budget check."""
@@ -169,8 +189,9 @@ def compress(
     from slimguard.pipeline import compress as run
 
     r = load_recipe(recipe)  # validated completely before any work starts
+    options = s.model_options  # checked before any work, like the recipe
     check_compress_output(out)  # so is the output folder
-    result = run(r, out, progress=s.show, policy=s.policy, threads=threads or None)
+    result = run(r, out, progress=s.show, policy=s.policy, threads=threads or None, model_options=options)
     _compressed(s, result, f"{r.name or recipe.name}: {r.model} on {r.data}")
 
 
@@ -196,3 +217,47 @@ def _inspect_tables(model: str, report: dict[str, Any]) -> None:
     t = report["totals"]
     typer.echo(f"total: {t['params']:,} params, {t['nonzero']:,} nonzero, {t['stored_bytes']:,} tensor bytes"
                + (f", file {t['file_bytes']:,} bytes" if t.get("file_bytes") else ""))
+
+
+@commands.add(distributed=True)
+def sensitivity(
+    s: Session,
+    model: str = MODEL_ARG,
+    data: str | None = typer.Option(None, help="Data set (default: the model's own; docs-text for minilm)."),
+    method: str = typer.Option("magnitude", help="magnitude (unstructured, per layer) or channel (structured)."),
+    sparsities: list[float] = typer.Option([0.25, 0.5, 0.75, 0.9], "--sparsity",
+                                           help="A sparsity to try, in [0, 1); repeat for several."),
+    max_examples: int = typer.Option(512, min=1, help="Validation examples scored per trial."),
+    max_drop: float = typer.Option(1.0, min=0.0, help="Allowed score drop for the suggested per-layer ratios, in "
+                                                      "points (1.0 = one accuracy point, or 0.01 cosine)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the result to this folder, as "
+                                                             "sensitivity.json."),
+) -> None:
+    """Prune each layer alone at each sparsity and score it (accuracy, or cosine fidelity for embedders)."""
+    from slimguard.core.outputs import write_json_atomic
+    from slimguard.prune.sensitivity import ratios_from_sensitivity
+    from slimguard.prune.sensitivity import sensitivity as run
+
+    values = list(dict.fromkeys(sparsities))  # in the order given, once each
+    check_out_dir(out, "sensitivity.json")  # before any work
+    m = s.load(model)
+    bundle, name = resolve_data(m, data, text_default="docs-text")
+    result = run(m, bundle, sparsities=values, method=method,  # type: ignore[arg-type]
+                 max_examples=max_examples, progress=s.show)
+    result["model"], result["data"], result["max_drop_points"] = model, name, max_drop
+    result["suggested_ratios"] = ratios_from_sensitivity(result, max_drop / 100)  # the library takes a fraction
+    written = None
+    if out is not None and s.main:
+        written = write_json_atomic(out / "sensitivity.json", result)
+
+    def show() -> None:
+        keys = [f"{v:g}" for v in values]
+        rows = [(layer, rec["params"], *(rec["scores"][k] for k in keys))
+                for layer, rec in result["layers"].items()]
+        print_table(f"{model} on {name}: {result['metric']} (baseline {result['baseline']:.4f}), {method}",
+                    ["layer", "params", *keys], rows)
+        typer.echo(f"suggested ratios (drop <= {max_drop:g} points): {result['suggested_ratios']}")
+
+    s.emit(result, show)
+    if written is not None:
+        s.wrote(written)

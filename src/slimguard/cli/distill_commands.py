@@ -6,20 +6,22 @@ from pathlib import Path
 
 import typer
 
-from slimguard.cli.common import Commands, Session, check_outputs, print_table, resolve_data
+from slimguard.cli.common import Commands, Session, check_out_dir, print_table, resolve_data
 
 commands = Commands()
 register = commands.register  # the CLI calls register(app)
 
 
-@commands.add()
+@commands.add(distributed=True)
 def distill(
     s: Session,
     teacher: str = typer.Argument(..., help="Teacher: zoo:NAME, a .slim file, minilm, hf:DIR, python:F.py:fn."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to save the student (.slim)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: the student is saved in it as model.slim."),
     student: str | None = typer.Option(None, help="Student model source (default: built from the teacher)."),
     width: float | None = typer.Option(None, help="Student = teacher's zoo architecture with widths x this."),
-    keep_layers: str | None = typer.Option(None, help="Student = teacher keeping these layers, e.g. 0,2,4."),
+    keep_layers: list[int] | None = typer.Option(None, "--keep-layer",
+                                                 help="Student = teacher keeping this layer (index, negative from the "
+                                                      "end); repeat for several, e.g. --keep-layer 0 --keep-layer 2."),
     data: str | None = typer.Option(None, help="Data set (default: the teacher's own)."),
     temperature: float = typer.Option(4.0, help="Softmax temperature of soft targets (> 0)."),
     alpha: float = typer.Option(0.9, help="Weight of the teacher term; 1 - alpha goes to the labels."),
@@ -30,7 +32,7 @@ def distill(
     max_length: int = typer.Option(128, help="Token limit for text data."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
-    """Distill TEACHER into a smaller student (given, narrower, or with fewer layers); save it to OUT."""
+    """Distill TEACHER into a smaller student (given, narrower, or with fewer layers); save it as OUT/model.slim."""
     import copy
 
     from slimguard.artifact import save
@@ -39,10 +41,10 @@ def distill(
     from slimguard.distill import distill as run_distill
     from slimguard.evaluate import evaluate
 
-    chosen = [x for x in (student, width, keep_layers) if x is not None]
+    chosen = [x for x in (student, width, keep_layers or None) if x is not None]
     if len(chosen) != 1:
-        raise ConfigError("give exactly one of --student, --width or --keep-layers")
-    check_outputs(out=out)  # before any work
+        raise ConfigError("give exactly one of --student, --width or --keep-layer")
+    check_out_dir(out, "model.slim")  # before any work
     cfg = DistillConfig.from_fields(
         {"temperature": temperature, "alpha": alpha, "targets": targets, "max_length": max_length,
          "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}}, where="distill")
@@ -53,16 +55,14 @@ def distill(
     elif width is not None:
         st = width_student(t, width, seed=seed)
     else:
-        try:
-            keep = [int(k) for k in str(keep_layers).split(",") if k.strip()]
-        except ValueError:
-            raise ConfigError(f"--keep-layers {keep_layers!r}: give comma-separated integers, e.g. 0,2,4") from None
-        st = drop_layers_(copy.deepcopy(t), keep)
+        st = drop_layers_(copy.deepcopy(t), list(keep_layers or []))
     history = run_distill(t, st, bundle, cfg, progress=s.show)
+    if not s.main:  # under torchrun rank 0 evaluates and writes the student
+        return
     reference = t if bundle.task == "embedding" else None
     before = evaluate(t, bundle.test, reference=reference, measure_latency=False, measure_size=False)
     after = evaluate(st, bundle.test, reference=reference, measure_latency=False, measure_size=False)
-    path = save(st, out, metrics=after)
+    path = save(st, out / "model.slim", metrics=after)
     metric = "cosine_mean" if bundle.task == "embedding" else "accuracy"
     result = {"teacher": {metric: before.get(metric), "params": before["params"]},
               "student": {metric: after.get(metric), "params": after["params"]},
@@ -72,6 +72,6 @@ def distill(
         print_table(f"distill {teacher} on {name} (test split)", ["", metric, "params"],
                     [("teacher", before.get(metric), before["params"]),
                      ("student", after.get(metric), after["params"])])
-        typer.echo(f"student saved to {path} ({path.stat().st_size:,} bytes)")
 
     s.emit(result, show)
+    s.wrote(path)

@@ -1,5 +1,5 @@
-"""``slimguard export``: write a model as ONNX (quantized slimguard layers become QDQ int8) and check it
-on ONNX Runtime."""
+"""``slimguard export``: write a model as ONNX (static int8 becomes QDQ, dynamic int8 MatMulInteger) and
+check it on ONNX Runtime, or (``--format hf``) as a folder transformers loads with ``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -8,47 +8,74 @@ from typing import Any
 
 import typer
 
-from slimguard.cli.common import MODEL_ARG, Commands, Session, check_outputs, print_table
+from slimguard.cli.common import MODEL_ARG, Commands, Session, check_out_dir, check_outputs, print_table, staged_outputs
 
 commands = Commands()
 register = commands.register  # the CLI calls register(app)
 
 
-@commands.add()
+@commands.add(user_models=True)
 def export(
     s: Session,
     model: str = MODEL_ARG,
-    format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx)."),
-    int8: bool = typer.Option(False, help="Embedders only: also apply slimguard's ONNX int8 (per-channel "
-                                          "dynamic) to the exported file."),
-    embed_into: Path | None = typer.Option(None, "--embed-into",
+    format: str = typer.Option("onnx", "--format", "-f", help="Export format: onnx, or hf (a Hugging Face folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx is written in it; with --format "
+                                                      "hf, the Hugging Face files (the folder must be new or empty)."),
+    int8: bool = typer.Option(False, "--int8/--no-int8", help="Embedders only: also apply slimguard's ONNX int8 "
+                                                              "(per-channel dynamic) to the exported file."),
+    embed_into: Path | None = typer.Option(None, "--embed-into", metavar="FILE.slim",
                                            help="Also write a copy of the .slim artifact with model.onnx inside."),
 ) -> None:
-    """Export a model to ONNX and verify it on ONNX Runtime (outputs compared with PyTorch)."""
+    """Export a model to OUT/model.onnx and verify it on ONNX Runtime (outputs compared with PyTorch); int8
+    layers stay int8 (static: QDQ, dynamic: MatMulInteger). ``--format hf`` writes a Hugging Face folder
+    instead. A run that fails writes nothing."""
+    from slimguard.core.errors import ConfigError
+
+    if format not in ("onnx", "hf"):
+        raise ConfigError(f"--format: {format!r} is not supported; allowed: onnx, hf")
+    if format == "hf":
+        from slimguard.models.hf import export_hf
+
+        check_out_dir(out)  # before any work
+        folder = export_hf(s.load(model), out)
+        files = sorted(p.name for p in folder.iterdir())
+        s.emit({"model": model, "format": "hf", "out": str(folder), "files": files})
+        s.wrote(*(folder / name for name in files))
+        return
+    check_out_dir(out, "model.onnx")  # before any work
+    check_outputs(embed_into=embed_into)
+    m = s.load(model)
+    with staged_outputs(out) as stage:  # OUT/model.onnx appears only once it is verified
+        result = _export_onnx(m, model, stage / "model.onnx", int8=int8, embed_into=embed_into)
+    result["onnx"] = str(out / "model.onnx")
+    s.emit(result, lambda: print_table(f"export {model}", ["field", "value"],
+                                       [(k, str(v)) for k, v in result.items()]))
+    s.wrote(out / "model.onnx", *([] if embed_into is None else [embed_into]))
+
+
+def _export_onnx(m: Any, model: str, out: Path, *, int8: bool, embed_into: Path | None) -> dict[str, Any]:
+    """Export ``m`` to the file ``out``, run it on ONNX Runtime against PyTorch and, with ``embed_into``, save a
+    copy of the artifact holding it; returns the export's record (bytes, largest difference, int8 kernels)."""
     import torch
 
-    from slimguard.core.errors import ConfigError, DataError
+    from slimguard.core.errors import DataError
     from slimguard.core.torch_utils import eval_mode, forward
     from slimguard.models.sources import SentenceEmbedder
     from slimguard.models.spec import info
     from slimguard.runtime import onnx as sgonnx
 
-    if format != "onnx":
-        raise ConfigError(f"--format: {format!r} is not supported; allowed: onnx")
-    check_outputs(out=out, embed_into=embed_into)  # before any work
-    m = s.load(model)
-    if isinstance(m, SentenceEmbedder):
+    if callable(getattr(m, "tokenize", None)):  # a text model: (input_ids, attention_mask) -> output
         path = sgonnx.export_embedder(m, out)
-        if int8:
+        if int8 and isinstance(m, SentenceEmbedder):
             hf_config: Any = m.encoder.config  # a transformers config; torch's stub says Tensor | Module
             path = sgonnx.quantize_onnx_dynamic(path, out, num_heads=hf_config.num_attention_heads,
                                                 hidden_size=hf_config.hidden_size)
-        inputs: tuple = tuple(m.tokenize(["slimguard checks the exported model.", "a second sentence"]).values())
+        tok: Any = m.tokenize  # torch's stub types Module attributes as Tensor | Module
+        inputs: tuple = tuple(tok(["slimguard checks the exported model.", "a second sentence"]).values())
     else:
         shape = info(m).data.get("input_shape")
         if not shape:
-            raise DataError("this model records no input shape; export it from Python with sg.export_onnx")
+            raise DataError("this model records no input shape; pass --input-shape, e.g. --input-shape 1,32,32")
         low, high = info(m).data.get("low", 0.0), info(m).data.get("high", 1.0)
         lo = float(low if isinstance(low, (int, float)) else 0.0)
         hi = float(high if isinstance(high, (int, float)) else 1.0)
@@ -56,10 +83,11 @@ def export(
         path = sgonnx.export_onnx(m, x[:1], out)
         inputs = (x,)
     ort_model = sgonnx.OrtModel(path)
+    int8_layers = sgonnx.dynamic_int8_layers(m)
     with eval_mode(m), torch.no_grad():
         ref = forward(m, inputs)
     got = ort_model(*inputs)
-    kernels = sgonnx.check_int8_kernels(ort_model, expect=False)
+    kernels = sgonnx.check_int8_kernels(ort_model, expect=bool(int8_layers))
     result = {"model": model, "onnx": str(path), "bytes": path.stat().st_size,
               "max_abs_diff": float((got - ref).abs().max()),
               "int8_ops": kernels["int8_ops"], "float_compute_ops": kernels["float_compute_ops"]}
@@ -70,5 +98,4 @@ def export(
 
         save(m, embed_into, extra_entries={"model.onnx": path.read_bytes()})
         result["artifact"] = str(embed_into)
-    s.emit(result, lambda: print_table(f"export {model}", ["field", "value"],
-                                       [(k, str(v)) for k, v in result.items()]))
+    return result

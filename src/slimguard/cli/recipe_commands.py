@@ -15,17 +15,7 @@ from typing import Any
 
 import typer
 
-from slimguard.cli.common import (
-    DATA_OPT,
-    INPUT_SHAPE_OPT,
-    MODEL_ARG,
-    TASK_OPT,
-    WEIGHTS_OPT,
-    Commands,
-    Session,
-    model_options,
-    print_table,
-)
+from slimguard.cli.common import DATA_OPT, MODEL_ARG, THREADS_OPT, Commands, Session, print_table
 from slimguard.core.errors import ConfigError
 
 commands = Commands()
@@ -161,9 +151,9 @@ def shortcut_recipe(family: str, model: str, method: str, data: str | None, opti
     return parse(raw, where=f"slimguard {family}")
 
 
-def _run_shortcut(s: Session, family: str, model: str, method: str, data: str | None, ratio: float | None,
-                  option: list[str], finetune_epochs: int, budget: float | None, out: Path, seed: int,
-                  threads: int, weights: Path | None, input_shape: str | None, task: str | None) -> None:
+def _run_shortcut(s: Session, family: str, *, model: str, method: str, data: str | None, option: list[str],
+                  budget: float | None, out: Path, seed: int, threads: int, ratio: float | None = None,
+                  finetune_epochs: int = 0) -> None:
     from slimguard.cli.core_commands import _compressed as report_compressed
     from slimguard.core.config import config_class
     from slimguard.pipeline import check_compress_output
@@ -184,60 +174,49 @@ def _run_shortcut(s: Session, family: str, model: str, method: str, data: str | 
                              seed=seed)
     check_compress_output(out)
     result = run(recipe, out, progress=s.show, policy=s.policy, threads=threads or None,
-                 model_options=model_options(weights, input_shape, task))
+                 model_options=s.model_options)
     report_compressed(s, result, f"{family} --method {method}: {model} on {data}")
 
 
-METHOD_PRUNE = typer.Option("channel", "--method", "-m", help="A pruning step (slimguard steps lists them).")
-METHOD_QUANT = typer.Option("int8-static", "--method", "-m", help="A quantization step (slimguard steps).")
-RATIO_OPT = typer.Option(None, "--ratio", min=0.0, max=1.0,
-                         help="Fraction to remove: the step's ratio (channel) or sparsity (magnitude, agp).")
-OPTION_OPT = typer.Option([], "--option", "-O", help="KEY=VALUE for any option of the step (repeatable).")
-BUDGET_OPT = typer.Option(None, "--budget", min=0.0,
-                          help="Largest accuracy drop allowed, in percentage points; a miss writes "
-                               "model.rejected.slim and exits 1.")
-OUT_OPT = typer.Option(..., "--out", "-o", help="Output directory (model.slim, metrics.json, report.html).")
-SEED_OPT = typer.Option(0, "--seed", help="Seed of the data split and of every step.")
-THREADS_OPT = typer.Option(1, min=0, help="Torch threads, pinned while timing (0: torch's default count).")
+def _param(name: str, annotation: Any, default: Any) -> pyinspect.Parameter:
+    return pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
-@commands.add()
-def prune(
-    s: Session,
-    model: str = MODEL_ARG,
-    method: str = METHOD_PRUNE,
-    ratio: float | None = RATIO_OPT,
-    data: str | None = DATA_OPT,
-    option: list[str] = OPTION_OPT,
-    finetune_epochs: int = typer.Option(3, "--finetune-epochs", min=0, help="Fine-tune after pruning (0: no)."),
-    budget: float | None = BUDGET_OPT,
-    out: Path = OUT_OPT,
-    seed: int = SEED_OPT,
-    threads: int = THREADS_OPT,
-    weights: Path | None = WEIGHTS_OPT,
-    input_shape: str | None = INPUT_SHAPE_OPT,
-    task: str | None = TASK_OPT,
-) -> None:
-    """Prune a model in one step (a one-step recipe run by compress), then fine-tune."""
-    _run_shortcut(s, "prune", model, method, data, ratio, option, finetune_epochs, budget, out, seed, threads,
-                  weights, input_shape, task)
+def _shortcut(family: str, method: Any, doc: str, *extra: pyinspect.Parameter) -> None:
+    """Add the command ``family`` (``prune``, ``quantize``): a one-step recipe through compress, with the
+    options every shortcut has and ``extra`` ones of its own."""
+    budget_help = "Largest accuracy drop allowed, in percentage points; a miss writes model.rejected.slim, exits 1."
+    params = [
+        pyinspect.Parameter("s", pyinspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Session),
+        _param("model", str, MODEL_ARG), _param("method", str, method), *extra,
+        _param("data", str | None, DATA_OPT),
+        _param("option", list[str], typer.Option([], "--option", "-O",
+                                                 help="KEY=VALUE for any option of the step (repeatable).")),
+        _param("budget", float | None, typer.Option(None, "--budget", min=0.0, help=budget_help)),
+        _param("out", Path, typer.Option(..., "--out", "-o",
+                                         help="Output folder: model.slim, metrics.json and report.html are "
+                                              "written in it.")),
+        _param("seed", int, typer.Option(0, "--seed", help="Seed of the data split and of every step.")),
+        _param("threads", int, THREADS_OPT),
+    ]
+
+    def shortcut(s: Session, **options: Any) -> None:
+        _run_shortcut(s, family, **options)
+
+    shortcut.__name__ = shortcut.__qualname__ = family
+    shortcut.__doc__ = doc
+    shortcut.__signature__ = pyinspect.Signature(params)  # type: ignore[attr-defined]  # what the CLI reads
+    commands.add(user_models=True)(shortcut)
 
 
-@commands.add()
-def quantize(
-    s: Session,
-    model: str = MODEL_ARG,
-    method: str = METHOD_QUANT,
-    data: str | None = DATA_OPT,
-    option: list[str] = OPTION_OPT,
-    budget: float | None = BUDGET_OPT,
-    out: Path = OUT_OPT,
-    seed: int = SEED_OPT,
-    threads: int = THREADS_OPT,
-    weights: Path | None = WEIGHTS_OPT,
-    input_shape: str | None = INPUT_SHAPE_OPT,
-    task: str | None = TASK_OPT,
-) -> None:
-    """Quantize a model in one step (a one-step recipe run by compress); calibration uses the data's calib split."""
-    _run_shortcut(s, "quantize", model, method, data, None, option, 0, budget, out, seed, threads, weights,
-                  input_shape, task)
+_shortcut("prune", typer.Option("channel", "--method", "-m", help="A pruning step (slimguard steps lists them)."),
+          "Prune a model in one step (a one-step recipe run by compress), then fine-tune.",
+          _param("ratio", float | None, typer.Option(None, "--ratio", min=0.0, max=1.0,
+                                                     help="Fraction to remove: the step's ratio (channel) or "
+                                                          "sparsity (magnitude, agp).")),
+          _param("finetune_epochs", int, typer.Option(3, "--finetune-epochs", min=0,
+                                                      help="Fine-tune after pruning (0: no).")))
+_shortcut("quantize", typer.Option("int8-static", "--method", "-m", help="A quantization step (slimguard steps)."),
+          "Quantize a model in one step (a one-step recipe run by compress); calibration uses the data's calib "
+          "split.")
+

@@ -55,3 +55,32 @@ def digits32():
     from slimguard import data
 
     return data.load("digits32")
+
+
+@pytest.fixture(scope="session")
+def _tiny_lm():
+    """A tiny docs-lm (vocabulary 512, hidden 64, 2 layers) trained once on the built-in corpus through the
+    same functions as ``zoo:docs-lm``, with train and test token streams."""
+    from slimguard.data.corpus import load_corpus
+    from slimguard.lm.docs_lm import create_docs_lm, encode_documents, tiny_spec, train_lm
+
+    spec = tiny_spec()
+    model = create_docs_lm(spec, seed=0)
+    train = encode_documents(model.tokenizer, load_corpus("train")[:300])
+    test = encode_documents(model.tokenizer, load_corpus("test")[:40])
+    train_lm(model, train, spec, seed=0, progress=False)
+    return model, train, test
+
+
+@pytest.fixture
+def tiny_lm(_tiny_lm):
+    """``(model, train_stream, test_stream)``: a fresh copy of the trained tiny LM and 1-D token streams."""
+    model, train, test = _tiny_lm
+    return copy.deepcopy(model), train, test
+
+
+@pytest.fixture
+def token_batches(_tiny_lm):
+    """Calibration token ids ``(8, 64)``: consecutive windows of the train stream."""
+    train = _tiny_lm[1]
+    return torch.stack([train[i * 64 : (i + 1) * 64] for i in range(8)])

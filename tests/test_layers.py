@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
     {"runtime"},                   # measurement, ONNX export and runtimes
     {"train"},                     # the one training loop
     {"models"},                    # zoo, model sources, model info (the zoo trains with train/)
+    {"lm"},                        # decoder LMs: docs-lm, perplexity, generation (a zoo model)
     {"transforms"},                # the verbs and the one step runner (handlers looked up by config type)
     {"artifact"},                  # the .slim format
     {"evaluate"},                  # scoring (file size comes from the artifact)
@@ -40,7 +41,9 @@ LAYERS: list[set[str]] = [
     {"report"},                    # HTML report
     {"robust", "guard"},           # attacks, scorecard; contracts, OOD, monitor, faults
     {"pipeline", "inspect"},       # recipes end to end; per-tensor view
-    {"cli", "__init__", "plugins"},  # entry points and the plugin index
+    {"serve"},                     # the guarded HTTP service (FastAPI, uvicorn)
+    {"search"},                    # accuracy-aware multi-objective search over recipes (optimize)
+    {"cli", "__init__", "__main__", "plugins"},  # entry points (python -m slimguard) and the plugin index
 ]
 
 

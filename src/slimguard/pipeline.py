@@ -9,6 +9,12 @@ metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.js
 ``report.rejected.html`` beside them, and the result says where (``accepted``, ``artifact``,
 ``metrics_file``, ``report``).
 
+Under ``torchrun`` (``torchrun --nproc_per_node N -m slimguard compress ...``) every rank loads the data and the
+model (one process per machine first, so that it fills the zoo cache) and runs the steps data-parallel; the
+ranks' models are then compared by hash (a RuntimeError when they differ). Rank 0 alone evaluates, saves the
+artifact and writes the metrics and the report; it then sends the result to the others, so every rank returns
+the same object.
+
 ``metrics.json``
     One JSON object, the value :func:`compress` returns. It is written by :func:`compress` only (so by
     ``slimguard compress`` and ``slimguard demo`` alike), and their ``--json`` output is the same object.
@@ -16,8 +22,10 @@ metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.js
 
         {
           "recipe":     {"name", "model", "data", "task", "seed", "budget", "steps": [{STEP: {options}}]},
-          "baseline":   SCORES,   # the model before any step, on the data's test split
+          "baseline":   SCORES,   # the model before any step, on the data's test split (reported, never selected on)
           "compressed": SCORES,   # the saved artifact, reloaded, on the same split
+          "validation": {"split": "val", "n": int,       # the budget is judged here, never on test
+                         "baseline": METRIC, "compressed": METRIC},
           "speed":      {"ratio": float,        # median over rounds of baseline time / compressed time (>1: faster)
                          "ci95": [low, high],   # 95% bootstrap interval of that median (seeded)
                          "spread": [min, max],  # smallest and largest per-round ratio
@@ -29,7 +37,8 @@ metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.js
                          "warmup": int, "seed": int,
                          "machine": {"cpu", "cores", "logical_cpus", "usable_cpus", "threads", "torch",
                                      "cpu_capability", "avx2", "avx512_vnni", "gpu"}},
-          "budget":     {"ok": bool,                       # every item below holds
+          "budget":     {"ok": bool,                       # every item below holds, on the validation split
+                         "split": "val",                   # or "test (no validation split)"
                          "accuracy_drop_points": float,    # (baseline - compressed) accuracy x 100
                          "max_accuracy_drop": {"limit": float, "ok": bool},
                          "min_cosine_mean": {"limit": float, "value": float, "ok": bool},
@@ -38,6 +47,9 @@ metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.js
           "layers":     {"tensors": [{"tensor", "module_type", "shape", "dtype", "params", "nonzero",
                                       "sparsity", "codec", "bits_per_weight", "stored_bytes", ...}],
                          "totals": {"params", "nonzero", "stored_bytes", "file_bytes"}},
+          "distributed": {"world_size": int,    # ranks of a torchrun launch (1: one process)
+                          "backend": str | None, # "gloo"; "cpu:gloo,cuda:nccl" with CUDA; null: one process
+                          "rank_model_sha256": [str]},  # each rank's model after the steps (all equal)
           "accepted":   bool,     # the budget held, so the files took the names model.slim, metrics.json
           "artifact":   PATH, "metrics_file": PATH, "report": PATH
         }
@@ -49,8 +61,10 @@ metrics and report are written as ``model.rejected.slim``, ``metrics.rejected.js
     model's embeddings), ``params``, ``nonzero_params``, ``size_bytes`` (bytes of the ``.slim`` file),
     ``macs`` (per example; null when it cannot be counted), ``latency_ms_p50``, ``latency_ms_p95``,
     ``throughput_per_s``, ``latency_batch`` (the batch size the latency was measured at), ``threads`` (torch
-    threads, pinned while timing) and ``machine`` (as in ``speed``). Those latencies are each model's own,
-    timed alone; whether the compressed model is faster is ``speed``'s to say.
+    threads, pinned while timing) and ``machine`` (as in ``speed``), plus ``n`` (test examples) and, for
+    accuracy, ``accuracy_ci95`` (95% Wilson interval). Those latencies are each model's own, timed alone;
+    whether the compressed model is faster is ``speed``'s to say. ``METRIC`` is the task metric alone
+    (``accuracy``/``f1_macro``, ``agreement``/``kl``, ``cosine_mean``/``cosine_min`` or ``perplexity``).
 
     ``speed`` compares the model as loaded (kept in memory) with the reloaded artifact by
     :func:`slimguard.runtime.measure.compare_speed`: after an interleaved warm-up, :data:`SPEED_ROUNDS`
@@ -75,6 +89,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from slimguard import data as sgdata
 from slimguard.artifact import slim as artifact
@@ -83,8 +98,11 @@ from slimguard.core.recipe import Recipe
 from slimguard.evaluate import _check_fits, evaluate, timing_inputs
 from slimguard.inspect import inspect_model
 from slimguard.models import sources
+from slimguard.models.spec import maybe_info
 from slimguard.report import write_report
 from slimguard.runtime.measure import MEASURE_THREADS, compare_speed
+from slimguard.runtime.stats import wilson
+from slimguard.train import distributed
 from slimguard.transforms import run_step
 
 OUTPUT_NAMES = {
@@ -94,8 +112,8 @@ OUTPUT_NAMES = {
 }
 """File names in the output folder of a run that met its budget (``True``) or missed it (``False``)."""
 
-METRICS_FIELDS = ("recipe", "baseline", "compressed", "speed", "budget", "steps", "layers", "accepted", "artifact",
-                  "metrics_file", "report")
+METRICS_FIELDS = ("recipe", "baseline", "compressed", "validation", "speed", "budget", "steps", "layers",
+                  "distributed", "accepted", "artifact", "metrics_file", "report")
 """The keys of ``metrics.json`` (see the module docstring for what each holds)."""
 
 SPEED_ROUNDS = 15
@@ -121,9 +139,35 @@ def measure_speed(original: torch.nn.Module, compressed: torch.nn.Module, inputs
     return comparison.to_dict("compressed")
 
 
-def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Which budget items hold. Accuracy drop is in percentage points."""
-    checks: dict[str, Any] = {}
+METRIC_KEYS = ("accuracy", "f1_macro", "agreement", "kl", "cosine_mean", "cosine_min", "perplexity")
+
+
+def validation_scores(before: nn.Module, after: nn.Module, data: Any, reference: nn.Module | None) -> dict[str, Any]:
+    """The task metric of the model before the steps and of the reloaded artifact on the validation split,
+    which the budget is judged on (the test split is only reported). A data set without a validation split
+    falls back to test, and says so in ``split``."""
+    split = data.val if len(data.val) else data.test
+    name = "val" if len(data.val) else "test (no validation split)"
+
+    def score(model: nn.Module) -> dict[str, Any]:
+        full = evaluate(model, split, reference=reference, measure_latency=False, measure_size=False)
+        return {k: v for k, v in full.items() if k in METRIC_KEYS}
+
+    return {"split": name, "n": len(split), "baseline": score(before), "compressed": score(after)}
+
+
+def add_interval(scores: dict[str, Any], n: int) -> None:
+    """Add the test split's size ``n`` and, for accuracy, its 95% Wilson interval (``accuracy_ci95``)."""
+    scores["n"] = n
+    if isinstance(scores.get("accuracy"), float):
+        scores["accuracy_ci95"] = list(wilson(round(scores["accuracy"] * n), n))
+
+
+def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], after: dict[str, Any],
+                 split: str = "val") -> dict[str, Any]:
+    """Which budget items hold, judged on ``split`` (the validation split: a recipe's acceptance is a
+    selection, so it never looks at test). Accuracy drop is in percentage points."""
+    checks: dict[str, Any] = {"split": split}
     if "max_accuracy_drop" in recipe_budget and "accuracy" in baseline:
         drop = (baseline["accuracy"] - after["accuracy"]) * 100
         checks["accuracy_drop_points"] = drop
@@ -187,7 +231,7 @@ def check_compress_output(out_dir: str | Path) -> Path:
 
 def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, latency_batch: int = 1,
              speed_batch: int = SPEED_BATCH, threads: int | None = MEASURE_THREADS,
-             policy: artifact.LoadPolicy | None = None) -> dict[str, Any]:
+             policy: artifact.LoadPolicy | None = None, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a recipe end to end and write its artifact, ``metrics.json`` and ``report.html`` to ``out_dir``.
 
     The output folder is checked before any work. The artifact is saved under a temporary name,
@@ -209,28 +253,42 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, late
         held), and the paths ``artifact``, ``metrics_file`` and ``report``.
 
     ``policy`` says how a ``.slim`` named as the recipe's model is loaded (see
-    :class:`~slimguard.artifact.LoadPolicy`).
+    :class:`~slimguard.artifact.LoadPolicy`); ``model_options`` are more keyword arguments of
+    :func:`slimguard.models.sources.load_model` (``weights``, ``input_shape``, ``task``).
 
     Raises:
         OutputError: ``out_dir`` cannot be written (before any work starts).
     """
     out = check_compress_output(out_dir)
     torch.manual_seed(recipe.seed)
-    data = sgdata.load(recipe.data, seed=recipe.seed)
-    model = sources.load_model(recipe.model, seed=recipe.seed, progress=progress, policy=policy)
+    with distributed.main_first():  # one process per machine fills the caches (zoo models) the others read
+        data = sgdata.load(recipe.data, seed=recipe.seed)
+        model = sources.load_model(recipe.model, seed=recipe.seed, progress=progress, policy=policy,
+                               **(model_options or {}))
     _check_fits(model, data.test)
+    mi = maybe_info(model)
+    if mi is not None and mi.source.get("kind") == "python" and "name" not in mi.data:
+        mi.data = {**data.meta.to_dict(), **mi.data}  # a user's model records the data it was compressed on
     embedding = data.task == "embedding"
-    # embedding models are scored by fidelity to the model as it was before the recipe
+    # embedding models are scored by fidelity to the model as it was before the recipe (by rank 0 alone)
     baseline = evaluate(model, data.test, latency_batch=latency_batch, num_threads=threads,
-                        reference=model if embedding else None)
+                        reference=model if embedding else None) if distributed.is_main() else {}
     steps = []
     needs_original = embedding or any(getattr(step, "needs_original", False) for step in recipe.steps)
     original = copy.deepcopy(model)  # the model as loaded: a step's teacher, and the speed baseline
+    model_before = original
     for step in recipe.steps:
         result = run_step(model, step, data, progress=progress, original=original if needs_original else None)
         steps.append({"step": step.config_name, "config": step.to_dict()["_data"],
                       "result": result if isinstance(result, dict) and len(json.dumps(result, default=str)) < 20000
                       else None})
+    hashes = distributed.rank_hashes(model)
+    if len(set(hashes)) > 1:
+        short = ", ".join(h[:12] for h in hashes)
+        raise RuntimeError(f"the ranks hold different models after the steps (sha256 {short}); a step does not "
+                           "reduce its statistics across ranks: run the recipe in one process")
+    if not distributed.is_main():  # rank 0 evaluates and writes; the others take its result
+        return dict(distributed.broadcast_json(None))
     # saved under a name no finished run uses; renamed once the budget is known
     pending = artifact.save(model, out / f".model.{os.getpid()}.pending.slim", recipe=recipe.to_dict())
     try:
@@ -242,16 +300,22 @@ def compress(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, late
         layers["totals"]["file_bytes"] = after["size_bytes"]
         inputs = timing_inputs(data.test, min(speed_batch, len(data.test)), reference=original)
         speed = measure_speed(original, reloaded, inputs, threads=threads, seed=recipe.seed)
-        budget = budget_check(recipe.budget, baseline, after)
+        validation = validation_scores(model_before, reloaded, data, original if embedding else None)
+        budget = budget_check(recipe.budget, validation["baseline"], validation["compressed"],
+                              split=validation["split"])
         files = output_paths(out, bool(budget["ok"]))
         os.replace(pending, files["artifact"])
     except BaseException:
         pending.unlink(missing_ok=True)
         raise
-    result = {"recipe": recipe.to_dict(), "baseline": baseline, "compressed": after, "speed": speed, "budget": budget,
-              "steps": steps, "layers": layers, "accepted": bool(budget["ok"]), "artifact": str(files["artifact"]),
-              "metrics_file": str(files["metrics"]), "report": str(files["report"])}
+    for scores in (baseline, after):
+        add_interval(scores, len(data.test))
+    result = {"recipe": recipe.to_dict(), "baseline": baseline, "compressed": after, "validation": validation,
+              "speed": speed, "budget": budget,
+              "steps": steps, "layers": layers, "distributed": {**distributed.info(), "rank_model_sha256": hashes},
+              "accepted": bool(budget["ok"]), "artifact": str(files["artifact"]), "metrics_file": str(files["metrics"]),
+              "report": str(files["report"])}
     write_json_atomic(files["metrics"], result)
     title = f"slimguard: {recipe.name or recipe.model}" + ("" if result["accepted"] else " (budget missed)")
     write_report(result, files["report"], title=title)
-    return result
+    return distributed.broadcast_json(result)  # the same on every rank (returned as it is outside torchrun)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from slimguard.core.config import Config, config_class, register_config
+from slimguard.core.config import Config, check_ranges, config_class, register_config
 from slimguard.core.errors import ConfigError
 from slimguard.core.registry import handler_for, register_handler
 from slimguard.prune.gradual import AGPConfig
@@ -79,3 +79,31 @@ def test_handler_lookup_by_type_and_duplicates_refused():
         handler_for("quantize", MagnitudePruningConfig())
     with pytest.raises(ValueError, match="already registered"):
         register_handler("prune", MagnitudePruningConfig)(lambda m, c: None)
+
+
+
+@dataclasses.dataclass
+class _Counts(Config):
+    steps: int = 1
+    restarts: int = 1
+    ratio: float = 0.5
+
+    def validate(self) -> None:
+        check_ranges(self, ("steps", "restarts"), 1)
+        check_ranges(self, ("ratio",), 0.0, 1.0, high_inclusive=False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"steps": 0}, "steps: 0 is out of range; allowed: >= 1"),
+        ({"restarts": 0}, "restarts: 0 is out of range; allowed: >= 1"),
+        ({"steps": 0, "restarts": 0}, "steps: 0 is out of range; allowed: >= 1"),  # checked in the order named
+        ({"ratio": 1.0}, "ratio: 1.0 is out of range; allowed: [0.0, 1.0)"),
+    ],
+)
+def test_check_ranges_checks_every_named_field_with_the_same_bounds(fields, message):
+    with pytest.raises(ConfigError) as err:
+        _Counts(**fields)
+    assert str(err.value) == message
+    assert _Counts(steps=1, restarts=1, ratio=0.0).restarts == 1  # the bounds themselves are allowed

@@ -224,6 +224,25 @@ def check_range(
         raise ConfigError(f"{name}: {value!r} is out of range; allowed: {allowed}")
 
 
+def check_ranges(
+    config: Any,
+    names: Iterable[str],
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """:func:`check_range` on each field of ``config`` in ``names``, all with the same bounds, in order.
+
+    Example:
+        >>> check_ranges(self, ("steps", "restarts"), 1)   # both counts must be >= 1
+    """
+    for name in names:
+        check_range(name, getattr(config, name), low, high, low_inclusive=low_inclusive,
+                    high_inclusive=high_inclusive)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimguard.core.config import Config, check_range
+from slimguard.core.config import Config, check_range, check_ranges
 from slimguard.core.errors import ConfigError, DataError, NotFittedError
 from slimguard.runtime.measure import percentile
 
@@ -73,8 +73,7 @@ class MonitorConfig(Config):
     error_rate_alert: float = 0.15
 
     def validate(self) -> None:
-        check_range("window", self.window, 1)
-        check_range("min_samples", self.min_samples, 1)
+        check_ranges(self, ("window", "min_samples"), 1)
         for name in ("confidence_drop", "ood_rate", "psi", "ks", "latency", "error_rate"):
             suffix = "_ms" if name == "latency" else ""
             warn, alert = getattr(self, f"{name}_warn{suffix}"), getattr(self, f"{name}_alert{suffix}")

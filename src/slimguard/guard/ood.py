@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimguard.core.config import Config, check_range
+from slimguard.core.config import Config, check_range, check_ranges
 from slimguard.core.errors import ConfigError, DataError, ModelError, NotFittedError
 from slimguard.core.registry import Registry
 from slimguard.core.torch_utils import eval_mode
@@ -396,8 +396,7 @@ class KNNConfig(FeatureDetectorConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_range("k", self.k, 1)
-        check_range("max_bank", self.max_bank, 1)
+        check_ranges(self, ("k", "max_bank"), 1)
 
 
 @register_detector("knn")

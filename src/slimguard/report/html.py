@@ -157,7 +157,9 @@ def _budget(budget: dict[str, Any]) -> str:
     if not budget:
         return "<p>This result holds no budget verdict.</p>"
     rows = _budget_rows(budget)
-    head = f"<p>Budget {_badge(budget.get('ok', True))}</p>"
+    split = budget.get("split")
+    where = f" (judged on the {e(split)} split; the test split is only reported)" if split else ""
+    head = f"<p>Budget {_badge(budget.get('ok', True))}{where}</p>"
     if not rows:
         return head + "<p>The recipe sets no budget items, so there is nothing to miss.</p>"
     return head + _table(["item", "value", "limit", "verdict"], rows)

@@ -15,6 +15,7 @@ Without matplotlib :func:`plots` returns nothing and the page shows its tables o
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 from slimguard.report import format as fmt
@@ -75,25 +76,33 @@ def _both(baseline: dict[str, Any], after: dict[str, Any], key: str) -> tuple[fl
     return (float(b), float(a)) if fmt.is_number(b) and fmt.is_number(a) else None
 
 
-def _two_bars(ax: Any, b: float, a: float, labels: list[str], ylabel: str, title: str, headroom: float) -> str:
-    """Baseline and compressed as two bars from zero, each labelled, with ``title``; returns the title."""
-    bars = ax.bar(["baseline", "compressed"], [b, a], color=[GREY, BLUE])
-    ax.bar_label(bars, labels=labels, fontsize=8)
-    ax.set_ylim(0, max(b, a) * headroom)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.tick_params(labelsize=8)
-    ax.set_title(title, fontsize=10)
-    return title
-
-
-def _size(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
-    pair = _both(baseline, after, "size_bytes")
+def _two_bars(ax: Any, baseline: dict[str, Any], after: dict[str, Any], key: str, label: Callable[[float], str],
+              ylabel: str, title: Callable[[float, float], str], headroom: float) -> str | None:
+    """Baseline and compressed ``key`` as two bars from zero, each labelled ``label(value)``, titled
+    ``title(baseline, compressed)``; returns the title, or None (nothing drawn) unless both values are numbers."""
+    pair = _both(baseline, after, key)
     if pair is None:
         return None
     b, a = pair
-    ax.yaxis.set_major_formatter("{x:,.0f}")
-    title = f"file size: {fmt.ratio(b / a)} smaller" if a > 0 else "file size"
-    return _two_bars(ax, b, a, [fmt.nbytes(b), fmt.nbytes(a)], "bytes of the file", title, 1.18)
+    bars = ax.bar(["baseline", "compressed"], [b, a], color=[GREY, BLUE])
+    ax.bar_label(bars, labels=[label(b), label(a)], fontsize=8)
+    ax.set_ylim(0, max(b, a) * headroom)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=8)
+    text = title(b, a)
+    ax.set_title(text, fontsize=10)
+    return text
+
+
+def _size_title(b: float, a: float) -> str:
+    return f"file size: {fmt.ratio(b / a)} smaller" if a > 0 else "file size"
+
+
+def _size(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
+    title = _two_bars(ax, baseline, after, "size_bytes", fmt.nbytes, "bytes of the file", _size_title, 1.18)
+    if title is not None:
+        ax.yaxis.set_major_formatter("{x:,.0f}")
+    return title
 
 
 def _quality(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
@@ -137,11 +146,9 @@ def _speed_ratio(ax: Any, baseline: Any, after: Any, speed: Any) -> str:
 
 
 def _latency(ax: Any, baseline: dict[str, Any], after: dict[str, Any], speed: Any) -> str | None:
-    pair = _both(baseline, after, "latency_ms_p50")
-    if pair is None:
-        return None
-    b, a = pair
-    ax.text(0.5, 0.92, "no interval: not a speed claim", transform=ax.transAxes, ha="center", fontsize=7,
-            color=GREY)
-    return _two_bars(ax, b, a, [f"{fmt.sig(b)} ms", f"{fmt.sig(a)} ms"], "latency p50 (ms)",
-                     "latency p50: single unpaired runs", 1.25)
+    title = _two_bars(ax, baseline, after, "latency_ms_p50", lambda v: f"{fmt.sig(v)} ms", "latency p50 (ms)",
+                      lambda b, a: "latency p50: single unpaired runs", 1.25)
+    if title is not None:
+        ax.text(0.5, 0.92, "no interval: not a speed claim", transform=ax.transAxes, ha="center", fontsize=7,
+                color=GREY)
+    return title

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from slimguard.core.config import check_choice, check_range
+from slimguard.core.config import check_choice, check_range, check_ranges
 from slimguard.core.errors import ConfigError
 from slimguard.robust.base import (
     OBJECTIVES,
@@ -110,8 +110,7 @@ class PGDConfig(AttackConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_range("steps", self.steps, 1)
-        check_range("restarts", self.restarts, 1)
+        check_ranges(self, ("steps", "restarts"), 1)
         check_choice("loss", self.loss, OBJECTIVES)
         if self.alpha is not None:
             check_range("alpha", self.alpha, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
@@ -187,8 +186,7 @@ class APGDConfig(AttackConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_range("steps", self.steps, 1)
-        check_range("restarts", self.restarts, 1)
+        check_ranges(self, ("steps", "restarts"), 1)
         check_choice("loss", self.loss, OBJECTIVES)
         check_range("rho", self.rho, 0.0, 1.0, low_inclusive=False)
 

@@ -246,33 +246,44 @@ def _eligible(model: nn.Module, ignore: list[str]) -> dict[str, nn.Module]:
 
 
 @register_handler("cluster", WeightSharingConfig)
-def _weight_sharing(model: nn.Module, config: WeightSharingConfig, **_: Any) -> dict[str, Any]:
+def _weight_sharing(model: nn.Module, config: WeightSharingConfig, *, progress: bool = True,
+                    **_: Any) -> dict[str, Any]:
+    from slimguard.ui import progress as bar
+
     layers = _eligible(model, config.ignore)
     for name in config.overrides:
         if name not in layers:
             raise ConfigError(f"overrides: {name!r} is not a Linear/Conv layer; layers: {', '.join(layers)}")
     report: dict[str, Any] = {}
-    for name, module in layers.items():
-        targets = [("weight", config.bits_for(name, module))]
-        if config.bias_bits and getattr(module, "bias", None) is not None:
-            targets.append(("bias", config.bias_bits))
-        for pname, bits in targets:
-            param = getattr(module, pname)
-            flat = param.detach().reshape(-1).cpu()
-            nz = flat != 0
-            index = torch.full(flat.shape, -1, dtype=torch.long)
-            distinct = int(torch.unique(flat[nz]).numel())
-            if distinct:
-                centroids, idx = kmeans_1d(flat[nz], 1 << bits, config.iterations)
-                index[nz] = idx
-            else:
-                centroids = torch.zeros(0, dtype=flat.dtype)
-            share_(module, pname, centroids, index)
-            qualified = f"{name}.{pname}" if name else pname
-            _set_hint(model, qualified, {})
-            report[qualified] = {"bits": bits, "clusters": int(centroids.numel()), "kept": int(nz.sum()),
-                                 "numel": flat.numel(), "distinct_before": distinct}
+    with bar(len(layers), "k-means weight sharing", enabled=progress) as task:
+        for name, module in layers.items():
+            _share_layer(model, name, module, config, report)
+            task.advance(1, info=name)
     return {"layers": report}
+
+
+def _share_layer(model: nn.Module, name: str, module: nn.Module, config: WeightSharingConfig,
+                 report: dict[str, Any]) -> None:
+    """Cluster one layer's weight (and bias, with ``bias_bits``) into shared centroids; record it in ``report``."""
+    targets = [("weight", config.bits_for(name, module))]
+    if config.bias_bits and getattr(module, "bias", None) is not None:
+        targets.append(("bias", config.bias_bits))
+    for pname, bits in targets:
+        param = getattr(module, pname)
+        flat = param.detach().reshape(-1).cpu()
+        nz = flat != 0
+        index = torch.full(flat.shape, -1, dtype=torch.long)
+        distinct = int(torch.unique(flat[nz]).numel())
+        if distinct:
+            centroids, idx = kmeans_1d(flat[nz], 1 << bits, config.iterations)
+            index[nz] = idx
+        else:
+            centroids = torch.zeros(0, dtype=flat.dtype)
+        share_(module, pname, centroids, index)
+        qualified = f"{name}.{pname}" if name else pname
+        _set_hint(model, qualified, {})
+        report[qualified] = {"bits": bits, "clusters": int(centroids.numel()), "kept": int(nz.sum()),
+                             "numel": flat.numel(), "distinct_before": distinct}
 
 
 def _reattach_on_load(model: nn.Module, manifest: dict[str, Any]) -> None:

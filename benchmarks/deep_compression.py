@@ -147,11 +147,14 @@ def compress(name: str, cfg: dict[str, Any], seed: int) -> tuple[torch.nn.Module
     return original, model.eval(), data, stages
 
 
-def select(name: str, workdir: Path) -> tuple[int, list[dict[str, Any]]]:
-    """Index of the chosen candidate for ``name``, judged on seed 0's validation split, and the evidence."""
-    rows = []
+def select(name: str, workdir: Path) -> tuple[int, list[dict[str, Any]], dict[int, tuple]]:
+    """Index of the chosen candidate for ``name``, judged on seed 0's validation split, the evidence, and each
+    candidate's seed-0 run (the chosen one is reused as the seed-0 run: the same computation)."""
+    rows, runs = [], {}
     for i, cfg in enumerate(CANDIDATES[name]):
-        original, model, data, _ = compress(name, cfg, seed=0)
+        t0 = time.time()
+        runs[i] = (*compress(name, cfg, seed=0), time.time() - t0)
+        original, model, data, _, _ = runs[i]
         fp32 = sg.save(original, workdir / f"{name}-sel-fp32.slim").stat().st_size
         coded = sg.save(model, workdir / f"{name}-sel-{i}.slim").stat().st_size
         drop = _pct(original, data.val) - _pct(model, data.val)
@@ -161,13 +164,13 @@ def select(name: str, workdir: Path) -> tuple[int, list[dict[str, Any]]]:
     ok = [r for r in rows if r["val_accuracy_drop_points"] <= 0.5]
     best = (min(ok, key=lambda r: r["compressed_file_bytes"]) if ok
             else min(rows, key=lambda r: r["val_accuracy_drop_points"]))
-    return best["candidate"], rows
+    return best["candidate"], rows, runs
 
 
-def run(name: str, cfg: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
+def run(name: str, cfg: dict[str, Any], seed: int, workdir: Path, done: tuple | None = None) -> dict[str, Any]:
     t0 = time.time()
-    original, model, data, stages = compress(name, cfg, seed)
-    train_s = time.time() - t0
+    original, model, data, stages, train_s = done or (*compress(name, cfg, seed), 0.0)
+    train_s = train_s or time.time() - t0
     fp32_path = sg.save(original, workdir / f"{name}-{seed}-fp32.slim")
     coded_path = sg.save(model, workdir / f"{name}-{seed}-deep.slim")
     loaded = sg.load(coded_path)
@@ -199,11 +202,11 @@ def main() -> None:
     cases, selection, targets, summary = [], {}, [], []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
-            chosen, evidence = select(name, Path(d))
+            chosen, evidence, seed0 = select(name, Path(d))
             cfg = CANDIDATES[name][chosen]
             selection[name] = {"on": "validation, seed 0", "candidates": CANDIDATES[name], "evidence": evidence,
                                "chosen": chosen}
-            runs = [run(name, cfg, seed, Path(d)) for seed in seeds]
+            runs = [run(name, cfg, seed, Path(d), seed0[chosen] if seed == 0 else None) for seed in seeds]
             cases += runs
             ratio = over_seeds([r["ratio"] for r in runs], digits=2)
             drop = over_seeds([r["accuracy_drop_points"] for r in runs])

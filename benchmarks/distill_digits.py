@@ -66,10 +66,10 @@ def main() -> None:
     env = environment(1, seed=seeds)
     data0 = sg.data.load("digits32", seed=0)
     teacher0 = sg.zoo.load("digits32-resnet", seed=0, progress=False).eval()
-    selection = []
+    selection, trained = [], {}
     for temperature, alpha in itertools.product(GRID["temperature"], GRID["alpha"]):
         kd = {"temperature": temperature, "alpha": alpha}
-        student = train_student("distilled", teacher0, data0, 0, kd)
+        student = trained[(temperature, alpha)] = train_student("distilled", teacher0, data0, 0, kd)
         selection.append({**kd, "val_accuracy": round(_pct(student, data0.val), 3)})
         print(f"selection T={temperature} alpha={alpha}: val {selection[-1]['val_accuracy']:.2f}", file=sys.stderr)
     best = max(selection, key=lambda r: r["val_accuracy"])  # first listed wins ties
@@ -80,7 +80,10 @@ def main() -> None:
         teacher = sg.zoo.load("digits32-resnet", seed=seed, progress=False).eval()
         hits = {"teacher": correct(teacher, data.test)}
         for method in ("labels", "distilled"):
-            hits[method] = correct(train_student(method, teacher, data, seed, kd), data.test)
+            reuse = method == "distilled" and seed == 0  # the selection already trained this very student
+            student = trained[(kd["temperature"], kd["alpha"])] if reuse else train_student(method, teacher, data,
+                                                                                            seed, kd)
+            hits[method] = correct(student, data.test)
         gain = paired_delta(hits["labels"], hits["distilled"], seed=seed)
         gap = paired_delta(hits["distilled"], hits["teacher"], seed=seed)
         cases.append({"seed": seed, "test": [accuracy_row(k, v) for k, v in hits.items()],

@@ -5,7 +5,9 @@
     python benchmarks/summary.py --check    # exit 1 when README and the results disagree, or a file breaks the schema
 
 Each results file's ``summary`` rows (see ``_schema.py``) become rows of the table, with their interval,
-``n`` and the machine they were measured on; ``targets`` give the met / missed count per benchmark.
+``n`` and the machine they were measured on; ``targets`` give the met / missed count per benchmark. A file
+still in an older shape (no ``summary``: measured before this protocol) is not quoted: the table names it
+as withdrawn until it is rerun, so no number measured the old way reaches README.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def _number(value: Any) -> str:
 
 
 def _value(row: Mapping[str, Any]) -> str:
-    text = _number(row["value"]) + str(row.get("unit", ""))
+    unit = str(row.get("unit", ""))
+    text = _number(row["value"]) + (f" {unit}" if unit and unit not in ("x", "%") else unit)
     if row.get("ci95"):
         lo, hi = row["ci95"]
         text += f" [{_number(lo)}, {_number(hi)}]"
@@ -59,16 +62,25 @@ def load_results(folder: Path = RESULTS) -> list[dict[str, Any]]:
     return docs
 
 
+def current(doc: Mapping[str, Any]) -> bool:
+    """Whether ``doc`` was written under the current protocol (it has the schema's ``summary``)."""
+    return isinstance(doc.get("summary"), list) and "benchmark" in doc
+
+
 def render(docs: list[dict[str, Any]]) -> str:
-    """The markdown table README shows: one row per headline number."""
+    """The markdown table README shows: one row per headline number, then the withdrawn files."""
     lines = ["| benchmark | result | value [95% interval] | n | targets met | machine, threads |",
              "|---|---|---|---|---|---|"]
-    for doc in docs:
+    withdrawn = [doc["_path"].stem for doc in docs if not current(doc)]
+    for doc in filter(current, docs):
         targets = doc.get("targets", [])
         met = f"{sum(1 for t in targets if t.get('met'))}/{len(targets)}" if targets else "-"
         for i, row in enumerate(doc.get("summary", [])):
             lines.append(f"| `{doc['benchmark']}` | {row['claim']} | {_value(row)} | {row.get('n', '-')} | "
                          f"{met if i == 0 else ''} | {_machine(doc['env']) if i == 0 else ''} |")
+    if withdrawn:
+        lines += ["", "Withdrawn until rerun under this protocol (their earlier numbers are not quoted): "
+                  + ", ".join(f"`{name}`" for name in withdrawn) + "."]
     return "\n".join(lines)
 
 
@@ -81,7 +93,7 @@ def readme_block(text: str) -> str | None:
 
 def check(docs: list[dict[str, Any]], readme: Path = README) -> list[str]:
     """Problems: schema breaks, and any difference between README's table and the rendered one."""
-    problems = [f"{doc['_path'].name}: {p}" for doc in docs for p in validate(doc)]
+    problems = [f"{doc['_path'].name}: {p}" for doc in filter(current, docs) for p in validate(doc)]
     if problems:
         return problems
     block = readme_block(readme.read_text(encoding="utf-8"))

@@ -148,3 +148,25 @@ def test_recipe_steps_are_registered():
                          ("half", {"dtype": "fp16"}), ("mixed-precision", {"budget": 1.0}), ("fuse-bn", {})]:
         cfg = config_class(name).from_fields(fields)
         assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def test_int8_dynamic_quantizes_gpt2_conv1d_projections() -> None:
+    transformers = pytest.importorskip("transformers")
+    from slimguard.quantize.dynamic import DynamicInt8Linear, Int8DynamicConfig
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                                 vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    report = sg.quantize_(model, Int8DynamicConfig())
+    assert set(conv1d) <= set(report["quantized"])
+    assert all(isinstance(model.get_submodule(n), DynamicInt8Linear) for n in conv1d)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    # int8 weights and rows: the logits move by a small fraction of their spread, and the argmax mostly holds
+    assert (after - before).abs().max() < 0.1 * before.std()
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ from slimguard.quantize.kernels import fake_quantize_rows, int8_linear_dynamic, 
 @register_config("int8-dynamic")
 @dataclasses.dataclass
 class Int8DynamicConfig(Config):
-    """Dynamic int8 quantization of Linear layers.
+    """Dynamic int8 quantization of Linear layers (and GPT-2's ``Conv1D`` projections).
 
     Args:
         ignore: qualified module names (or prefixes) to keep in float (default none).
@@ -46,6 +46,25 @@ class Int8DynamicConfig(Config):
 
     def validate(self) -> None:
         check_range("min_features", self.min_features, 0)
+
+
+def conv1d_classes() -> tuple[type[nn.Module], ...]:
+    """transformers' ``Conv1D`` (GPT-2's projections: a Linear with its weight stored ``(in, out)``), when
+    transformers is already imported (a model built by it is in memory); otherwise none."""
+    import sys
+
+    utils = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(utils, "Conv1D", None)
+    return (cls,) if isinstance(cls, type) else ()
+
+
+def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (out, in), bias)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    weight, bias = layer.weight, layer.bias
+    assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+    if not isinstance(layer, nn.Linear):  # Conv1D: y = x @ W + b with W (in, out)
+        weight = weight.t()
+    return weight, bias
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +97,16 @@ class DynamicInt8Linear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> DynamicInt8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q, s = quantize_weight_per_channel(linear.weight)
+    def from_float(cls, linear: nn.Module) -> DynamicInt8Linear:
+        """From an ``nn.Linear``, or a GPT-2-style ``Conv1D`` (weight stored ``(in, out)``: the same product)."""
+        weight, bias = linear_weight(linear)
+        m = cls(weight.shape[1], weight.shape[0], bias is not None)
+        q, s = quantize_weight_per_channel(weight)
         m.weight_int8.copy_(q)
         m.weight_scale.copy_(s)
-        if linear.bias is not None and m.bias is not None:
-            m.bias.data.copy_(linear.bias.detach())
-        return m.to(linear.weight.device)
+        if bias is not None and m.bias is not None:
+            m.bias.data.copy_(bias.detach())
+        return m.to(weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
@@ -121,12 +142,13 @@ class _DynamicTwin(nn.Module):
 @register_handler("quantize", Int8DynamicConfig)
 def _int8_dynamic(model: nn.Module, config: Int8DynamicConfig, **_: Any) -> dict[str, Any]:
     def too_small(layer: nn.Module) -> str | None:
-        if isinstance(layer, nn.Linear) and layer.in_features < config.min_features:
-            return f"{layer.in_features} input features < min_features {config.min_features}"
+        features = linear_weight(layer)[0].shape[1]
+        if features < config.min_features:
+            return f"{features} input features < min_features {config.min_features}"
         return None
 
-    chosen, kept = select_layers(model, (nn.Linear,), config.ignore, exact=True, check=too_small)
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, *conv1d_classes())
+    chosen, kept = select_layers(model, kinds, config.ignore, exact=True, check=too_small)
     for name in chosen:
-        linear = cast(nn.Linear, model.get_submodule(name))  # select_layers(exact=True) chose nn.Linear layers
-        set_submodule(model, name, DynamicInt8Linear.from_float(linear))
+        set_submodule(model, name, DynamicInt8Linear.from_float(model.get_submodule(name)))
     return {"quantized": chosen, "kept_float": kept}

@@ -39,6 +39,8 @@ def _value(row: Mapping[str, Any]) -> str:
     text = _number(row["value"]) + (f" {unit}" if unit and unit not in ("x", "%") else unit)
     if row.get("ci95"):
         lo, hi = row["ci95"]
+        if unit == "%":  # a t-interval of a mean of percentages can pass 100; a percentage cannot
+            lo, hi = max(lo, 0), min(hi, 100)
         text += f" [{_number(lo)}, {_number(hi)}]"
     return text
 

@@ -108,3 +108,26 @@ def test_int8_dynamic_is_close_and_changes_the_model(zoo_model, digits):
 def test_shape_mismatch_is_a_one_line_error(zoo_model, digits32):
     with pytest.raises(DataError, match=r"shape \(1, 32, 32\) but the model expects \(1, 8, 8\)"):
         evaluate(zoo_model("digits-mlp"), digits32.test)
+
+
+def test_finetune_takes_a_dataloader_or_a_train_val_pair() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import slimguard as sg
+    from slimguard.core.errors import DataError
+    from slimguard.train.loop import FinetuneConfig, finetune
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = (x[:, 0] > 0).long()  # learnable from the first feature
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = torch.nn.Linear(4, 2)
+    before = float((model(x).argmax(-1) == y).float().mean())
+    history = finetune(model, loader, FinetuneConfig(epochs=30, lr=0.05, patience=0, seed=0), progress=False)
+    after = float((model(x).argmax(-1) == y).float().mean())
+    assert history["steps"] > 0 and after > max(before, 0.9)
+    pair = finetune(torch.nn.Linear(4, 2), (loader, DataLoader(TensorDataset(x[:40], y[:40]), batch_size=40)),
+                    FinetuneConfig(epochs=1, patience=0), progress=False)
+    assert pair["steps"] > 0
+    with pytest.raises(DataError, match="cannot train on a int"):
+        sg.finetune(torch.nn.Linear(4, 2), 3)

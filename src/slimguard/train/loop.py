@@ -25,7 +25,7 @@ from slimguard.core.errors import ConfigError, DataError
 from slimguard.core.registry import register_handler
 from slimguard.core.torch_utils import accuracy as _accuracy
 from slimguard.core.torch_utils import device_of, eval_mode, to_device
-from slimguard.data.core import DataBundle, Split
+from slimguard.data.core import DataBundle, Split, bundle_from_batches
 from slimguard.ui import progress as progress_bar
 
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
@@ -176,9 +176,25 @@ def _distributed() -> tuple[bool, int, int]:
     return distributed.is_initialized(), distributed.rank(), distributed.world_size()
 
 
+def as_bundle(data: Any) -> DataBundle:
+    """``data`` as a bundle: a :class:`DataBundle` as it is; a torch ``DataLoader`` or any iterable of
+    ``(inputs, labels)`` batches as the train split (val: a seeded 20% of it); a pair ``(train, val)`` of
+    those as both (see :func:`slimguard.data.core.bundle_from_batches`, which gathers them in memory)."""
+    if isinstance(data, DataBundle):
+        return data
+    if isinstance(data, tuple) and len(data) == 2 and not torch.is_tensor(data[0]):
+        return bundle_from_batches(data[0], data[1])
+    try:
+        iter(data)
+    except TypeError:
+        raise DataError(f"cannot train on a {type(data).__name__}; pass a DataBundle (sg.data.load), a DataLoader "
+                        "or an iterable of (inputs, labels) batches, or a (train, val) pair of them") from None
+    return bundle_from_batches(data)
+
+
 def finetune(
     model: nn.Module,
-    data: DataBundle,
+    data: DataBundle | Any,
     config: FinetuneConfig | None = None,
     *,
     loss_fn: LossFn | None = None,
@@ -192,7 +208,8 @@ def finetune(
 
     Args:
         model: the model; its ``training`` flag is restored afterwards.
-        data: a bundle; trains on ``data.train`` and early-stops on ``data.val``.
+        data: a bundle (trains on ``data.train``, early-stops on ``data.val``), or a ``DataLoader`` / iterable
+            of ``(inputs, labels)`` batches, or a ``(train, val)`` pair of them (:func:`as_bundle`).
         config: :class:`FinetuneConfig` (defaults if None).
         loss_fn: ``loss_fn(model, x, y) -> scalar``; default cross-entropy on labels.
         callbacks: :class:`Callback` objects (gradual pruning, QAT freezing, ...).
@@ -210,6 +227,7 @@ def finetune(
     from slimguard.core.masks import apply_masks
 
     cfg = config or FinetuneConfig()
+    data = as_bundle(data)
     if len(data.train) == 0:
         raise DataError("the train split is empty; nothing to fine-tune on")
     loss_fn = loss_fn or default_loss(cfg.label_smoothing)

@@ -42,7 +42,8 @@ the same object.
                          "accuracy_drop_points": float,    # (baseline - compressed) accuracy x 100
                          "max_accuracy_drop": {"limit": float, "ok": bool},
                          "min_cosine_mean": {"limit": float, "value": float, "ok": bool},
-                         "min_cosine_min":  {"limit": float, "value": float, "ok": bool}},
+                         "min_cosine_min":  {"limit": float, "value": float, "ok": bool},
+                         "max_perplexity_ratio": {"limit": float, "value": float, "ok": bool}},  # causal LMs
           "steps":      [{"step": NAME, "config": {options}, "result": {...} or null}],
           "layers":     {"tensors": [{"tensor", "module_type", "shape", "dtype", "params", "nonzero",
                                       "sparsity", "codec", "bits_per_weight", "stored_bytes", ...}],
@@ -177,6 +178,10 @@ def budget_check(recipe_budget: dict[str, float], baseline: dict[str, Any], afte
         if key in recipe_budget and metric in after:
             checks[key] = {"limit": recipe_budget[key], "value": after[metric],
                            "ok": after[metric] >= recipe_budget[key]}
+    if "max_perplexity_ratio" in recipe_budget and "perplexity" in baseline and "perplexity" in after:
+        ratio = after["perplexity"] / baseline["perplexity"]
+        checks["max_perplexity_ratio"] = {"limit": recipe_budget["max_perplexity_ratio"], "value": ratio,
+                                          "ok": ratio <= recipe_budget["max_perplexity_ratio"] + 1e-12}
     checks["ok"] = all(v["ok"] for v in checks.values() if isinstance(v, dict))
     return checks
 

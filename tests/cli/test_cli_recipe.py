@@ -213,3 +213,18 @@ def test_cli_compress_embedding_recipe_scores_fidelity(tmp_path):
     assert result["baseline"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)  # the original against itself
     assert 0.9 < result["compressed"]["cosine_mean"] < 0.9999  # int8 is close, but not identical
     assert result["compressed"]["size_bytes"] < result["baseline"]["size_bytes"]
+
+
+def test_causal_lm_recipes_parse_and_judge_perplexity():
+    from slimguard.core.recipe import load as load_recipe
+    from slimguard.pipeline import budget_check
+
+    r = load_recipe("docs-lm-gptq4")  # shipped: GPTQ 4-bit on docs-lm
+    assert r.task == "causal-lm" and r.budget == {"max_perplexity_ratio": 1.05}
+    assert r.steps[0].config_name == "gptq" and r.steps[0].bits == 4 and r.steps[0].act_order
+    ok = budget_check(r.budget, {"perplexity": 100.0}, {"perplexity": 104.0})
+    missed = budget_check(r.budget, {"perplexity": 100.0}, {"perplexity": 106.0})
+    assert ok["ok"] and ok["max_perplexity_ratio"]["value"] == pytest.approx(1.04)
+    assert not missed["ok"]
+    with pytest.raises(ConfigError, match="max_perplexity_ratio"):
+        parse({**GOOD, "task": "causal-lm", "budget": {"max_perplexity_ratio": 0.5}})

@@ -27,7 +27,8 @@ from slimguard.core.config import Config, check_range, config_class
 from slimguard.core.errors import ConfigError
 
 TOP_KEYS = {"model", "data", "task", "seed", "budget", "steps", "name", "description"}
-BUDGET_KEYS = {"max_accuracy_drop", "min_cosine_mean", "min_cosine_min"}
+BUDGET_KEYS = {"max_accuracy_drop", "min_cosine_mean", "min_cosine_min", "max_perplexity_ratio"}
+TASKS = ("classification", "embedding", "causal-lm")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB leaves room for comments
 
 
@@ -61,8 +62,8 @@ def parse(raw: Any, where: str = "recipe") -> Recipe:
         if not isinstance(raw[key], str):
             raise ConfigError(f"{where}.{key}: expected a string, got {raw[key]!r}")
     task = raw.get("task", "classification")
-    if task not in ("classification", "embedding"):
-        raise ConfigError(f"{where}.task: {task!r} is not allowed; allowed: classification, embedding")
+    if task not in TASKS:
+        raise ConfigError(f"{where}.task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{where}.seed: expected an integer, got {seed!r}")
@@ -76,6 +77,8 @@ def parse(raw: Any, where: str = "recipe") -> Recipe:
             raise ConfigError(f"{where}.budget.{k}: expected a number, got {v!r}")
         if k == "max_accuracy_drop":
             check_range(f"{where}.budget.{k}", v, 0.0, 100.0)
+        elif k == "max_perplexity_ratio":
+            check_range(f"{where}.budget.{k}", v, 1.0, 1e6)
         else:
             check_range(f"{where}.budget.{k}", v, -1.0, 1.0)
     steps_raw = raw["steps"]

@@ -34,7 +34,7 @@ from slimguard.core.masks import set_mask
 from slimguard.core.registry import register_handler
 from slimguard.core.torch_utils import select_modules
 from slimguard.quantize.calibrate import calibration_batches, calibration_split
-from slimguard.quantize.gptq import execution_order, input_hessians
+from slimguard.quantize.gptq import damped_inverse_cholesky, execution_order, input_hessians, without_dead_columns
 from slimguard.ui import progress as progress_bar
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -121,14 +121,9 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm:
     Returns:
         The updated weight (zeros where removed) and the keep mask (bool), both ``(rows, cols)``.
     """
-    w = w.detach().float().clone()
+    w, h = without_dead_columns(w, hessian)
     rows, cols = w.shape
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += torch.eye(cols, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = damped_inverse_cholesky(h, damp)
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
     if nm is not None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])  # N:M blocks never straddle column blocks

@@ -85,6 +85,24 @@ class GPTQConfig(Config):
 
 # ---- GPTQ ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+def without_dead_columns(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of ``w (rows, cols)`` and ``hessian (cols, cols)`` (double) where columns whose input never
+    varied (zero Hessian diagonal) are zeroed in ``w`` and given a unit diagonal, so the Hessian inverts."""
+    w = w.detach().float().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag(H)) * I)^-1`` (float32), which GPTQ and SparseGPT
+    use to spread each column's error over the columns after it. ``h`` is changed in place."""
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01,
                   block_size: int = 128, *, act_order: bool = False, symmetric: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,12 +121,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
     Returns:
         Codes ``(rows, cols)``, scales and zeros ``(rows, cols // group)`` in stored column order.
     """
-    w = w.detach().float().clone()
+    w, h = without_dead_columns(w, hessian)
     rows, cols = w.shape
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
     ngroups = cols // group
     scales = torch.zeros(rows, ngroups)
     zeros = torch.zeros(rows, ngroups)
@@ -117,8 +131,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int,
         _, scales, zeros = quantize_groups(w, bits, group, symmetric)
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    h += torch.eye(cols, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = damped_inverse_cholesky(h, damp)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     group_of = perm // group  # the stored group of each visited column
     block_size = max(group, block_size // group * group)  # without act_order, groups never straddle blocks

@@ -58,6 +58,7 @@ MODULES = [
     "slimguard.share.hashing",
     "slimguard.lowrank.svd",
     "slimguard.distill.core",
+    "slimguard.distill.causal_lm",
     "slimguard.distill.students",
     "slimguard.robust.corruptions",
     "slimguard.robust.twin",

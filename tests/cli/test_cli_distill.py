@@ -32,6 +32,7 @@ def test_distill_width_student(app, zoo_model, tmp_path) -> None:
     (["--width", "0.5", "--temperature", "0"], "temperature"),
     (["--width", "0.5", "--keep-layer", "0", "--keep-layer", "1"], "exactly one of"),
     (["--keep-layer", "0,1"], "--keep-layer"),
+    (["--width", "0.5", "--device", "gpu"], "distill.finetune: device: 'gpu' is not allowed; allowed: auto, cpu, cuda"),
 ])
 def test_bad_input_is_one_line_exit_2(app, zoo_model, tmp_path, args, match) -> None:
     zoo_model("digits-mlp")

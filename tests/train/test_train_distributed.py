@@ -50,3 +50,59 @@ def test_ddp_ranks_stay_identical_and_masked(tmp_path):
     zeros = sum(int((a[f"{i}.weight"] == 0).sum()) for i in (2, 4, 6))
     total = sum(a[f"{i}.weight"].numel() for i in (2, 4, 6))
     assert zeros >= 0.5 * total - 1  # masks were re-applied after every step on every rank
+
+
+def _stream_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from slimguard.train.loop import FinetuneConfig, finetune
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(70, 5, generator=g)
+        ds = TensorDataset(x, torch.arange(70))  # labels are example ids: the loss records who trained on what
+        seen: dict[str, list[int]] = {}
+        for kind, loader in (("batches", DataLoader(ds, batch_size=8)),  # 9 batches: rounds of 2, the 9th dropped
+                             ("sampler", DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, shuffle=False)))):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(5, 1)
+            ids: list[int] = []
+
+            def loss_fn(m, xb, yb, ids=ids):
+                ids.extend(yb.tolist())
+                return m(xb).pow(2).mean()
+
+            finetune(model, loader, FinetuneConfig(epochs=1, lr=0.01), loss_fn=loss_fn, progress=False)
+            seen[kind] = ids
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      f"{out_dir}/{kind}{rank}.safetensors")
+        with open(f"{out_dir}/seen{rank}.json", "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_streams_a_dataloader_sharded_by_batch_or_by_its_sampler(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    mp.spawn(_stream_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    for kind in ("batches", "sampler"):
+        a, b = (load_file(str(tmp_path / f"{kind}{r}.safetensors")) for r in (0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a), kind  # gradients averaged: the ranks agree exactly
+    # by batch: rank r takes batches r, r + 2, ...; the 9th batch (ids 64-69), a round short, is dropped
+    assert seen[0]["batches"] == [i for b in (0, 2, 4, 6) for i in range(8 * b, 8 * b + 8)]
+    assert seen[1]["batches"] == [i for b in (1, 3, 5, 7) for i in range(8 * b, 8 * b + 8)]
+    # by DistributedSampler: each rank its own 35 examples, together all 70 once
+    assert sorted(seen[0]["sampler"] + seen[1]["sampler"]) == list(range(70))

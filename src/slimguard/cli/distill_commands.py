@@ -31,6 +31,8 @@ def distill(
     batch_size: int = typer.Option(64, help="Examples per step."),
     max_length: int = typer.Option(128, help="Token limit for text data."),
     seed: int = typer.Option(0, help="Seed."),
+    device: str = typer.Option("auto", help="Where to train: auto (this rank's GPU under torchrun with NCCL, "
+                                            "else where the model is), cpu, cuda or cuda:N."),
 ) -> None:
     """Distill TEACHER into a smaller student (given, narrower, or with fewer layers); save it as OUT/model.slim."""
     import copy
@@ -47,7 +49,8 @@ def distill(
     check_out_dir(out, "model.slim")  # before any work
     cfg = DistillConfig.from_fields(
         {"temperature": temperature, "alpha": alpha, "targets": targets, "max_length": max_length,
-         "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}}, where="distill")
+         "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "device": device}},
+        where="distill")
     t = s.load(teacher)
     bundle, name = resolve_data(t, data, text_default="docs-text", seed=seed, role="teacher")
     if student is not None:

@@ -13,18 +13,22 @@ from slimguard.distill.core import DistillConfig, distill
 from slimguard.distill.losses import (
     attention_kl,
     attention_transfer,
+    causal_lm_kd_loss,
+    causal_lm_kl,
     embedding_loss,
     feature_loss,
     hard_ce,
     kd_loss,
+    next_token_ce,
     soft_kl,
 )
 from slimguard.distill.students import DropLayersConfig, drop_layers_, pruned_student, width_student
 from slimguard.distill.teachers import Ensemble
 
 __all__ = [
-    "DistillConfig", "DropLayersConfig", "Ensemble", "attention_kl", "attention_transfer", "distill", "drop_layers_",
-    "embedding_loss", "feature_loss", "hard_ce", "kd_loss", "pruned_student", "soft_kl", "width_student",
+    "DistillConfig", "DropLayersConfig", "Ensemble", "attention_kl", "attention_transfer", "causal_lm_kd_loss",
+    "causal_lm_kl", "distill", "drop_layers_", "embedding_loss", "feature_loss", "hard_ce", "kd_loss",
+    "next_token_ce", "pruned_student", "soft_kl", "width_student",
 ]
 
 

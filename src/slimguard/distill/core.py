@@ -5,7 +5,9 @@ What the student learns from, all combinable:
 
 * **outputs**: for classifiers, soft targets (KL at temperature ``T``, Hinton et al. 2015) or hard
   targets (teacher argmax), mixed with the true labels by ``alpha``; for embedding models (data of
-  task ``embedding``, no labels needed) cosine or MSE between the student's and the teacher's embeddings.
+  task ``embedding``, no labels needed) cosine or MSE between the student's and the teacher's embeddings;
+  for causal LMs (data of task ``causal-lm``, or a model of that task) the next-token distributions at
+  every position, mixed with the next-token cross-entropy by ``alpha`` (:mod:`slimguard.distill.causal_lm`).
 * **features** (FitNets): ``features={"student.layer": "teacher.layer"}`` matches hidden outputs; a
   learned 1x1 conv / Linear projection is trained alongside when the widths differ.
 * **attention**: ``attention={"student.layer": "teacher.layer"}``. For a transformer's self-attention
@@ -33,9 +35,10 @@ import torch.nn as nn
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError, ModelError
-from slimguard.core.torch_utils import eval_mode, forward
+from slimguard.core.torch_utils import device_of, eval_mode, forward, to_device
 from slimguard.data.core import DataBundle, Split
 from slimguard.distill import losses as L
+from slimguard.distill.causal_lm import distill_causal_lm, is_causal_lm
 from slimguard.distill.teachers import Ensemble, Taps
 from slimguard.train.loop import FinetuneConfig, check_finetune, finetune, finetune_block
 
@@ -51,7 +54,8 @@ class DistillConfig(Config):
     Args:
         temperature: softmax temperature of soft targets, > 0 (default 4).
         alpha: weight of the teacher term; ``1 - alpha`` goes to cross-entropy on true labels
-            (classification with labels only; default 0.9).
+            (classification with labels; for causal LMs the next-token cross-entropy of the text, and
+            ``alpha: 0`` is plain causal-LM fine-tuning; default 0.9).
         targets: ``soft`` (KL at ``temperature``) or ``hard`` (teacher argmax) (default ``soft``).
         embedding_loss: for embedding models: ``cosine`` or ``mse`` (default ``cosine``).
         features: student layer name -> teacher layer name, hidden outputs matched (default none).
@@ -59,8 +63,12 @@ class DistillConfig(Config):
         feature_weight: weight of the summed feature terms (default 1).
         attention: student layer -> teacher layer for attention transfer (default none).
         attention_weight: weight of the summed attention terms (default 1).
-        max_length: token limit when the data are texts (default 128).
-        cache_teacher: compute the teacher's outputs once when only outputs are matched (default True).
+        max_length: token limit when the data are texts (default 128); for causal LMs the length of the
+            token windows trained on.
+        val_windows: causal LMs: validation windows of ``max_length`` tokens scored after each epoch
+            (0: all; default 64).
+        cache_teacher: compute the teacher's outputs once when only outputs are matched (default True;
+            causal LMs always run the teacher on each batch, as their logits are too large to keep).
         finetune: the training loop's options (:class:`~slimguard.train.loop.FinetuneConfig`; default
             10 epochs, otherwise FinetuneConfig's defaults). In a recipe, keys the block leaves out keep
             these defaults; the old spelling with ``epochs``, ``lr``, ``batch_size``, ``optimizer``,
@@ -89,6 +97,7 @@ class DistillConfig(Config):
     attention: dict[str, str] = dataclasses.field(default_factory=dict)
     attention_weight: float = 1.0
     max_length: int = 128
+    val_windows: int = 64
     cache_teacher: bool = True
     finetune: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(epochs=10))
     teacher: str = ""
@@ -103,6 +112,7 @@ class DistillConfig(Config):
         check_range("feature_weight", self.feature_weight, 0.0)
         check_range("attention_weight", self.attention_weight, 0.0)
         check_range("max_length", self.max_length, 2, 1 << 16)
+        check_range("val_windows", self.val_windows, 0, 1 << 20)
         check_finetune(self.finetune)
 
     @classmethod
@@ -163,7 +173,8 @@ def _slice(batch: dict[str, torch.Tensor], i: int, j: int) -> dict[str, torch.Te
 @torch.no_grad()
 def _outputs(model: nn.Module, prepared: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
     n = len(next(iter(prepared.values()))) if prepared else 0
-    return torch.cat([_call(model, _model_inputs(_slice(prepared, i, i + batch_size))).float()
+    device = device_of(model)  # the training device when scoring inside the loop; outputs kept on the CPU
+    return torch.cat([_call(model, _model_inputs(to_device(_slice(prepared, i, i + batch_size), device))).float().cpu()
                       for i in range(0, n, batch_size)])
 
 
@@ -222,7 +233,9 @@ def distill(
         callbacks: passed to the training loop (e.g. gradual pruning).
 
     Returns:
-        The training loop's history plus ``teacher_cached`` and ``projections`` (learned regressors).
+        The training loop's history plus ``teacher_cached`` and ``projections`` (learned regressors); for
+        causal LMs also ``windows``, ``window`` and ``val_perplexity``
+        (:func:`slimguard.distill.causal_lm.distill_causal_lm`).
 
     Raises:
         ModelError: teacher and student outputs have different shapes (both named).
@@ -238,6 +251,8 @@ def distill(
         teacher = Ensemble(list(teacher), normalize=data.task == "embedding")
     if len(data.train) == 0:
         raise DataError("the train split is empty; nothing to distill on")
+    if is_causal_lm(data, student, teacher):
+        return distill_causal_lm(teacher, student, data, cfg, progress=progress, callbacks=callbacks)
     embedding = data.task == "embedding" or isinstance(data.train.x, list)
     owner = _tokenizer_owner(student, teacher) if isinstance(data.train.x, list) else None
     train_in = _prepare(data.train, owner, cfg.max_length)
@@ -325,7 +340,7 @@ def distill(
                 bundle = dataclasses.replace(bundle, val=Split("val", list(range(len(data.val))), None, meta))
             history = finetune(student, bundle, cfg.finetune, loss_fn=loss_fn, callbacks=callbacks,
                                extra_parameters=list(projections.parameters()), score_fn=score_fn,
-                               progress=progress, description="distilling")
+                               progress=progress, description="distilling", move_with=[teacher, projections])
     finally:
         for tap in taps:
             tap.remove()

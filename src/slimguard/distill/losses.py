@@ -1,7 +1,8 @@
 """Distillation losses: soft and hard targets, label mixing, feature matching, attention transfer,
-and embedding matching.
+embedding matching, and the per-token losses of causal language models.
 
-All functions take batched tensors and return a scalar (mean over the batch).
+All functions take batched tensors and return a scalar (mean over the batch; for causal LMs, over the
+predicted tokens that are not padding).
 
 Papers:
     Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural Network" (soft targets, T^2 scaling).
@@ -64,6 +65,88 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if labels is None or alpha >= 1.0:
         return teach
     return alpha * teach + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def _next_token_mask(shape: torch.Size, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``(N, L-1)`` mask of the predictions that count: position ``t`` predicts token ``t + 1``, so both must
+    be real tokens (a right- or left-padded batch loses its padding and the prediction made at a last token)."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(shape[:2]):
+        raise ModelError(f"attention mask of shape {tuple(mask.shape)} does not match logits {tuple(shape)}; "
+                         "give the mask of the same (N, L) batch")
+    m = mask.bool()
+    return m[:, :-1] & m[:, 1:]
+
+
+def _token_mean(per_token: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return per_token.mean()
+    v = valid.to(per_token.dtype)
+    return (per_token * v).sum() / v.sum().clamp_min(1.0)
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM cross-entropy: the logits at position ``t`` against token ``t + 1``, averaged over the
+    predicted tokens (padding excluded by ``mask``). ``exp`` of it is the batch's perplexity.
+
+    Shape:
+        logits ``(N, L, V)``, input_ids ``(N, L)``, mask ``(N, L)`` (1 = real token); returns a scalar.
+
+    Example:
+        >>> next_token_ce(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]]))  # uniform over 5: log 5
+        tensor(1.6094)
+    """
+    if logits.ndim != 3 or tuple(input_ids.shape) != tuple(logits.shape[:2]):
+        raise ModelError(f"next-token loss needs (N, L, V) logits for (N, L) tokens; got logits "
+                         f"{tuple(logits.shape)} for tokens {tuple(input_ids.shape)}")
+    pred, target = logits[:, :-1].float(), input_ids[:, 1:]
+    per = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    return _token_mean(per.view(target.shape), _next_token_mask(logits.shape, mask))
+
+
+def causal_lm_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` of the next-token distributions, at every position
+    that predicts a real token (the last position and padding excluded, as in :func:`next_token_ce`),
+    averaged over those tokens.
+
+    Shape:
+        Both ``(N, L, V)`` logits, mask ``(N, L)``; returns a scalar.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
+        raise ModelError(f"token logits differ: student {tuple(student_logits.shape)} vs teacher "
+                         f"{tuple(teacher_logits.shape)}; both must be (N, L, vocab) for the same tokens")
+    log_p_s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    per = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (N, L-1)
+    return _token_mean(per, _next_token_mask(student_logits.shape, mask)) * temperature**2
+
+
+def causal_lm_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
+                      mask: torch.Tensor | None = None, *, temperature: float = 1.0, alpha: float = 0.9,
+                      targets: str = "soft") -> torch.Tensor:
+    """``alpha * teacher term + (1 - alpha) * next-token CE`` for a causal LM: the teacher term is
+    :func:`causal_lm_kl` at ``temperature`` (``soft``) or the cross-entropy against the teacher's argmax token
+    at every position (``hard``); the data's own next tokens are the "labels".
+
+    Shape:
+        logits ``(N, L, V)``, input_ids and mask ``(N, L)``; returns a scalar.
+    """
+    parts = []
+    if alpha > 0:
+        if targets == "soft":
+            teach = causal_lm_kl(student_logits, teacher_logits, mask, temperature)
+        else:
+            pred, target = student_logits[:, :-1].float(), teacher_logits[:, :-1].argmax(-1)
+            per = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+            teach = _token_mean(per.view(target.shape), _next_token_mask(student_logits.shape, mask))
+        parts.append(alpha * teach)
+    if alpha < 1:
+        parts.append((1.0 - alpha) * next_token_ce(student_logits, input_ids, mask))
+    return sum(parts[1:], parts[0])
 
 
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -247,7 +247,7 @@ class TaylorImportance(DataImportance):
             g = w.grad
         if g is None:
             raise DataError("taylor importance has no gradients; call prepare(model, batches) or pass data")
-        return (w.detach() * g).abs().float()
+        return (w.detach() * g.to(w.device)).abs().float()  # sums kept where prepared; w may train elsewhere
 
     def channel_score(self, module: nn.Module, dim: int, name: str = "weight") -> torch.Tensor | None:
         w = getattr(module, name, None)
@@ -380,6 +380,7 @@ class ActivationImportance(DataImportance):
         norm = self.stats.get(id(getattr(module, name)))
         if norm is None:
             return w
+        norm = norm.to(w.device)  # statistics kept where prepared; w may train elsewhere
         shape = [1] * w.dim()
         shape[1] = -1
         if w.dim() > 2:  # conv: (out, in, k...) -> the input norm applies along dim 1

@@ -260,7 +260,7 @@ class Attack(abc.ABC):
 
         if is_quantized(model):  # integer kernels: no (or zero) gradients; the twin carries them
             raise ModelError(NO_GRAD_HINT)
-        low, high = resolve_bounds(model, bounds)
+        low, high = (b.to(x.device) for b in resolve_bounds(model, bounds))  # per-feature bounds beside x
         self._check_eps(low, high, int(x[0].numel()) if len(x) else 1)
         if len(x) == 0:
             return x.clone()

@@ -10,9 +10,10 @@ callers never branch on it.
 
 What runs where:
 
-* Training (:func:`slimguard.train.finetune`) wraps the model in ``DistributedDataParallel`` and each rank
-  takes its own shard of every epoch's permutation (:func:`shard_indices`): gradients are averaged, so the
-  ranks' models stay identical.
+* Training (:func:`slimguard.train.finetune`) moves the model to this rank's :func:`device` (and back
+  afterwards), wraps it in ``DistributedDataParallel`` and each rank takes its own shard of every epoch's
+  permutation (:func:`shard_indices`), or of a streamed DataLoader (:mod:`slimguard.train.batches`):
+  gradients are averaged, so the ranks' models stay identical.
 * Calibration, importance and sensitivity shard their batches or trials and reduce what they collected
   (:func:`all_reduce_`: ``min`` / ``max`` for ranges, ``sum`` for histograms and gradient sums), so every rank
   quantizes and prunes identically.
@@ -126,9 +127,9 @@ def setup(env: LaunchEnv | None = None) -> str:
     """Initialise the process group of a ``torchrun`` launch; returns its backend.
 
     When CUDA is available: ``cpu:gloo,cuda:nccl`` with ``cuda:LOCAL_RANK`` as this process's device (NCCL
-    carries CUDA tensors, gloo CPU ones: slimguard's pipeline keeps models on the CPU unless the caller moved
-    them); gloo otherwise. The rendezvous address and port come from the environment (``MASTER_ADDR``,
-    ``MASTER_PORT``).
+    carries CUDA tensors, gloo CPU ones: training moves the model to :func:`device` and back, the rest of the
+    pipeline works on the CPU); gloo otherwise. The rendezvous address and port come from the environment
+    (``MASTER_ADDR``, ``MASTER_PORT``).
 
     Raises:
         ConfigError: not launched by ``torchrun`` (see :func:`launch_env`), or this machine has fewer GPUs

@@ -3,7 +3,9 @@
 ``finetune(model, data, FinetuneConfig(...))`` trains in place with AdamW/SGD and a cosine learning
 rate, early-stops on the validation split (keeping the best weights), respects pruning masks after
 every step, is seeded, shows a progress bar, and runs under DistributedDataParallel when
-``torch.distributed`` is initialised (``torchrun``). Later techniques plug in through ``loss_fn``
+``torch.distributed`` is initialised (``torchrun``). It trains on the device ``FinetuneConfig.device`` picks
+(:mod:`slimguard.train.placement`; the model comes back afterwards) and streams a user's DataLoader epoch by
+epoch (:mod:`slimguard.train.batches`). Later techniques plug in through ``loss_fn``
 (distillation, adversarial training) and :class:`Callback` (gradual pruning, QAT freezing).
 """
 
@@ -13,7 +15,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,13 +24,18 @@ import torch.nn.functional as F
 
 from slimguard.core.config import Config, check_range, register_config
 from slimguard.core.errors import ConfigError, DataError
-from slimguard.core.registry import register_handler
+from slimguard.core.registry import Registry, register_handler
 from slimguard.core.torch_utils import accuracy as _accuracy
 from slimguard.core.torch_utils import device_of, eval_mode, to_device
-from slimguard.data.core import DataBundle, Split, bundle_from_batches
+from slimguard.data.core import DataBundle, Split
+from slimguard.train.batches import Batches, SplitBatches, StreamBatches, is_one_shot, stream_score
+from slimguard.train.placement import check_device, placed, training_device
 from slimguard.ui import progress as progress_bar
 
 LossFn = Callable[[nn.Module, Any, Any], torch.Tensor]
+TASK_TRAINERS: Registry[Callable[..., dict[str, Any]]] = Registry("task trainer")
+"""Data task -> the trainer :func:`finetune` hands a bundle of that task to when no ``loss_fn`` is given
+(``causal-lm``: :func:`slimguard.distill.causal_lm.finetune_causal_lm`, next-token cross-entropy)."""
 
 
 @register_config("finetune")
@@ -47,6 +54,9 @@ class FinetuneConfig(Config):
         label_smoothing: for the default cross-entropy loss (default 0).
         seed: seed of shuffling and initialisation (default 0).
         max_steps: stop after this many optimizer steps; 0 means no limit (default 0).
+        device: where to train: ``auto`` (default: this rank's GPU under ``torchrun`` with NCCL, else the
+            model's own device), ``cpu``, ``cuda`` or ``cuda:N``. The model moves there for training and
+            back afterwards (see :mod:`slimguard.train.placement`).
     """
 
     epochs: int = 3
@@ -59,6 +69,7 @@ class FinetuneConfig(Config):
     label_smoothing: float = 0.0
     seed: int = 0
     max_steps: int = 0
+    device: str = "auto"
 
     def validate(self) -> None:
         check_range("epochs", self.epochs, 0, 10_000)
@@ -68,6 +79,7 @@ class FinetuneConfig(Config):
         check_range("patience", self.patience, 0, 10_000)
         check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_inclusive=False)
         check_range("max_steps", self.max_steps, 0)
+        check_device("device", self.device)
 
 
 def finetune_block(step: type[Config], fields: Any, where: str, flat: Sequence[str] = ()) -> Any:
@@ -141,14 +153,6 @@ def default_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss
 
 
-def _take(x: Any, idx: torch.Tensor) -> Any:
-    if torch.is_tensor(x):
-        return x[idx]
-    if isinstance(x, dict):
-        return {k: v[idx] for k, v in x.items()}
-    return [x[i] for i in idx.tolist()]
-
-
 def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
     """Top-1 accuracy on a labelled split (model mode saved and restored); 0.0 for an empty split."""
     if len(split) == 0:
@@ -176,20 +180,71 @@ def _distributed() -> tuple[bool, int, int]:
     return distributed.is_initialized(), distributed.rank(), distributed.world_size()
 
 
-def as_bundle(data: Any) -> DataBundle:
-    """``data`` as a bundle: a :class:`DataBundle` as it is; a torch ``DataLoader`` or any iterable of
-    ``(inputs, labels)`` batches as the train split (val: a seeded 20% of it); a pair ``(train, val)`` of
-    those as both (see :func:`slimguard.data.core.bundle_from_batches`, which gathers them in memory)."""
+ScoreFn = Callable[[nn.Module, LossFn], float]
+"""A default validation score: ``score(model, loss_fn) -> float``, higher is better."""
+
+
+def training_data(data: Any, config: FinetuneConfig) -> tuple[Batches, ScoreFn | None]:
+    """The train batches of what :func:`finetune` was given, and its default validation score (None when
+    there is nothing to validate on).
+
+    * A :class:`DataBundle` (``sg.data.load``, ``npz:`` files): its train split, held in memory and shuffled
+      each epoch (:class:`~slimguard.train.batches.SplitBatches`); validation on its val split, by accuracy
+      (classification with labels) or minus the mean loss.
+    * A ``(train, val)`` pair of DataLoaders or iterables of ``(inputs, labels)`` batches: both streamed
+      (:class:`~slimguard.train.batches.StreamBatches`), never gathered in memory; validation streams val
+      after each epoch (accuracy when its labels are class indices, else minus the mean loss).
+    * One DataLoader or iterable: streamed, without validation (every epoch runs; no early stopping, no
+      best-epoch restore) unless ``finetune`` gets a ``score_fn``. Pass a pair to early-stop, or
+      ``sg.data.bundle_from_batches(loader)`` to gather it in memory with a seeded 20% validation split.
+
+    Raises:
+        DataError: the bundle's train split is empty, ``data`` is not iterable, or a one-shot iterator (a
+            generator) is given for more than one epoch.
+    """
     if isinstance(data, DataBundle):
-        return data
+        if len(data.train) == 0:
+            raise DataError("the train split is empty; nothing to fine-tune on")
+        val = data.val
+        score: ScoreFn | None = None
+        if len(val) and data.task == "classification" and val.y is not None:
+            def score(m: nn.Module, loss_fn: LossFn) -> float:
+                return accuracy(m, val)
+        elif len(val):
+            def score(m: nn.Module, loss_fn: LossFn) -> float:
+                return -mean_loss(m, val, loss_fn)
+        return SplitBatches(data.train, config.batch_size, config.seed), score
+    parts = {"train": data, "val": None}
     if isinstance(data, tuple) and len(data) == 2 and not torch.is_tensor(data[0]):
-        return bundle_from_batches(data[0], data[1])
-    try:
-        iter(data)
-    except TypeError:
-        raise DataError(f"cannot train on a {type(data).__name__}; pass a DataBundle (sg.data.load), a DataLoader "
-                        "or an iterable of (inputs, labels) batches, or a (train, val) pair of them") from None
-    return bundle_from_batches(data)
+        parts = {"train": data[0], "val": data[1]}
+    for what, part in parts.items():
+        if part is None:
+            continue
+        if not isinstance(part, Iterable):
+            raise DataError(f"cannot train on a {type(part).__name__}; pass a DataBundle (sg.data.load), a "
+                            "DataLoader or an iterable of (inputs, labels) batches, or a (train, val) pair of "
+                            "them")
+        if config.epochs > 1 and is_one_shot(part):
+            raise DataError(f"{what}: a one-shot iterator (generator) cannot be read again for each of "
+                            f"{config.epochs} epochs; pass a re-iterable (a DataLoader or a list of batches), "
+                            "or set epochs: 1")
+    train = StreamBatches(parts["train"], "train")
+    if parts["val"] is None:
+        return train, None
+    val_batches = StreamBatches(parts["val"], "val")
+
+    def streamed(m: nn.Module, loss_fn: LossFn) -> float:
+        return stream_score(m, val_batches, loss_fn)
+
+    return train, streamed
+
+
+def _schedule(total: int | None) -> Callable[[int], float]:
+    """The learning-rate factor at step ``s``: cosine from 1 to 0.01 over ``total`` steps; constant 1 when the
+    number of steps is unknown (a one-shot iterator without a length, and no ``max_steps``)."""
+    if total is None:
+        return lambda s: 1.0
+    return lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
 
 
 def finetune(
@@ -203,90 +258,100 @@ def finetune(
     score_fn: Callable[[nn.Module], float] | None = None,
     progress: bool = True,
     description: str = "fine-tuning",
+    move_with: Sequence[nn.Module] = (),
 ) -> dict[str, Any]:
     """Train ``model`` in place and return a history ``{"epochs": [...], "best_epoch": k, "steps": n}``.
 
     Args:
-        model: the model; its ``training`` flag is restored afterwards.
-        data: a bundle (trains on ``data.train``, early-stops on ``data.val``), or a ``DataLoader`` / iterable
-            of ``(inputs, labels)`` batches, or a ``(train, val)`` pair of them (:func:`as_bundle`).
-        config: :class:`FinetuneConfig` (defaults if None).
-        loss_fn: ``loss_fn(model, x, y) -> scalar``; default cross-entropy on labels.
+        model: the model; its ``training`` flag and its device are restored afterwards.
+        data: a bundle (trains on ``data.train`` in memory, early-stops on ``data.val``), or a ``DataLoader`` /
+            iterable of ``(inputs, labels)`` batches, or a ``(train, val)`` pair of them, streamed epoch by
+            epoch without being gathered in memory (:func:`training_data` says what each form does).
+        config: :class:`FinetuneConfig` (defaults if None); its ``device`` says where to train.
+        loss_fn: ``loss_fn(model, x, y) -> scalar``; default cross-entropy on labels. It gets batches on the
+            training device.
         callbacks: :class:`Callback` objects (gradual pruning, QAT freezing, ...).
-        extra_parameters: trained too (for example a distillation projection).
+        extra_parameters: trained too (for example a distillation projection); moved with the model.
         score_fn: validation score, higher is better; default accuracy (classification) or minus the
             validation loss.
         progress: show a progress bar (unless quiet).
+        description: the progress bar's label.
+        move_with: other modules ``loss_fn`` or ``score_fn`` calls (a distillation teacher): moved to the
+            training device with the model and back afterwards.
 
     Pruning masks (see :mod:`slimguard.prune.masks`) are re-applied after every optimizer step, so
-    pruned weights stay exactly zero.
+    pruned weights stay exactly zero. Under ``torchrun`` the model trains inside DistributedDataParallel on
+    this rank's device (``cuda:LOCAL_RANK`` with NCCL); see :mod:`slimguard.train.placement`.
 
     Example:
         >>> finetune(model, sg.data.load("digits"), FinetuneConfig(epochs=3))
+        >>> finetune(model, (train_loader, val_loader), FinetuneConfig(epochs=3, device="cuda"))
     """
+    cfg = config or FinetuneConfig()
+    if loss_fn is None and isinstance(data, DataBundle) and data.task in TASK_TRAINERS:
+        return TASK_TRAINERS.get(data.task)(model, data, cfg, callbacks=callbacks, progress=progress)
+    batches, default_score = training_data(data, cfg)
+    loss_fn = loss_fn or default_loss(cfg.label_smoothing)
+    if isinstance(data, DataBundle) and not len(data.val):
+        score_fn = None  # nothing to validate on
+    elif score_fn is None and default_score is not None:
+        def score_fn(m: nn.Module) -> float:
+            return default_score(m, loss_fn)
+
+    device = training_device(model, cfg.device)
+    with placed(device, [model, *move_with], list(extra_parameters)):
+        return _train(model, batches, cfg, device, loss_fn, callbacks, list(extra_parameters), score_fn,
+                      progress, description)
+
+
+def _train(model: nn.Module, batches: Batches, cfg: FinetuneConfig, device: torch.device, loss_fn: LossFn,
+           callbacks: Sequence[Callback], extra_parameters: list[nn.Parameter],
+           score_fn: Callable[[nn.Module], float] | None, progress: bool, description: str) -> dict[str, Any]:
+    """:func:`finetune`'s loop, with everything already on ``device``."""
     from slimguard.core.masks import apply_masks
 
-    cfg = config or FinetuneConfig()
-    data = as_bundle(data)
-    if len(data.train) == 0:
-        raise DataError("the train split is empty; nothing to fine-tune on")
-    loss_fn = loss_fn or default_loss(cfg.label_smoothing)
-    if score_fn is None:
-        if data.task == "classification" and data.val.y is not None:
-            def score_fn(m: nn.Module) -> float:
-                return accuracy(m, data.val)
-        else:
-            def score_fn(m: nn.Module) -> float:
-                return -mean_loss(m, data.val, loss_fn)
-
     torch.manual_seed(cfg.seed)
-    device = device_of(model)
     is_dist, rank, world = _distributed()
     train_model: nn.Module = model
     if is_dist:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model)
+        train_model = DDP(model, device_ids=[device.index]) if device.type == "cuda" else DDP(model)
 
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
+    params = [p for p in model.parameters() if p.requires_grad] + extra_parameters
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
                                                      weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    n = len(data.train)
-    per_rank = math.ceil(n / world)
-    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
+    steps_per_epoch = batches.steps_per_epoch()
+    if steps_per_epoch is None and not cfg.max_steps and isinstance(batches, StreamBatches) \
+            and not batches.one_shot:
+        steps_per_epoch = batches.count_steps()  # a loader without a length: read once to size the schedule
+    total: int | None = None if steps_per_epoch is None else steps_per_epoch * cfg.epochs
     if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total)))
-    )
+        total = cfg.max_steps if total is None else min(total, cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total))
     for cb in callbacks:
-        cb.on_train_begin(model, total)
+        cb.on_train_begin(model, total or 0)
 
     was_training = model.training
     history: dict[str, Any] = {"epochs": [], "best_epoch": -1, "steps": 0}
     best_score, best_state, bad_epochs = -math.inf, None, 0
-    gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
-    with progress_bar(total, description, enabled=progress and rank == 0) as bar:
+    with progress_bar(total or 0, description, enabled=progress and rank == 0) as bar:
         for epoch in range(cfg.epochs):
             model.train()
-            perm = torch.randperm(n, generator=gen)
-            if is_dist:  # this rank's shard, padded so that every rank takes the same number of steps
-                from slimguard.train.distributed import shard_indices
-
-                perm = shard_indices(perm)
             running, seen = 0.0, 0
-            for i in range(0, len(perm), cfg.batch_size):
-                if cfg.max_steps and step >= cfg.max_steps:
+            epoch_batches = batches.epoch(epoch)
+            while not (cfg.max_steps and step >= cfg.max_steps):
+                batch = next(epoch_batches, None)
+                if batch is None:
                     break
-                idx = perm[i : i + cfg.batch_size]
-                xb = to_device(_take(data.train.x, idx), device)
-                yb = None if data.train.y is None else to_device(data.train.y[idx], device)
+                x, y, k = batch
+                xb = to_device(x, device)
+                yb = None if y is None else to_device(y, device)
                 loss = loss_fn(train_model, xb, yb)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr")
@@ -303,15 +368,18 @@ def finetune(
                 apply_masks(model)
                 step += 1
                 for cb in callbacks:
-                    cb.on_step_end(model, step, total)
-                running += loss.item() * len(idx)
-                seen += len(idx)
+                    cb.on_step_end(model, step, total or 0)
+                running += loss.item() * k
+                seen += k
                 bar.advance(1, info=f"epoch {epoch + 1}/{cfg.epochs} loss {running / max(1, seen):.4f}")
+            if step == 0:
+                raise DataError(f"the train data gave no batches to rank {rank} of {world}; give at least "
+                                f"{world} (inputs, labels) batch(es)")
             if is_dist:  # rank 0's buffers (BatchNorm statistics) on every rank, then one score for all
                 from slimguard.train.distributed import broadcast_buffers_, broadcast_float
 
                 broadcast_buffers_(model)
-            val = score_fn(model) if len(data.val) else None
+            val = score_fn(model) if score_fn is not None else None
             if is_dist and val is not None:  # every rank takes the same early-stopping decision
                 val = broadcast_float(val)
             history["epochs"].append({"epoch": epoch, "train_loss": running / max(1, seen), "val_score": val})

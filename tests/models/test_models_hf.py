@@ -173,12 +173,8 @@ def test_export_hf_writes_pruned_ffn_sizes_into_the_config(folders: dict[str, Pa
 def test_export_hf_refuses_what_transformers_cannot_rebuild(folders: dict[str, Path], tmp_path: Path) -> None:
     import slimguard as sg
 
-    bert = load_model(f"hf:{folders['bert']}")
-    layer = bert.model.bert.encoder.layer[0]
-    layer.intermediate.dense = _shrink_linear(layer.intermediate.dense, keep_out=24)
-    layer.output.dense = _shrink_linear(layer.output.dense, keep_in=24)
-    with pytest.raises(ModelError, match=r"widths differ \(\[24, 64\]\)"):
-        export_hf(bert, tmp_path / "uneven")
+    # layers of different widths are written zero-padded (tests/models/test_models_hf_export.py); quantized
+    # layers are slimguard's own modules, which transformers cannot build
     quantized = load_model(f"hf:{folders['bert']}")
     sg.quantize_(quantized, sg.Int8DynamicConfig())
     with pytest.raises(ModelError, match="DynamicInt8Linear, which transformers cannot rebuild"):

@@ -28,19 +28,15 @@ def export(
 ) -> None:
     """Export a model to OUT/model.onnx and verify it on ONNX Runtime (outputs compared with PyTorch); int8
     layers stay int8 (static: QDQ, dynamic: MatMulInteger). ``--format hf`` writes a Hugging Face folder
-    instead. A run that fails writes nothing."""
+    instead, tokenizer included; pruned sizes its config cannot describe (per-layer head counts or FFN widths,
+    fewer BERT or GPT-2 heads) are written zero-padded, with the same outputs and a warning. A run that fails
+    writes nothing."""
     from slimguard.core.errors import ConfigError
 
     if format not in ("onnx", "hf"):
         raise ConfigError(f"--format: {format!r} is not supported; allowed: onnx, hf")
     if format == "hf":
-        from slimguard.models.hf import export_hf
-
-        check_out_dir(out)  # before any work
-        folder = export_hf(s.load(model), out)
-        files = sorted(p.name for p in folder.iterdir())
-        s.emit({"model": model, "format": "hf", "out": str(folder), "files": files})
-        s.wrote(*(folder / name for name in files))
+        _export_hf(s, model, out)
         return
     check_out_dir(out, "model.onnx")  # before any work
     check_outputs(embed_into=embed_into)
@@ -51,6 +47,33 @@ def export(
     s.emit(result, lambda: print_table(f"export {model}", ["field", "value"],
                                        [(k, str(v)) for k, v in result.items()]))
     s.wrote(out / "model.onnx", *([] if embed_into is None else [embed_into]))
+
+
+def _export_hf(s: Session, model: str, out: Path) -> None:
+    """Write the Hugging Face folder of ``model`` into ``out`` (new or empty); its files appear only once the
+    folder has been loaded back and checked. A pruned shape the config cannot describe is written zero-padded
+    (export_hf warns, in one line); the record says so, with the number of zero heads and FFN neurons."""
+    import json
+
+    from slimguard.core.errors import ConfigError
+    from slimguard.models.hf import export_hf
+    from slimguard.models.hf_export import RECORD_KEY
+
+    check_out_dir(out)  # before any work
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: is not empty; --format hf needs a new or empty folder")
+    m = s.load(model)
+    with staged_outputs(out) as stage:
+        export_hf(m, stage)
+    files = sorted(p.name for p in out.iterdir())
+    padding = json.loads((out / "config.json").read_text()).get(RECORD_KEY) or {}
+    zero = {key: sum(stop - start for ranges in padding.get(key, {}).values() for start, stop in ranges)
+            for key in ("zero_heads", "zero_ffn_neurons")}
+    result = {"model": model, "format": "hf", "out": str(out), "files": files,
+              "zero_padded": bool(padding.get("zero_padded")), **zero}
+    s.emit(result, lambda: print_table(f"export {model}", ["field", "value"], [
+        (k, ", ".join(v) if isinstance(v, list) else str(v)) for k, v in result.items()]))
+    s.wrote(*(out / name for name in files))
 
 
 def _export_onnx(m: Any, model: str, out: Path, *, int8: bool, embed_into: Path | None) -> dict[str, Any]:

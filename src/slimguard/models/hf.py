@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -417,72 +418,27 @@ def hf_module(model: nn.Module) -> nn.Module:
 
 
 # ---- export --format hf ------------------------------------------------------------------------------------
-# (config key, module name suffix, "out" or "in" features): the FFN width of each family, read from its layers
-_FFN_SIZES = (("intermediate_size", "intermediate.dense", "out"), ("intermediate_size", "mlp.up_proj", "out"),
-              ("hidden_dim", "ffn.lin1", "out"), ("n_inner", "mlp.c_fc", "nf"))
-
-
-def _width(module: nn.Module, kind: str) -> int:
-    return int(module.nf if kind == "nf" else module.out_features)  # type: ignore[arg-type]
-
-
-def _sync_config(inner: nn.Module) -> dict[str, int]:
-    """Write the sizes structured pruning changed into the config (the same in every layer, or an error);
-    returns what changed."""
-    cfg: Any = inner.config
-    changed: dict[str, int] = {}
-    modules = dict(inner.named_modules())
-    for key, suffix, kind in _FFN_SIZES:
-        widths = {_width(m, kind) for n, m in modules.items() if n.endswith(suffix) and hasattr(m, "weight")}
-        if not widths:
-            continue
-        if len(widths) > 1:
-            raise ModelError(f"export --format hf: the layers' {suffix} widths differ ({sorted(widths)}); a "
-                             f"transformers config holds one {key}; use --format onnx or the .slim artifact")
-        width = widths.pop()
-        if getattr(cfg, key, None) != width:
-            setattr(cfg, key, width)
-            changed[key] = width
-    for q_suffix, k_suffix in (("self_attn.q_proj", "self_attn.k_proj"), ("attention.q_proj", "attention.k_proj")):
-        q = [m for n, m in modules.items() if n.endswith(q_suffix)]
-        k = [m for n, m in modules.items() if n.endswith(k_suffix)]
-        if not q or not k:
-            continue
-        # Llama / Mistral (grouped-query) and ViT read head_dim from the config: heads of head_dim each
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        heads = {int(m.out_features) // head_dim for m in q}
-        kv = {int(m.out_features) // head_dim for m in k}
-        if len(heads) > 1 or len(kv) > 1:
-            raise ModelError("export --format hf: the layers kept different numbers of attention heads; a "
-                             "transformers config holds one; use --format onnx or the .slim artifact")
-        sizes = {"num_attention_heads": heads.pop(), "head_dim": head_dim}
-        if hasattr(cfg, "num_key_value_heads"):
-            sizes["num_key_value_heads"] = kv.pop()
-        for key, value in sizes.items():
-            if getattr(cfg, key, None) != value:
-                setattr(cfg, key, value)
-                changed[key] = value
-    for suffix, full in (("attention.self.query", "hidden_size"), ("attention.q_lin", "dim")):
-        widths = {int(m.out_features) for n, m in modules.items() if n.endswith(suffix)}
-        if widths and widths != {int(getattr(cfg, full))}:
-            raise ModelError(f"export --format hf: attention heads were pruned, and a {cfg.model_type} config "
-                             "cannot describe fewer heads of the same size; use --format onnx or the .slim artifact")
-    c_attn = {int(m.nf) for n, m in modules.items() if n.endswith("attn.c_attn")}
-    if c_attn and c_attn != {3 * int(getattr(cfg, "n_embd", 0))}:
-        raise ModelError("export --format hf: attention heads were pruned, and a gpt2 config cannot describe fewer "
-                         "heads of the same size; use --format onnx or the .slim artifact")
-    return changed
-
-
 def export_hf(model: nn.Module, out: str | os.PathLike[str]) -> Path:
     """Write a folder that transformers loads with ``from_pretrained`` (config, safetensors weights, tokenizer):
     the model as compressed, when its compression kept transformers' own modules (structured pruning, weight
-    sparsity, fine-tuning, distillation), with pruned sizes written into the config. The folder is loaded
-    back and its outputs compared with the model's before this returns.
+    sparsity, fine-tuning, distillation). The folder is loaded back and its outputs compared with the model's
+    before this returns; ``model`` and its config are left as they were.
+
+    Pruned sizes go into the config where it can describe them; where it cannot (per-layer head counts or
+    FFN widths, fewer heads in BERT, RoBERTa, DistilBERT or GPT-2), the folder holds the pruned model
+    zero-padded to a shape the config describes, computing the same outputs, and a warning says so (see
+    :mod:`slimguard.models.hf_export`; config.json lists the zeros under ``slimguard``).
+
+    Args:
+        model: a slimguard wrapper of a Hugging Face model (``hf:`` source, or an artifact of one).
+        out: a new or empty folder.
 
     Raises:
-        ModelError: the model holds layers transformers cannot rebuild (slimguard's quantized layers),
-            layers pruned to different sizes, or the reloaded folder computes something else.
+        ModelError: the model holds layers transformers cannot rebuild (slimguard's quantized layers), heads
+            its config cannot hold even padded, or the reloaded folder computes something else.
+
+    Example:
+        >>> export_hf(sg.load("pruned.slim"), "pruned-hf")   # then AutoModel*.from_pretrained("pruned-hf")
     """
     transformers = require("transformers", "nlp")
     inner = hf_module(model)
@@ -499,9 +455,16 @@ def export_hf(model: nn.Module, out: str | os.PathLike[str]) -> Path:
 
     mi = maybe_info(model)
     task = mi.task if mi is not None and mi.task in TASKS else str(getattr(model, "task", "embedding"))
-    _sync_config(inner)
-    save: Any = inner.save_pretrained
-    save(str(path), safe_serialization=True)
+    from slimguard.models.hf_export import fit_to_config
+
+    fit = fit_to_config(inner)
+    own_config = inner.config
+    try:  # save_pretrained writes self.config: the fitted copy, for this call only
+        inner.config = fit.config
+        save: Any = inner.save_pretrained
+        save(str(path), state_dict=fit.state_dict)
+    finally:
+        inner.config = own_config
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
@@ -509,7 +472,7 @@ def export_hf(model: nn.Module, out: str | os.PathLike[str]) -> Path:
         reloaded = getattr(transformers, TASKS.get(task).auto_class).from_pretrained(
             str(path), local_files_only=True, trust_remote_code=False).eval()
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"export --format hf: transformers cannot load the folder written to {path} "
+        raise ModelError(f"export --format hf: transformers cannot load the exported folder "
                          f"({str(exc).splitlines()[0]}); use --format onnx or the .slim artifact") from None
     probe: dict[str, torch.Tensor]
     if task == "image-classification":
@@ -526,6 +489,14 @@ def export_hf(model: nn.Module, out: str | os.PathLike[str]) -> Path:
     ta = a.logits if hasattr(a, "logits") else a[0]
     tb = b.logits if hasattr(b, "logits") else b[0]
     if ta.shape != tb.shape or not torch.allclose(ta, tb, atol=1e-4, rtol=1e-4):
-        raise ModelError(f"export --format hf: the folder written to {path} does not compute what the model does "
+        raise ModelError("export --format hf: the exported folder does not compute what the model does "
                          "(a change its config cannot describe); use --format onnx or the .slim artifact")
+    if fit.padded:
+        zeros = [f"{z} of {t} {what}" for z, t, what in ((fit.zero_heads, fit.total_heads, "heads"),
+                                                         (fit.zero_neurons, fit.total_neurons, "FFN neurons")) if z]
+        warnings.warn(f"export --format hf: a {getattr(own_config, 'model_type', 'transformers')} config cannot "
+                      f"describe {' or '.join(fit.reasons)}, so the exported folder holds the pruned model "
+                      f"zero-padded to {' and '.join(fit.shapes)} per layer ({' and '.join(zeros)} are zeros, "
+                      "listed under 'slimguard' in config.json; outputs unchanged): no size saving in this format "
+                      "for those layers; --format onnx keeps the smaller shape", stacklevel=2)
     return path

@@ -1,13 +1,17 @@
 """Load test of ``slimguard serve`` against a bare FastAPI endpoint with the same model.
 
 Model: ``digits-lenet5`` pruned to 90% sparsity (magnitude) and saved as a ``.slim`` artifact; the
-reference for the cascade is the unpruned ``digits-lenet5``. Three servers run on 127.0.0.1 (loaded one at
-a time), each in its own process with torch's default threads (what a user of either would get):
+reference for the cascade is the unpruned ``digits-lenet5``. Four servers run on 127.0.0.1 (loaded one at
+a time), each in its own process, each with its defaults (what a user of either would get):
 
 * ``serve``: ``slimguard serve`` (contract, energy OOD detector, monitor, range restriction, periodic
-  checksum scrubs, micro-batching: up to 64 items, 2 ms wait);
+  checksum scrubs, micro-batching: up to 64 items, no wait: a batch leaves as soon as the model is free;
+  torch threads automatic: ``(cores - workers) // workers``, 1 on 2 cores);
 * ``serve_nobatch``: the same with ``--max-batch 1`` (guard, no batching), which isolates batching;
-* ``bare``: a FastAPI ``def`` endpoint that runs the same model on each request (no guard, no batching).
+* ``bare``: a FastAPI ``def`` endpoint that runs the same model on each request (no guard, no batching),
+  with torch's default threads (one per core);
+* ``bare_t1``: the same bare endpoint with one torch thread, so the comparison with ``serve`` is not only
+  the thread setting (on a loaded machine, torch threads beyond the free cores stall each other).
 
 A bounded async httpx client (one request = one digit, bodies encoded once up front) runs each server at
 concurrency 1, 8, 32 and 64 for a fixed time per cell, in ``--rounds`` interleaved rounds; throughput is
@@ -16,14 +20,17 @@ server's CPU time per request (user + system, from ``/proc``) is also reported: 
 steadier than throughput, which depends on the CPU share each process gets.
 
 In-process, with :func:`slimguard.runtime.measure.compare_speed` (paired rounds, median ratio, 95% bootstrap
-interval): the guard's cost (``Guard.__call__`` vs the bare model on a batch of 32) and the cascade's
+interval): the guard's cost on a batch of 32 as the service runs it (the contract's value checks over the
+batch, then :func:`slimguard.serve.loaded.guarded_batch`: the model with its range restriction, softmax,
+energy OOD score, monitor) and as ``Guard.__call__`` runs it (which also re-checks shapes and switches
+modules to eval and back on every call), each against the bare model; and the cascade's
 accuracy (digits32 test, n=360, Wilson intervals; threshold chosen on validation data) and latency against
 each model alone.
 
 Targets (BENCHMARKS.md): at concurrency 32, ``serve`` >= 2x the bare endpoint's throughput, and the guard
 costs <= 10%. The machine is shared (see ``env.loadavg_1m_at_start``): absolute numbers are noisy.
 
-Run: ``nice python benchmarks/serve_load.py [--seconds 3] [--rounds 2]`` (about 3 minutes). Writes
+Run: ``nice python benchmarks/serve_load.py [--seconds 3] [--rounds 2]`` (about 4 minutes). Writes
 ``benchmarks/results/serve_load.json``. ``--bare-server ARTIFACT`` is the bare server's own entry point.
 """
 
@@ -33,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -55,8 +63,9 @@ SEED = 0
 
 
 # ---- the bare server (a subprocess of this script) ----------------------------------------------------------
-def bare_server(artifact: str) -> None:
-    """A FastAPI endpoint as a user would write it: parse, run the model, answer. No guard, no batching."""
+def bare_server(artifact: str, threads: int = 0) -> None:
+    """A FastAPI endpoint as a user would write it: parse, run the model, answer. No guard, no batching.
+    ``threads``: torch's intra-op threads (0: torch's default)."""
     import torch
     import uvicorn
     from fastapi import FastAPI
@@ -64,6 +73,8 @@ def bare_server(artifact: str) -> None:
     from slimguard.artifact import load
     from slimguard.serve.server import bind
 
+    if threads:
+        torch.set_num_threads(threads)
     model = load(artifact).eval()
     app = FastAPI()
 
@@ -115,9 +126,10 @@ class Proc:
 
 
 def start(kind: str, artifact: Path) -> Proc:
-    if kind == "bare":
-        return Proc([sys.executable, __file__, "--bare-server", str(artifact)])
-    extra = ["--max-batch", "1"] if kind == "serve_nobatch" else ["--max-batch", "64", "--max-wait-ms", "2"]
+    if kind.startswith("bare"):
+        threads = ["--bare-threads", "1"] if kind == "bare_t1" else []
+        return Proc([sys.executable, __file__, "--bare-server", str(artifact), *threads])
+    extra = ["--max-batch", "1"] if kind == "serve_nobatch" else ["--max-batch", "64"]
     return Proc([sys.executable, "-c", "from slimguard.cli import main; main()", "serve", str(artifact),
                  "--port", "0", "--max-concurrency", "256", "--scrub-interval-s", "5", *extra])
 
@@ -127,9 +139,12 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float)
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # TCP_NODELAY on the client's connections, as on the servers' (see slimguard.serve.server.bind): no
+    # request or response waits on Nagle's algorithm for a delayed ACK
+    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     latencies: list[float] = []
     errors = 0
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=30, trust_env=False) as client:
         headers = {"content-type": "application/json"}
         for body in bodies[:concurrency]:  # warm the connections
             await client.post("/v1/predict", content=body, headers=headers)
@@ -153,6 +168,18 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float)
     return {"ok": len(latencies), "errors": errors, "wall_s": wall, "latencies": latencies}
 
 
+def _batches(url: str, kind: str) -> list[float]:
+    """(items, batches) the server has run so far, from its /metrics (zeros for the bare servers)."""
+    if not kind.startswith("serve"):
+        return [0.0, 0.0]
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30, trust_env=False).text
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+              if ln.startswith("slimguard_batch_items_")}
+    return [values.get("slimguard_batch_items_sum", 0.0), values.get("slimguard_batch_items_count", 0.0)]
+
+
 def _pct(values: list[float], q: float) -> float:
     from slimguard.runtime.measure import percentile
 
@@ -167,6 +194,7 @@ def in_process(artifact: Path) -> dict[str, Any]:
     from slimguard import data as sgdata
     from slimguard.runtime.measure import compare_speed
     from slimguard.serve import ServeConfig, load_served
+    from slimguard.serve.loaded import guarded_batch
 
     torch.set_num_threads(1)
     data = sgdata.load("digits32")
@@ -180,10 +208,18 @@ def in_process(artifact: Path) -> dict[str, Any]:
         # the guard around the same small model (no cascade), against the small model alone
         plain = load_served(ServeConfig(artifact=str(artifact)))
         try:
-            guard = plain.guard
+            guard, contract = plain.guard, plain.guard.contract
+            assert contract is not None
+            ids = [f"r-{i}" for i in range(len(x))]
+
+            def served() -> Any:  # what the service runs per batch: value checks, then the guarded model
+                assert bool(contract.row_ok(x).all())
+                return guarded_batch(guard, x, ids)
+
             with torch.no_grad():
-                guard_speed = compare_speed({"model": lambda: small(x), "guarded": lambda: guard(x)}, baseline="model",
-                                            threads=1, rounds=15, budget_s=12, batch_size=32, seed=SEED)
+                guard_speed = compare_speed({"model": lambda: small(x), "guarded": served,
+                                             "guard_call": lambda: guard(x, ids=ids)}, baseline="model",
+                                            threads=1, rounds=15, budget_s=15, batch_size=32, seed=SEED)
         finally:
             plain.close()
         with torch.no_grad():
@@ -197,11 +233,15 @@ def in_process(artifact: Path) -> dict[str, Any]:
     finally:
         loaded.close()
     g = guard_speed.ratios["guarded"]
+    gc = guard_speed.ratios["guard_call"]
     return {
         "guard": {"model_ms_per_batch32": guard_speed.median_ms["model"],
                   "guarded_ms_per_batch32": guard_speed.median_ms["guarded"],
                   "speed_ratio": g.ratio, "ci95": list(g.ci95),
-                  "overhead": 1 / g.ratio - 1, "overhead_ci95": [1 / g.ci95[1] - 1, 1 / g.ci95[0] - 1]},
+                  "overhead": 1 / g.ratio - 1, "overhead_ci95": [1 / g.ci95[1] - 1, 1 / g.ci95[0] - 1],
+                  "guard_call_ms_per_batch32": guard_speed.median_ms["guard_call"],
+                  "guard_call_overhead": 1 / gc.ratio - 1,
+                  "guard_call_overhead_ci95": [1 / gc.ci95[1] - 1, 1 / gc.ci95[0] - 1]},
         "cascade": {"threshold": cascade.config.threshold, "validation": loaded.cascade_stats,
                     "test_fallback_rate": fallback_rate,
                     "accuracy": [accuracy_row(k, v) for k, v in hits.items()],
@@ -215,11 +255,12 @@ def in_process(artifact: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bare-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-threads", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=3.0, help="Seconds of load per cell and round.")
     ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds over servers and concurrencies.")
     args = ap.parse_args()
     if args.bare_server:
-        bare_server(args.bare_server)
+        bare_server(args.bare_server, args.bare_threads)
         return
 
     import torch
@@ -240,7 +281,7 @@ def main() -> None:
     test = sgdata.load("digits32").test
     bodies = [json.dumps({"inputs": test.x[i : i + 1].tolist()}).encode() for i in range(64)]
 
-    kinds = ("serve", "serve_nobatch", "bare")
+    kinds = ("serve", "serve_nobatch", "bare", "bare_t1")
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {(k, c): [] for k in kinds for c in CONCURRENCY}
     procs = {k: start(k, artifact) for k in kinds}  # all up at once; only one is loaded at a time
     try:
@@ -248,9 +289,10 @@ def main() -> None:
             order = kinds if r % 2 == 0 else tuple(reversed(kinds))
             for c in CONCURRENCY:
                 for k in order:
-                    cpu0 = procs[k].cpu_s()
+                    cpu0, batches0 = procs[k].cpu_s(), _batches(procs[k].url, k)
                     run = asyncio.run(_load(procs[k].url, bodies, c, args.seconds))
                     run["cpu_s"] = procs[k].cpu_s() - cpu0  # includes the connection warm-up requests
+                    run["batches"] = [a - b for a, b in zip(_batches(procs[k].url, k), batches0, strict=True)]
                     run["requests"] = run["ok"] + run["errors"] + c
                     cells[(k, c)].append(run)
     finally:
@@ -265,7 +307,10 @@ def main() -> None:
                       "p99_ms": _pct(lat, 0.99), "responses": len(lat),
                       "server_cpu_ms_per_request": 1e3 * sum(run["cpu_s"] for run in runs)
                       / max(1, sum(run["requests"] for run in runs)),
-                      "non_200": sum(run["errors"] for run in runs)})
+                      "non_200": sum(run["errors"] for run in runs),
+                      "mean_batch_items": (sum(run["batches"][0] for run in runs)
+                                           / max(1, sum(run["batches"][1] for run in runs))) if k.startswith("serve")
+                      else None})
     proc = in_process(artifact)
 
     def rps(kind: str, c: int) -> float:
@@ -275,13 +320,14 @@ def main() -> None:
         return next(x["server_cpu_ms_per_request"] for x in cases if x["server"] == kind and x["concurrency"] == c)
 
     gain_vs_bare = rps("serve", 32) / rps("bare", 32)
+    gain_vs_bare_t1 = rps("serve", 32) / rps("bare_t1", 32)
     batching_gain = rps("serve", 32) / rps("serve_nobatch", 32)
     g = proc["guard"]
     lo, hi = (100 * v for v in g["overhead_ci95"])
     targets = [
         target("serve vs bare FastAPI throughput at concurrency 32", ">= 2x", round(gain_vs_bare, 2),
                gain_vs_bare >= 2),
-        target("guard overhead (Guard call vs bare model, batch 32, in process)", "<= 10%",
+        target("guard overhead (as the service runs it vs bare model, batch 32, in process)", "<= 10%",
                f"{100 * g['overhead']:.1f}% (95% CI {lo:.1f}..{hi:.1f})",
                g["overhead"] <= 0.10),
         target("no 5xx or other non-200 answers under load", "0", sum(x["non_200"] for x in cases),
@@ -290,22 +336,29 @@ def main() -> None:
     acc = {row["model"]: row for row in proc["cascade"]["accuracy"]}
     summary = [
         claim("slimguard serve / bare FastAPI throughput, concurrency 32", gain_vs_bare, unit="x"),
+        claim("slimguard serve / bare FastAPI with 1 torch thread, concurrency 32", gain_vs_bare_t1, unit="x"),
         claim("micro-batching gain (serve / serve --max-batch 1), concurrency 32", batching_gain, unit="x"),
         claim("server CPU per request, bare / serve, concurrency 32", cpu("bare", 32) / cpu("serve", 32), unit="x"),
         claim("guard overhead per batch of 32, in process", 100 * g["overhead"], unit="%",
               ci95=[100 * v for v in g["overhead_ci95"]]),
+        claim("Guard.__call__ overhead per batch of 32, in process", 100 * g["guard_call_overhead"], unit="%",
+              ci95=[100 * v for v in g["guard_call_overhead_ci95"]]),
         claim("cascade test accuracy", acc["cascade"]["accuracy"], unit="%", ci95=acc["cascade"]["ci95"],
               n=acc["cascade"]["n"]),
     ]
     out = write_results(
         "serve_load", env=env, cases=cases, targets=targets, summary=summary,
         protocol=f"{args.rounds} interleaved rounds x {args.seconds:g} s per (server, concurrency); one digit per "
-                 "request; client and servers on one shared machine, default torch threads in the servers",
-        in_process=proc, wall_s=round(time.perf_counter() - t_start, 1))
-    print(f"{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} {'non-200':>7}")
+                 "request; client and servers on one shared machine; each server with its own default torch threads "
+                 "(serve: automatic, 1 on 2 cores; bare: torch's default; bare_t1: 1)",
+        in_process=proc, wall_s=round(time.perf_counter() - t_start, 1),
+        loadavg_1m_at_end=round(os.getloadavg()[0], 2))
+    print(f"{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} {'batch':>6} "
+          f"{'non-200':>7}")
     for x in cases:
+        batch = f"{x['mean_batch_items']:.1f}" if x["mean_batch_items"] is not None else "-"
         print(f"{x['server']:<14} {x['concurrency']:>4} {x['throughput_rps']:>8.1f} {x['p50_ms']:>8.2f} "
-              f"{x['p99_ms']:>8.2f} {x['server_cpu_ms_per_request']:>10.2f} {x['non_200']:>7}")
+              f"{x['p99_ms']:>8.2f} {x['server_cpu_ms_per_request']:>10.2f} {batch:>6} {x['non_200']:>7}")
     casc = proc["cascade"]
     print(f"cascade (threshold {casc['threshold']:.3f} chosen on val; test fallback "
           f"{100 * casc['test_fallback_rate']:.1f}%): " + ", ".join(

@@ -138,3 +138,32 @@ def wait_until(fn, timeout: float = 10.0, every: float = 0.05) -> bool:
             return True
         time.sleep(every)
     return False
+
+
+@pytest.fixture(scope="session")
+def text_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random text models (nothing downloaded) saved as artifacts with their tokenizers embedded:
+    ``classifier`` (a 3-class BERT sequence classifier, max 64 positions) with ``classifier_data``
+    (``jsonl:`` labelled texts), and ``embedder`` (a BERT embedder) with ``embedder_data`` (``text:``)."""
+    import json
+    import random
+
+    from tests.hf_support import WORDS, build_family
+
+    from slimguard.artifact import save
+    from slimguard.models.hf import load_hf
+
+    d = tmp_path_factory.mktemp("serve-text")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(120)]
+    rows = [{"text": t, "label": i % 3, "split": ("train", "train", "train", "val", "test")[i % 5]}
+            for i, t in enumerate(texts)]
+    (d / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "lines.txt").write_text("\n".join(texts) + "\n")
+    out = {}
+    for name, family in (("classifier", "bert"), ("embedder", "bert-embed")):
+        model = load_hf(str(build_family(family, d / family)))
+        out[name] = save(model, d / f"{name}.slim")
+    out["classifier_data"] = Path(f"jsonl:{d / 'reviews.jsonl'}")
+    out["embedder_data"] = Path(f"text:{d / 'lines.txt'}")
+    return out

@@ -105,6 +105,11 @@ def test_bad_bodies_get_a_problem_naming_field_and_rule(client, case):
     assert (first["field"], first["rule"]) == (field, rule), problem
 
 
+def test_texts_sent_to_a_tensor_model_name_what_it_takes(client):
+    problem = _problem(client.post("/v1/predict", json={"texts": ["a digit"]}), 422)
+    assert problem["errors"][0]["field"] == "texts" and "(N, 1, 8, 8)" in problem["detail"]
+
+
 @pytest.mark.parametrize(("content", "status", "rule"), [
     (b"{not json", 400, "json"),
     (b"\xff\xfe\x00", 400, "json"),

@@ -26,6 +26,22 @@ def test_concurrent_requests_are_micro_batched(artifacts, digits):
     assert metric(text, "slimguard_batch_items_count") == 1 and metric(text, "slimguard_batch_items_sum") == 4
 
 
+def test_a_violating_request_in_a_micro_batch_gets_its_422_and_the_others_their_answers(artifacts, digits):
+    """Values are checked over the whole batch at once; the request with an out-of-range row is answered
+    422 alone (counted as a contract reject), and the batch runs without it."""
+    bad = {"inputs": (digits.test.x[:1] * 0 + 1e9).tolist()}
+    with serving(artifacts["small"], "--max-wait-ms", "5000", "--max-batch", "3") as server, server.client() as c:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            bodies = [_one(digits, 0), bad, _one(digits, 1)]
+            rs = list(pool.map(lambda b: c.post("/v1/predict", json=b), bodies))
+        assert [r.status_code for r in rs] == [200, 422, 200]
+        assert rs[1].json()["errors"][0]["rule"] == "range"
+        assert [rs[0].json()["predictions"][0], rs[2].json()["predictions"][0]] == digits.test.y[:2].tolist()
+        text = c.get("/metrics").text
+    assert metric(text, "slimguard_batch_items_count") == 1 and metric(text, "slimguard_batch_items_sum") == 2
+    assert metric(text, 'slimguard_rejects_total{reason="contract"}') == 1
+
+
 def test_concurrency_limit_429_and_timeout_504(artifacts, digits):
     """max_concurrency 1 and a batch window longer than the deadline: the first request times out (504),
     a second one sent meanwhile is refused with 429 and Retry-After."""
@@ -143,10 +159,37 @@ def test_cascade_sends_unsure_items_to_the_reference(artifacts, digits):
     assert acc >= 0.95
 
 
-def test_workers_serve_from_several_processes(artifacts, digits):
-    with serving(artifacts["small"], "--workers", "2") as server, server.client() as c:
+def test_workers_serve_from_several_processes_and_metrics_report_the_whole_service(artifacts, digits):
+    """Two workers: requests on fresh connections reach both (told apart by the worker prefix of item ids),
+    and every scrape, whichever worker answers it, counts all of them."""
+    with serving(artifacts["small"], "--workers", "2", "--scrub-interval-s", "0") as server, server.client() as c:
         assert wait_until(lambda: c.get("/readyz", timeout=60).status_code == 200, timeout=90, every=0.2)
-        rs = [c.post("/v1/predict", json=_one(digits)) for _ in range(4)]
-        assert all(r.status_code == 200 for r in rs)
+
+        def post(i: int):
+            with server.client() as fresh:  # a new connection each time: the kernel picks the worker
+                return fresh.post("/v1/predict", json=_one(digits, i % 8), headers={"Connection": "close"})
+
+        workers: set[str] = set()
+        sent = 0
+        end = time.monotonic() + 60
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            while (len(workers) < 2 or sent < 12) and sent < 400 and time.monotonic() < end:
+                rs = list(pool.map(post, range(sent, sent + 4)))
+                assert [r.status_code for r in rs] == [200] * 4
+                sent += 4
+                workers |= {r.json()["items"][0]["id"].rsplit("-", 1)[0] for r in rs}
+        assert len(workers) == 2, "both workers should have answered some requests"
+
+        def scrape() -> str:
+            with server.client(key=None) as anon:
+                return anon.get("/metrics", headers={"Connection": "close"}).text
+
+        for _ in range(6):  # fresh connections: the scrapes land on either worker
+            assert wait_until(lambda: metric(scrape(), 'slimguard_requests_total{endpoint="/v1/predict",'
+                                                       'status="200"}') == sent, timeout=5)
+            text = scrape()
+            assert metric(text, "slimguard_items_total") == sent and metric(text, "slimguard_batch_items_sum") == sent
+            assert metric(text, "slimguard_ready") == 1 and metric(text, "slimguard_inflight") == 0
+            assert "slimguard_monitor_state" in text and "slimguard_model_info{" in text
         start = time.monotonic()
         assert server.terminate(30) == 0 and time.monotonic() - start < 30

@@ -18,8 +18,9 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on (0: a free one, printed once listening)."),
     workers: int = typer.Option(1, help="Server processes; each loads its own model (more cores)."),
     data: str | None = typer.Option(None, help="Data set the guard is fitted on (default: the model's own)."),
-    detector: str = typer.Option("energy", help="OOD detector (msp, maxlogit, energy, odin, mahalanobis, knn, "
-                                               "none)."),
+    detector: str = typer.Option("energy", help="OOD detector (msp, max-logit, energy, odin, mahalanobis, knn, "
+                                               "none; text classifiers: msp, max-logit, energy; embedders use "
+                                               "the cosine distance to training texts unless none)."),
     tpr: float = typer.Option(0.95, help="In-distribution acceptance rate of the OOD threshold."),
     reference: str | None = typer.Option(
         None, help="The original model (zoo:NAME or .slim) for the cascade: it answers the items the "
@@ -27,8 +28,14 @@ def serve(
     cascade_tolerance: float = typer.Option(
         0.5, help="Accuracy points the cascade may lose to the reference on validation data."),
     max_batch: int = typer.Option(64, help="Largest micro-batch, in items."),
-    max_wait_ms: float = typer.Option(5.0, help="How long a micro-batch waits for more items."),
-    max_items: int = typer.Option(256, help="Most items in one request (more: 413)."),
+    max_wait_ms: float = typer.Option(0.0, help="How long a micro-batch waits for more items (0: it leaves as "
+                                                "soon as the model is free, with everything queued meanwhile)."),
+    torch_threads: int = typer.Option(0, help="torch threads per server process (0: automatic, leaving each "
+                                              "worker's event loop a core)."),
+    max_items: int = typer.Option(256, help="Most items (examples or texts) in one request (more: 413)."),
+    max_text_chars: int = typer.Option(10_000, help="Longest text in characters, for text models (more: 413)."),
+    max_tokens: int = typer.Option(256, help="Most tokens per text, for text models, capped at the model's "
+                                             "position limit (more: 422; texts are never truncated)."),
     max_body_bytes: int = typer.Option(8 * 1024**2, help="Largest request body in bytes (more: 413)."),
     max_json_depth: int = typer.Option(16, help="Deepest JSON nesting accepted (deeper: 400)."),
     timeout_s: float = typer.Option(10.0, help="Per-request deadline in seconds (later: 504)."),
@@ -50,7 +57,8 @@ def serve(
     config = ServeConfig(
         artifact=artifact, host=host, port=port, workers=workers, data=data, detector=detector, tpr=tpr,
         reference=reference, cascade_tolerance=cascade_tolerance, max_batch=max_batch, max_wait_ms=max_wait_ms,
-        max_items=max_items, max_body_bytes=max_body_bytes, max_json_depth=max_json_depth, timeout_s=timeout_s,
+        torch_threads=torch_threads, max_items=max_items, max_text_chars=max_text_chars, max_tokens=max_tokens,
+        max_body_bytes=max_body_bytes, max_json_depth=max_json_depth, timeout_s=timeout_s,
         max_concurrency=max_concurrency, scrub_interval_s=scrub_interval_s, drain_s=drain_s,
         api_key_env=api_key_env, require_signature=s.require_signature, key_env=s.key_env,
         trust_code=str(s.trust_code) if s.trust_code is not None else None)

@@ -156,7 +156,10 @@ def _clip_hook(lo: torch.Tensor, hi: torch.Tensor) -> Any:
         if lo_f is not None:
             return torch.nan_to_num(out, nan=lo_f, posinf=hi_f, neginf=lo_f).clamp_(lo_f, hi_f)
         y = torch.nan_to_num(out, nan=0.0)
-        return torch.maximum(torch.minimum(y, hi), lo)
+        if y.requires_grad or y.dtype != hi.dtype:  # autograd, or a dtype the bounds promote: out of place
+            return torch.maximum(torch.minimum(y, hi), lo)
+        torch.minimum(y, hi, out=y)  # in place on the fresh tensor: no more large allocations per call
+        return torch.maximum(y, lo, out=y)
 
     return hook
 

@@ -5,6 +5,7 @@
   cascade threshold on validation data, verify checksums, warm up (:func:`load_served`).
 * :mod:`~slimguard.serve.batcher`: dynamic micro-batching on one worker thread.
 * :mod:`~slimguard.serve.limits`: body size, item count, JSON depth, input decoding, problem documents.
+* :mod:`~slimguard.serve.text`: text models: ``{"texts": [...]}`` tokenized under limits, and their guard.
 * :mod:`~slimguard.serve.auth`: optional bearer API key, compared in constant time.
 * :mod:`~slimguard.serve.metrics`: Prometheus metrics (requests, latency, batches, rejects, OOD, drift,
   fault events, model version).

@@ -37,6 +37,7 @@ from slimguard.serve.limits import (
     tensor_from_binary,
     tensor_from_json,
 )
+from slimguard.serve.loaded import contract_problem, fits_structure
 from slimguard.serve.service import Service
 
 access_log = logging.getLogger("slimguard.serve.access")
@@ -50,10 +51,12 @@ PREDICT_BODY = {
     "required": True,
     "content": {
         "application/json": {"schema": {
-            "type": "object", "required": ["inputs"], "additionalProperties": False,
+            "type": "object", "additionalProperties": False,
             "properties": {"inputs": {"type": "array", "description": "A batch of examples, each shaped like "
-                                      "the model's input (see GET /v1/model, input_shape).",
-                                      "items": {}}}}},
+                                      "the model's input (see GET /v1/model, input_shape), for tensor models.",
+                                      "items": {}},
+                           "texts": {"type": "array", "items": {"type": "string"},
+                                     "description": "Texts, for text models (see GET /v1/model, input)."}}}},
         NPY: {"schema": {"type": "string", "format": "binary"}},
         SAFETENSORS: {"schema": {"type": "string", "format": "binary"}},
     },
@@ -208,18 +211,24 @@ def create_app(service: Service, *, on_startup: Any = None) -> Any:
                               "media_type", [{"field": "content-type", "rule": "media_type", "detail": ctype[:64]}])
 
             def decode() -> Any:
+                if loaded.text is not None:  # a text model: tokenized here, under the text limits
+                    if ctype != "application/json":
+                        raise schema_problem("body", "texts", "this model takes texts; send JSON "
+                                             "{\"texts\": [\"...\"]}", status=415)
+                    return loaded.text.from_json(parse_json(body, cfg.max_json_depth))
                 if ctype != "application/json":
                     return tensor_from_binary(body, ctype, cfg.max_items)
                 return tensor_from_json(parse_json(body, cfg.max_json_depth), loaded.input_shape, cfg.max_items)
 
             x = await run_in_threadpool(decode) if len(body) > THREADPOOL_BYTES else decode()
-            violations = loaded.guard.contract.check(x) if loaded.guard.contract is not None else []
-            if violations:
-                if loaded.guard.monitor is not None:
-                    loaded.guard.monitor.record_rejected(max(1, len(x)) if x.dim() else 1)
-                raise Problem(422, "Contract violation", str(violations[0]), "contract",
-                              [{"field": v.field, "rule": v.kind, "value": str(v.value)[:80], "allowed": v.allowed,
-                                "rows": v.rows, "count": v.count} for v in violations[:10]])
+            # shape, dtype and emptiness here; values (finite, in range) over the whole micro-batch at once
+            contract = loaded.guard.contract if loaded.text is None else None
+            if contract is not None and not fits_structure(contract, x):
+                violations = contract.check(x)
+                if violations:
+                    if loaded.guard.monitor is not None:
+                        loaded.guard.monitor.record_rejected(max(1, len(x)) if x.dim() else 1)
+                    raise contract_problem(violations)
             try:
                 items = await asyncio.wait_for(service.batcher.submit(x), cfg.timeout_s)  # no extra task
             except asyncio.TimeoutError:

@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-import math
 import os
 import queue
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from slimguard.serve.loaded import LoadedModel
+from slimguard.serve.loaded import LoadedModel, contract_problem, fits_structure
 from slimguard.serve.metrics import ServeMetrics
 
 log = logging.getLogger("slimguard.serve")
@@ -36,7 +35,7 @@ log = logging.getLogger("slimguard.serve")
 
 @dataclasses.dataclass
 class _Predict:
-    x: torch.Tensor
+    x: Any  # a tensor batch, or a TextBatch of token lists (anything with len() and a concat)
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[dict[str, Any]]]
 
@@ -90,8 +89,9 @@ class MicroBatcher:
             self._queue.put(_STOP)
             self._thread.join(timeout)
 
-    def submit(self, x: torch.Tensor) -> asyncio.Future[list[dict[str, Any]]]:
-        """Queue ``x`` ``(n, *input_shape)`` (already checked by the contract); call from the event loop.
+    def submit(self, x: Any) -> asyncio.Future[list[dict[str, Any]]]:
+        """Queue ``x`` ``(n, *input_shape)`` (already checked by the contract), or a
+        :class:`~slimguard.serve.text.TextBatch` (already tokenized under the limits); call from the event loop.
 
         Returns the future of the guarded answers, one per row. Cancelling it (a timeout) drops the request
         if it has not run yet.
@@ -101,7 +101,7 @@ class MicroBatcher:
         self._queue.put(_Predict(x, loop, fut))
         return fut
 
-    async def predict(self, x: torch.Tensor) -> list[dict[str, Any]]:
+    async def predict(self, x: Any) -> list[dict[str, Any]]:
         """The guarded answer for each row of ``x``: ``await batcher.predict(x)``."""
         return await self.submit(x)
 
@@ -156,12 +156,13 @@ class MicroBatcher:
             return
         try:
             loaded = self.current()
-            x = batch[0].x if len(batch) == 1 else torch.cat([j.x for j in batch])
+            batch = self._screen(loaded, batch)
+            if not batch:
+                return
+            x = batch[0].x if len(batch) == 1 else _concat([j.x for j in batch])
             ids = [f"{self._prefix}-{self._count + i}" for i in range(len(x))]
             self._count += len(x)
-            res = loaded.guard(x, ids=ids)
-            fallback = loaded.cascade.last_fallback if loaded.cascade is not None else None
-            items = _items(res, fallback, loaded.class_names, ids)
+            items = loaded.answer(x, ids)
         except BaseException as exc:
             log.exception("prediction batch of %d requests failed", len(batch))
             _settle_all(batch, [(j.future, None, exc) for j in batch])
@@ -170,12 +171,41 @@ class MicroBatcher:
         self.metrics.items.inc(len(x))
         self.metrics.ood.inc(sum(1 for it in items if it["guard"]["ood"]))
         self.metrics.fallback.inc(sum(1 for it in items if it["guard"]["fallback"]))
+        self.metrics.refresh_monitor()
         answers: list[_Answer] = []
         start = 0
         for j in batch:
             answers.append((j.future, items[start:start + len(j.x)], None))
             start += len(j.x)
         _settle_all(batch, answers)
+
+
+    def _screen(self, loaded: LoadedModel, batch: list[_Predict]) -> list[_Predict]:
+        """The contract's value checks (finite, within range) over the whole batch in one vectorised pass
+        (:meth:`Contract.row_ok <slimguard.guard.contract.Contract.row_ok>`); a request with a failing row
+        is checked alone (:meth:`~slimguard.guard.contract.Contract.check`, the authority) and, if it
+        violates the contract, answered with its 422 while the others run. A request that no longer fits
+        (a reload changed the model's input) is checked alone as well."""
+        contract = loaded.guard.contract
+        if loaded.text is not None or contract is None:
+            return batch
+        fits = [fits_structure(contract, j.x) for j in batch]
+        joined = [j.x for j, f in zip(batch, fits, strict=True) if f]
+        ok = contract.row_ok(_concat(joined)).tolist() if joined else []
+        keep, rejected, start = [], [], 0
+        for j, f in zip(batch, fits, strict=True):
+            good = f and all(ok[start : start + len(j.x)])
+            start += len(j.x) if f else 0
+            violations = [] if good else contract.check(j.x)  # never empty when the structure does not fit
+            if violations:
+                if loaded.guard.monitor is not None:
+                    loaded.guard.monitor.record_rejected(max(1, len(j.x)) if j.x.dim() else 1)
+                rejected.append((j, contract_problem(violations)))
+            else:
+                keep.append(j)
+        if rejected:
+            _settle_all([j for j, _ in rejected], [(j.future, None, p) for j, p in rejected])
+        return keep
 
 
 _Answer = tuple["asyncio.Future[Any]", Any, "BaseException | None"]  # future, value, error
@@ -195,22 +225,8 @@ def _settle_group(group: list[_Answer]) -> None:
         _settle(fut, value, error)
 
 
-def _finite(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
-
-
-def _items(res: Any, fallback: torch.Tensor | None, class_names: list[str], ids: list[str]) -> list[dict[str, Any]]:
-    """One JSON-able answer per row of a :class:`~slimguard.guard.GuardResult` (non-finite numbers as null)."""
-    pred = res.pred.tolist()
-    conf = res.confidence.tolist()
-    probs = res.probs.tolist()
-    ood = res.ood.tolist() if res.ood is not None else [False] * len(pred)
-    score = res.ood_score.tolist() if res.ood_score is not None else [None] * len(pred)
-    fb = fallback.tolist() if fallback is not None else [False] * len(pred)
-    out = []
-    for i, p in enumerate(pred):
-        out.append({"id": ids[i], "prediction": p, "label": class_names[p] if p < len(class_names) else str(p),
-                    "confidence": _finite(conf[i]), "scores": [_finite(v) for v in probs[i]],
-                    "guard": {"contract_ok": True, "ood": bool(ood[i]), "ood_score": _finite(score[i]),
-                              "fallback": bool(fb[i])}})
-    return out
+def _concat(parts: list[Any]) -> Any:
+    """One batch from several requests' inputs: tensors concatenated, token lists joined."""
+    if torch.is_tensor(parts[0]):
+        return torch.cat(parts)
+    return type(parts[0]).concat(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from slimguard.core.config import Config, check_choice, check_range
 from slimguard.core.errors import ConfigError
@@ -30,8 +31,14 @@ class ServeConfig(Config):
     cascade_tolerance: accuracy points the cascade may lose against the reference on validation data
         when its confidence threshold is chosen (default 0.5).
     max_batch: largest micro-batch, in items (default 64).
-    max_wait_ms: how long the batcher waits for more items once one arrived (default 5).
-    max_items: largest number of items in one request (default 256).
+    max_wait_ms: how long the batcher waits for more items once one arrived (default 0: a batch leaves as
+        soon as the model is free, holding every request that queued while the previous batch ran).
+    torch_threads: torch's intra-op threads per process (default 0: automatic, ``(cores - workers) //
+        workers``, at least 1, so each worker's event loop keeps a core to itself).
+    max_items: largest number of items (examples or texts) in one request (default 256).
+    max_text_chars: longest text, in characters, a text model accepts (default 10000); longer gets 413.
+    max_tokens: most tokens per text (default 256, capped at the model's position limit); more gets 422.
+        Texts are never truncated.
     max_body_bytes: largest request body (default 8 MiB); larger gets 413.
     max_json_depth: deepest JSON nesting accepted (default 16).
     timeout_s: per-request deadline (default 10); later gets 504.
@@ -53,8 +60,11 @@ class ServeConfig(Config):
     reference: str | None = None
     cascade_tolerance: float = 0.5
     max_batch: int = 64
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
+    torch_threads: int = 0
     max_items: int = 256
+    max_text_chars: int = 10_000
+    max_tokens: int = 256
     max_body_bytes: int = 8 * 1024**2
     max_json_depth: int = 16
     timeout_s: float = 10.0
@@ -75,7 +85,10 @@ class ServeConfig(Config):
         check_range("cascade_tolerance", self.cascade_tolerance, 0.0, 100.0)
         check_range("max_batch", self.max_batch, 1, 65536)
         check_range("max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+        check_range("torch_threads", self.torch_threads, 0, 1024)
         check_range("max_items", self.max_items, 1, 65536)
+        check_range("max_text_chars", self.max_text_chars, 1, 10_000_000)
+        check_range("max_tokens", self.max_tokens, 1, 1_000_000)
         check_range("max_body_bytes", self.max_body_bytes, 1024, 2**31)
         check_range("max_json_depth", self.max_json_depth, 2, 256)
         check_range("timeout_s", self.timeout_s, 0.0, 3600.0, low_inclusive=False)
@@ -86,6 +99,13 @@ class ServeConfig(Config):
             from slimguard.guard.ood import detector_names
 
             check_choice("detector", self.detector, [*detector_names(), "none"])
+
+    def threads(self) -> int:
+        """The torch intra-op threads each server process uses (``torch_threads``, or automatic)."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, (cores - self.workers) // self.workers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -141,7 +141,9 @@ def tensor_from_json(obj: Any, input_shape: tuple[int, ...], max_items: int) -> 
         raise schema_problem("body", "type", f"the body must be a JSON object, got {type(obj).__name__}")
     extra = sorted(set(obj) - {"inputs", "ids"})
     if "texts" in obj:
-        raise schema_problem("texts", "unsupported", "this model takes tensors; send {\"inputs\": [...]}")
+        wanted = ", ".join(["N", *map(str, input_shape)])
+        raise schema_problem("texts", "unsupported", f"this model takes tensors shaped ({wanted}), not texts; "
+                             "send {\"inputs\": [...]}")
     if extra:
         raise schema_problem(extra[0], "unknown_key", f"unknown key {extra[0]!r}; allowed: inputs")
     if "inputs" not in obj:
@@ -167,10 +169,10 @@ def tensor_from_json(obj: Any, input_shape: tuple[int, ...], max_items: int) -> 
         return torch.from_numpy(arr.astype(np.float32))
 
 
-def check_items(n: int, max_items: int) -> None:
+def check_items(n: int, max_items: int, field: str = "inputs") -> None:
     if n > max_items:
         raise Problem(413, "Too many items", f"{n} items in one request; at most {max_items}", "batch_size",
-                      [{"field": "inputs", "rule": "max_items", "detail": f"at most {max_items} items"}])
+                      [{"field": field, "rule": "max_items", "detail": f"at most {max_items} items"}])
 
 
 def tensor_from_binary(body: bytes, content_type: str, max_items: int) -> torch.Tensor:

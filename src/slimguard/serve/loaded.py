@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimguard.core.errors import ArtifactError, ConfigError, DataError
-from slimguard.core.torch_utils import eval_mode
-from slimguard.guard.guard import Guard
+from slimguard.guard.contract import Contract
+from slimguard.guard.guard import Guard, GuardResult
 from slimguard.guard.monitor import MonitorConfig
 from slimguard.guard.protect import Cascade, RangeRestriction, WeightChecksums
+from slimguard.serve.answers import items_of
 from slimguard.serve.config import ServeConfig
+from slimguard.serve.limits import Problem
+from slimguard.serve.text import TextServing, is_text_model, load_text
 
 WARMUP_ROWS = 64
 
@@ -60,11 +64,22 @@ class LoadedModel:
     class_names: list[str]
     val_accuracy: float | None
     cascade_stats: dict[str, float] | None = None
+    text: TextServing | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        assert self.guard.contract is not None  # load_served always infers one
-        return self.guard.contract.input_shape
+        """The shape of one tensor example (``()`` for a text model, which takes texts)."""
+        return self.guard.contract.input_shape if self.guard.contract is not None else ()
+
+    def answer(self, x: Any, ids: list[str]) -> list[dict[str, Any]]:
+        """The guarded answer for each row of ``x`` (a tensor batch, or a
+        :class:`~slimguard.serve.text.TextBatch`), one JSON-able dict per row. Runs the model: call it only
+        on the batcher's thread."""
+        if self.text is not None:
+            return self.text.answer(self.guard, x, ids, self.class_names)
+        res = guarded_batch(self.guard, x, ids)
+        fallback = self.cascade.last_fallback if self.cascade is not None else None
+        return items_of(res, fallback, self.class_names, ids)
 
     def scrub(self) -> dict[str, Any]:
         """Verify every weight tensor against its checksum and repair damaged ones from the artifact.
@@ -95,6 +110,7 @@ class LoadedModel:
             "tensors": len(m.get("tensors", {})),
             "entries": {name: e.get("size") for name, e in m.get("entries", {}).items()},
             "input_shape": list(self.input_shape),
+            "input": self.text.summary() if self.text is not None else {"kind": "tensor"},
             "classes": self.class_names,
             "val_accuracy": self.val_accuracy,
             "guard": {"detector": type(det).__name__ if det is not None else None,
@@ -106,6 +122,46 @@ class LoadedModel:
 
     def close(self) -> None:
         self.guard.close()
+
+
+def guarded_batch(guard: Guard, x: torch.Tensor, ids: list[str]) -> GuardResult:
+    """What :meth:`Guard.__call__ <slimguard.guard.Guard.__call__>` does, for a batch of requests whose
+    every part the service has already checked against the contract (each request on its own, so each
+    gets its own 422): model (with its protections) -> softmax -> OOD score -> monitor, without autograd
+    (ODIN turns it back on for its input step) on a model the service keeps in eval mode. Checking the
+    joined batch again, and switching every module to eval and back, would cost every batch for nothing."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if guard.model.training:
+            guard.model.eval()
+        logits = guard.model(x)
+        probs = F.softmax(logits.float(), dim=-1)
+        conf, pred = probs.max(-1)
+        ood = score = None
+        if guard.detector is not None:
+            score_logits = getattr(guard.detector, "score_logits", None)
+            score = score_logits(logits) if score_logits is not None else guard.detector.score(x)
+            assert guard.detector.threshold is not None  # Guard refuses an uncalibrated detector
+            ood = score > guard.detector.threshold
+        latency = (time.perf_counter() - t0) * 1e3
+        if guard.monitor is not None:
+            guard.monitor.observe(probs, ood, latency, ids)
+    return GuardResult(logits, probs, pred, conf, ood, score, latency)
+
+
+def fits_structure(contract: Contract, x: Any) -> bool:
+    """True when ``x`` has the contract's shape and dtype and is a non-empty batch within its size limit:
+    what one request needs before it may join a micro-batch (its values are checked with the batch's)."""
+    return (torch.is_tensor(x) and x.dim() >= 1 and len(x) > 0 and tuple(x.shape[1:]) == contract.input_shape
+            and str(x.dtype).removeprefix("torch.") in contract.dtypes
+            and (contract.max_batch is None or len(x) <= contract.max_batch))
+
+
+def contract_problem(violations: list[Any]) -> Problem:
+    """The 422 problem for contract violations: each names its field, rule, the value and what is allowed."""
+    return Problem(422, "Contract violation", str(violations[0]), "contract",
+                   [{"field": v.field, "rule": v.kind, "value": str(v.value)[:80], "allowed": v.allowed,
+                     "rows": v.rows, "count": v.count} for v in violations[:10]])
 
 
 def artifact_version(path: str | os.PathLike[str]) -> str:
@@ -194,12 +250,15 @@ def load_served(config: ServeConfig, artifact: str | None = None) -> LoadedModel
     if not data_name:
         raise DataError("this artifact records no data set; pass --data so the guard can be fitted")
     bundle = sgdata.load(data_name)
-    if not torch.is_tensor(bundle.val.x):
-        raise DataError(f"data set {data_name!r} holds text; slimguard serve serves tensor classifiers")
     sums = WeightChecksums.from_artifact(path)
     bad = sums.verify(small)
     if bad:
         raise ArtifactError(f"tensor {bad[0]!r} of the loaded model does not match the artifact's checksum")
+    if is_text_model(small):
+        return _load_text_model(small, bundle, config, sums, path, manifest)
+    if not torch.is_tensor(bundle.val.x):
+        raise DataError(f"data set {data_name!r} holds text; this model takes tensors, so pass --data with "
+                        "a tensor data set")
     served: nn.Module = small
     cascade, cascade_stats = None, None
     val_y = bundle.val.y
@@ -219,7 +278,8 @@ def load_served(config: ServeConfig, artifact: str | None = None) -> LoadedModel
                         tpr=config.tpr, monitor_config=MonitorConfig(window=1000, min_samples=50))
     guard.protect.extend(ranges)  # detached with the guard's own protections by guard.close()
     try:
-        with eval_mode(served), torch.no_grad():
+        served.eval()  # and it stays so: the batcher never switches modes (see guarded_batch)
+        with torch.no_grad():
             out = served(bundle.val.x[:WARMUP_ROWS])
         if out.dim() != 2 or not bool(torch.isfinite(out).all()):
             raise ArtifactError("warm-up gave non-finite or misshapen outputs; the model is not servable")
@@ -231,3 +291,30 @@ def load_served(config: ServeConfig, artifact: str | None = None) -> LoadedModel
         raise
     return LoadedModel(guard, small, sums, cascade, artifact_version(path), manifest,
                        list(bundle.meta.class_names), val_acc, cascade_stats)
+
+
+def _load_text_model(small: nn.Module, bundle: Any, config: ServeConfig, sums: WeightChecksums,
+                     path: str, manifest: dict[str, Any]) -> LoadedModel:
+    """A text classifier or embedder (see :mod:`slimguard.serve.text`): its guard, warmed up on validation
+    texts; a classifier's validation accuracy when the texts are labelled."""
+    guard, text = load_text(small, bundle, config)
+    try:
+        val = list(bundle.val.x)
+        ids = [f"warmup-{i}" for i in range(min(WARMUP_ROWS, len(val)))]
+        warm = text.embed(guard.model, val[: len(ids)]) if text.embedder else None
+        if warm is not None and not bool(torch.isfinite(warm).all()):
+            raise ArtifactError("warm-up gave non-finite embeddings; the model is not servable")
+        val_acc = None
+        if not text.embedder:
+            from slimguard.evaluate import predict
+
+            logits = predict(guard.model, text.pack_texts(val), batch_size=64)
+            if not bool(torch.isfinite(logits).all()):
+                raise ArtifactError("warm-up gave non-finite logits; the model is not servable")
+            if bundle.val.y is not None:
+                val_acc = float((logits.argmax(-1) == bundle.val.y).double().mean()) * 100
+    except BaseException:
+        guard.close()
+        raise
+    names = [] if text.embedder else list(bundle.meta.class_names)
+    return LoadedModel(guard, small, sums, None, artifact_version(path), manifest, names, val_acc, None, text)

@@ -97,6 +97,7 @@ class Service:
         self.batcher.stop()
         if self.loaded is not None:
             self.loaded.close()
+        self.metrics.close()
 
     # ---- checksum scrubs -----------------------------------------------------------------------------
     def _scrub_loop(self) -> None:

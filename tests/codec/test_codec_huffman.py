@@ -195,3 +195,17 @@ def test_stream_length_checks(count_delta, bits_delta, message):
     data, nbits = encode_symbols(symbols, lengths)
     with pytest.raises(ArtifactError, match=message):
         decode_symbols(data, nbits + bits_delta, symbols.size + count_delta, lengths)
+
+
+@pytest.mark.parametrize("density", [0.08, 0.2, 0.4, 0.6])
+def test_relative_positions_cost_about_the_mask_entropy(density):
+    # a random mask of density d carries H(d) / d bits per kept weight; the Huffman-coded gaps (with the
+    # gap width chosen per tensor) stay within 0.15 bits of it, so a denser layer pays fewer position bits
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    keep = torch.rand(n, generator=g) < density
+    t = torch.where(keep, torch.randint(1, 9, (n,), generator=g).float(), torch.zeros(()))
+    info = parse_block(HUFF.encode(t, layout="sparse").parts["block"], decode=False)
+    per_kept = info["position_bits_total"] / info["kept"]
+    entropy = -(density * math.log2(density) + (1 - density) * math.log2(1 - density)) / density
+    assert entropy - 0.05 <= per_kept <= entropy + 0.15, (per_kept, entropy)

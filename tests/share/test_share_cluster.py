@@ -285,7 +285,8 @@ def test_shipped_recipe_is_valid_and_ends_with_sharing_and_coding():
     path = resources.files("slimguard") / "recipes" / "deep-compression.yaml"
     recipe = sg.load_recipe(str(path))
     names = [s.config_name for s in recipe.steps]
-    assert names[0] == "magnitude" and names[-3:] == ["weight-sharing", "finetune", "huffman-coding"]
+    assert names[:3] == ["channel", "distill", "magnitude"]
+    assert names[-3:] == ["weight-sharing", "distill", "huffman-coding"]
     assert isinstance(recipe.steps[-3], sg.WeightSharingConfig) and recipe.steps[-3].bits == 3
 
 
@@ -308,3 +309,25 @@ def test_cluster_indices_are_not_counted_as_weights(zoo_model):
     before = count_params(model)
     sg.cluster_(model, sg.WeightSharingConfig(bits=4, bias_bits=4))
     assert count_params(model) == before
+
+
+def test_neuron_pruned_model_is_shared_coded_and_loads_exactly(zoo_model, digits, tmp_path):
+    # Deep Compression after neuron pruning (the shrunk modules of the benchmark): sharing and coding work on
+    # the smaller shapes, the artifact loads them back exactly, and the denser layers pay fewer position bits
+    model = zoo_model("digits-mlp")
+    sg.prune_(model, sg.ChannelPruningConfig(ratio=0.0, ratios={"2": 0.6, "4": 0.5}), example_inputs=digits.train.x[:2])
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=0.0, scope="layer", overrides={"2": 0.8, "4": 0.8}))
+    sg.cluster_(model, sg.WeightSharingConfig(bits=3, bias_bits=4))
+    sg.cluster_(model, sg.HuffmanCodingConfig())
+    path = sg.save(model, tmp_path / "m.slim")
+    loaded = sg.load(path)
+    assert tuple(loaded[2].weight.shape) == (120, 64) and tuple(loaded[4].weight.shape) == (50, 120)
+    for layer in (loaded[2], loaded[4], loaded[6]):
+        assert _distinct_nonzero(layer.weight) <= 8 and _distinct_nonzero(layer.bias) <= 16
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(digits.test.x), model(digits.test.x))
+    rows = {r["tensor"]: r for r in sg.inspect_model(str(path))["tensors"]}
+    # 20% density: H(0.2) / 0.2 = 3.6 bits per kept weight (a 5%-dense layer would pay 5.7)
+    assert rows["2.weight"]["kept_percent"] == pytest.approx(20, abs=0.1)
+    assert rows["2.weight"]["codec"] == "huffman" and rows["2.weight"]["position_bits_per_weight"] < 4.0

@@ -144,6 +144,11 @@ class Guard:
             x = torch.from_numpy(x)
         with eval_mode(self.model):
             logits = self.model(x)
+        return self.decide(x, logits, t0, ids)
+
+    def decide(self, x: Any, logits: torch.Tensor, t0: float, ids: list[Any] | None = None) -> GuardResult:
+        """The rest of a guarded call once the model gave ``logits`` on ``x`` (a batch already checked):
+        softmax -> OOD score -> monitor. ``t0`` is the call's start (``time.perf_counter()``), for its latency."""
         probs = F.softmax(logits.float(), dim=-1)
         conf, pred = probs.max(-1)
         ood = score = None

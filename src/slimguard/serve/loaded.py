@@ -135,18 +135,7 @@ def guarded_batch(guard: Guard, x: torch.Tensor, ids: list[str]) -> GuardResult:
         if guard.model.training:
             guard.model.eval()
         logits = guard.model(x)
-        probs = F.softmax(logits.float(), dim=-1)
-        conf, pred = probs.max(-1)
-        ood = score = None
-        if guard.detector is not None:
-            score_logits = getattr(guard.detector, "score_logits", None)
-            score = score_logits(logits) if score_logits is not None else guard.detector.score(x)
-            assert guard.detector.threshold is not None  # Guard refuses an uncalibrated detector
-            ood = score > guard.detector.threshold
-        latency = (time.perf_counter() - t0) * 1e3
-        if guard.monitor is not None:
-            guard.monitor.observe(probs, ood, latency, ids)
-    return GuardResult(logits, probs, pred, conf, ood, score, latency)
+        return guard.decide(x, logits, t0, ids)
 
 
 def fits_structure(contract: Contract, x: Any) -> bool:

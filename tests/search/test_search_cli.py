@@ -46,7 +46,8 @@ def test_json_prints_the_chosen_point(tmp_path, space):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--objectives", "size,speed"], "error: --objectives: 'speed' is not allowed"),
-    (["--target", "ort"], "error: --target: 'ort' is not supported by optimize"),
+    (["--target", "tpu"], "error: --target: 'tpu' is not allowed; allowed: torch, ort"),
+    (["--objectives", "size,robustness", "--max-examples", "0"], "error: --max-examples: 0; use 1 or more"),
     (["--storage", "mysql"], "error: --storage: 'mysql' is not a database URL"),
     (["--trials", "0"], "error: --trials: 0; use 1 or more"),
 ])
@@ -54,6 +55,22 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, args, message):
     res = runner.invoke(APP, ["optimize", "zoo:digits-mlp", "--out", str(tmp_path / "o"), *COMMON, *args])
     assert res.exit_code == 2
     assert res.stderr.strip().startswith(message) and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_target_ort_and_robustness_from_the_command_line(tmp_path):
+    space = tmp_path / "space.yaml"
+    block = {**QUICK["search"], "sparsify": ["none"], "quantize": ["int8-dynamic"], "params": {}}
+    space.write_text(yaml.safe_dump({"search": block}))
+    out = tmp_path / "out"
+    res = runner.invoke(APP, ["optimize", "zoo:digits-mlp", "--out", str(out), "--trials", "1", "--space", str(space),
+                              *COMMON, "--target", "ort", "--objectives", "size,robustness", "--max-examples", "16",
+                              "--robust-steps", "2", "--robust-eps", "0.05", "--json"])
+    assert res.exit_code == 0, res.output
+    point = json.loads(res.stdout)
+    assert point["target"] == "ort" and 0 <= point["val_robust_accuracy"] <= 1
+    assert point["val_robust_accuracy"] * 16 == pytest.approx(round(point["val_robust_accuracy"] * 16))
+    assert json.loads((out / "pareto.json").read_text())["robustness"]["eps"] == 0.05
+    assert (out / "best.yaml").read_text().startswith("# target: ort")
 
 
 def test_bad_space_file_is_one_line(tmp_path):

@@ -7,6 +7,7 @@ import json
 
 import optuna
 import pytest
+import torch
 import yaml
 
 import slimguard  # noqa: F401  (fills the registries)
@@ -194,7 +195,9 @@ def test_same_seed_same_pipelines(tmp_path):
 
 def test_settings_errors_are_one_line_config_errors(tmp_path):
     for changes, message in (({"objectives": ("size", "speed")}, "'speed' is not allowed"),
-                             ({"objectives": ("robustness",)}, "robustness is not an optimize objective"),
+                             ({"target": "tpu"}, "--target: 'tpu' is not allowed; allowed: torch, ort"),
+                             ({"objectives": ("robustness",), "robust_eps": 0.0}, "--robust-eps: 0.0"),
+                             ({"objectives": ("robustness",), "max_examples": 0}, "--max-examples: 0; use 1 or more"),
                              ({"budget": -1.0}, "--budget: -1.0 is out of range"),
                              ({"sampler": "grid"}, "--sampler: 'grid' is not allowed"),
                              ({"storage": "nowhere"}, "is not a database URL")):
@@ -218,3 +221,114 @@ def test_compress_reruns_best_yaml_to_the_same_model(run, tmp_path):
     val = data.load("digits").val
     acc = float((model(val.x).argmax(-1) == val.y).float().mean())
     assert acc == pytest.approx(result["chosen_point"]["val_accuracy"], abs=1e-6)  # same seed, same steps
+
+
+@pytest.mark.parametrize(("curve", "epochs", "hopeless"), [
+    ([84.1, 83.8, 83.8], 12, True),          # a plateau far over the budget: stop
+    ([24.0, 2.0, 1.8], 12, False),           # recovering fast: the remaining epochs can close the gap
+    ([9.0, 5.0, 3.0, 2.0], 12, False),       # 1.5 points/epoch x 8 epochs left covers the 1 point missing
+    ([9.0, 5.0, 3.0, 2.9, 2.8], 12, True),   # 0.1 points/epoch x 7 left does not
+    ([30.0, 20.0], 12, False),               # too early to judge
+    ([5.0, 4.9, 4.8], 3, False),             # the last epoch is judged by the budget itself
+    ([3.0, 0.5, 0.9], 12, False),            # already within the budget once (the best epoch is restored)
+])
+def test_hopeless_curve(curve, epochs, hopeless):
+    assert objectives_mod.hopeless_curve(curve, epochs, 1.0) is hopeless
+
+
+def test_long_training_that_cannot_reach_the_budget_stops_after_a_few_epochs(tmp_path):
+    # 97% of the weights zeroed, fine-tuned gently: validation accuracy stays far below the original's
+    space = {**QUICK, "sparsify": ["magnitude"], "train": ["finetune"], "quantize": ["none"],
+             "params": {"magnitude.sparsity": [0.97, 0.97], "finetune.epochs": 12, "finetune.lr": 1e-4}}
+    s = settings(tmp_path, search=space, trials=1, budget=0.5)
+    with pytest.raises(NothingFeasible):
+        optimize(s, progress=False)
+    (trial,) = load_study(s).get_trials()
+    assert trial.state.name == "PRUNED"
+    assert trial.user_attrs["pruned_at_epoch"] == objectives_mod.RULE_MIN_EPOCHS - 1  # of 12 epochs
+    curve = trial.user_attrs["train_curve"]
+    assert len(curve) == objectives_mod.RULE_MIN_EPOCHS and min(curve) > 50
+    assert trial.user_attrs["val_accuracy_drop_points"] == pytest.approx(min(curve))
+
+
+def test_watched_training_builds_the_same_model_as_the_step_runner():
+    from slimguard import data, zoo
+    from slimguard.core.config import config_class
+
+    bundle = data.load("digits")
+    ev = objectives_mod.Evaluator(zoo.load("digits-mlp", progress=False), bundle, 1.0)
+    steps = [config_class("magnitude").from_fields({"sparsity": 0.5}),
+             config_class("distill").from_fields({"finetune": {"epochs": 2}})]
+    seen: list[tuple[int, int, int]] = []
+    watched = ev.build(steps, on_epoch=lambda i, epoch, epochs, model: seen.append((i, epoch, epochs)))
+    plain = ev.build(steps)
+    assert seen == [(1, 0, 2), (1, 1, 2)]
+    for (name, a), (_, b) in zip(watched.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    from slimguard.models.spec import maybe_info
+
+    assert maybe_info(watched).history == maybe_info(plain).history
+    assert [h["verb"] for h in maybe_info(watched).history[-2:]] == ["prune", "distill"]
+
+
+def test_target_ort_scores_and_times_onnx_runtime_sessions(tmp_path, monkeypatch):
+    from slimguard.runtime.onnx import OrtModel
+
+    timed: list[tuple[str, str]] = []
+    real = objectives_mod.compare_speed
+
+    def spy(models, *args, **kwargs):
+        timed.append((type(models["baseline"]).__name__, type(models["candidate"]).__name__))
+        assert kwargs["threads"] == 1 and models["candidate"].session.get_session_options().intra_op_num_threads == 1
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(objectives_mod, "compare_speed", spy)
+    space = {**QUICK, "quantize": ["int8-dynamic", "half"]}
+    s = settings(tmp_path, search=space, trials=2, target="ort")
+    result = optimize(s, progress=False)
+    assert timed and set(timed) == {(OrtModel.__name__, OrtModel.__name__)}  # original and candidate on ORT
+    assert result["target"] == "ort" and json.loads((tmp_path / "pareto.json").read_text())["target"] == "ort"
+    done = [t for t in load_study(s).get_trials() if t.state.name == "COMPLETE"]
+    assert done and all(t.user_attrs["target"] == "ort" for t in done)
+    best = (tmp_path / "best.yaml").read_text()
+    assert best.startswith("# target: ort (") and "target ort" in yaml.safe_load(best)["description"]
+    load_recipe(tmp_path / "best.yaml")  # still a recipe compress accepts
+    # the point's validation accuracy is the ONNX Runtime session's, on the exported artifact
+    ev = objectives_mod.Evaluator(artifact.load(tmp_path / "model.slim"), __import__("slimguard").data.load("digits"),
+                                  2.0, target="ort")
+    assert isinstance(ev.base_model, OrtModel)
+    assert ev.base_val_accuracy == pytest.approx(result["chosen_point"]["val_accuracy"], abs=1e-9)
+
+
+def test_target_ort_stops_pipelines_it_cannot_run_and_leaves_them_out_by_default(tmp_path):
+    assert "weight-only" not in settings(tmp_path, target="ort", search={}).search_block()["quantize"]
+    assert "weight-only" in build_space(settings(tmp_path, search={}).search_block()).stages["quantize"]
+    space = {**QUICK, "sparsify": ["none"], "quantize": ["weight-only"], "params": {"weight-only.bits": 4}}
+    s = settings(tmp_path, search=space, trials=1, target="ort")
+    with pytest.raises(NothingFeasible):
+        optimize(s, progress=False)
+    (trial,) = load_study(s).get_trials()
+    assert trial.state.name == "PRUNED" and "do not export to ONNX" in trial.user_attrs["not_deployable"]
+    assert trial.user_attrs["val_accuracy_drop_over_budget"] > 0  # infeasible for the sampler
+
+
+def test_robustness_objective_is_pgd_error_on_bounded_validation_examples(tmp_path):
+    from slimguard import data
+
+    s = settings(tmp_path, objectives=("robustness", "size"), trials=3, robust_eps=0.1, robust_steps=3,
+                 max_examples=32)
+    result = optimize(s, progress=False)
+    assert result["robustness"] == {"attack": "pgd-linf", "eps": 0.1, "steps": 3, "max_examples": 32,
+                                    "split": "val", "objective_key": "val_robust_error"}
+    base = result["baseline"]["val_robust_accuracy"]
+    assert 0 < base < result["baseline"]["val_accuracy"]  # the attack bites: robust accuracy below clean
+    for p in result["points"]:
+        assert p["objectives"]["robustness"] == pytest.approx(1 - p["val_robust_accuracy"])
+        assert p["val_robust_accuracy"] * 32 == pytest.approx(round(p["val_robust_accuracy"] * 32))  # 32 examples
+    point = result["chosen_point"]
+    spec = objectives_mod.Robustness(eps=0.1, steps=3, max_examples=32)
+    again = spec.accuracy(artifact.load(tmp_path / "model.slim"), data.load("digits").val, s.seed)
+    assert again == pytest.approx(point["val_robust_accuracy"], abs=1e-9)  # validation only, reproducible
+    with pytest.raises(ConfigError, match="was made with another robustness"):
+        optimize(settings(tmp_path, objectives=("robustness", "size"), trials=3, robust_eps=0.2, robust_steps=3,
+                          max_examples=32), progress=False)

@@ -117,3 +117,20 @@ def test_bad_search_blocks_are_one_line_config_errors(block, message):
         build_space(block)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_default_space_searches_the_fine_tuning_length_up_to_the_shipped_recipes():
+    from importlib.resources import files
+
+    from slimguard.core.recipe import load as load_recipe
+
+    recipe = load_recipe(files("slimguard") / "recipes" / "prune-resnet.yaml")
+    longest = max(s.epochs for s in recipe.steps if s.config_name == "finetune")
+    space = build_space()
+    for step, path in (("finetune", "epochs"), ("distill", "finetune.epochs")):
+        param = space.params[step][path]
+        assert not param.is_fixed and max(param.choices) >= longest > min(param.choices)
+    params = {"structured": "none", "sparsify": "none", "factorize": "none", "quantize": "none"}
+    (ft,) = space.steps({**params, "train": "finetune", "finetune.epochs": longest}, Proxies())
+    (kd,) = space.steps({**params, "train": "distill", "distill.finetune.epochs": longest}, Proxies())
+    assert ft.epochs == longest and kd.finetune.epochs == longest

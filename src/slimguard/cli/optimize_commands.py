@@ -12,8 +12,6 @@ from slimguard.cli.common import MODEL_ARG, Commands, Session
 commands = Commands()
 register = commands.register  # the CLI calls register(app)
 
-TARGETS = ("torch",)
-
 
 def _objectives(values: list[str]) -> tuple[str, ...]:
     """``--objectives size,latency`` or ``--objectives size --objectives latency`` (both forms)."""
@@ -39,10 +37,11 @@ def optimize(
                                                "validation split, the Pareto points its test split once."),
     budget: float = typer.Option(1.0, help="Allowed validation accuracy drop, in points (a constraint)."),
     objectives: list[str] = typer.Option(
-        ["size,latency"], help="What to minimize, most important first: size, latency, accuracy (repeat the "
-                               "flag or separate with commas)."),
+        ["size,latency"], help="What to minimize, most important first: size, latency, accuracy, robustness "
+                               "(repeat the flag or separate with commas)."),
     trials: int = typer.Option(20, help="Finished trials the study should hold (a resumed study runs the rest)."),
-    target: str = typer.Option("torch", help="Runtime whose speed is measured (torch)."),
+    target: str = typer.Option("torch", help="Runtime candidates are scored and timed on: torch, or ort (ONNX "
+                                             "Runtime, after slimguard's ONNX export; same threads)."),
     space: Path | None = typer.Option(None, help="YAML file with a search: block restricting the space."),
     storage: str | None = typer.Option(None, help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST/DB or "
                                                   "journal:FILE (default: sqlite in --out)."),
@@ -54,6 +53,12 @@ def optimize(
                                help="Stop trials whose validation drop misses the budget after training."),
     speed_budget: float = typer.Option(1.0, help="Seconds each trial's paired speed comparison may take."),
     threads: int = typer.Option(1, min=0, help="Torch threads, pinned while timing (0: torch's default count)."),
+    robust_eps: float = typer.Option(0.1, help="robustness objective: L-inf PGD radius, in raw input units."),
+    robust_steps: int = typer.Option(10, help="robustness objective: PGD steps."),
+    max_examples: int = typer.Option(128, help="robustness objective: validation examples attacked per trial."),
+    warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
+                                    help="A new study first runs the shipped recipes the space can express "
+                                         "(they count against --trials); skipped ones are listed with why."),
     track: bool = typer.Option(True, "--track/--no-track",
                                help="Log trials to TensorBoard (OUT/tensorboard) and MLflow when set up."),
     dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard",
@@ -61,19 +66,16 @@ def optimize(
 ) -> None:
     """Search pipelines of pruning, factorization, training and quantization for the Pareto front of the
     objectives within an accuracy budget; write the front and the chosen point."""
-    from slimguard.core.errors import ConfigError
     from slimguard.search import Settings, read_search_file
     from slimguard.search import optimize as run
 
-    if target not in TARGETS:
-        raise ConfigError(f"--target: {target!r} is not supported by optimize; allowed: {', '.join(TARGETS)} "
-                          "(export the chosen model.slim with `slimguard export` to time it on ONNX Runtime)")
     search = read_search_file(str(space)) if space is not None else {}
     name = data or _model_data(model)
     settings = Settings(model=model, data=name, out=out, budget=budget, objectives=_objectives(objectives),
                         trials=trials, seed=seed, storage=storage, study_name=study_name, search=search,
                         sampler=sampler, workers=workers, prune=prune, speed_budget_s=speed_budget,
-                        threads=threads or None, track=track)
+                        threads=threads or None, track=track, target=target, warm_start=warm_start,
+                        robust_eps=robust_eps, robust_steps=robust_steps, max_examples=max_examples)
     if dashboard:
         typer.echo(dashboard_hint(settings.storage_url))
         return
@@ -85,7 +87,8 @@ def optimize(
         raise typer.Exit(code=130) from None
     point = result["chosen_point"]
     chosen = {**point, "files": result["files"], "hypervolume": result["hypervolume"], "trials": result["trials"],
-              "baseline": result["baseline"], "storage": result["storage"], "study": result["study"]}
+              "baseline": result["baseline"], "storage": result["storage"], "study": result["study"],
+              "target": result["target"]}
     s.emit(chosen, lambda: _show(result, settings.storage_url))
 
 
@@ -105,11 +108,14 @@ def _show(result: dict[str, Any], storage_url: str) -> None:
         steps = " > ".join(next(iter(step)) for step in p["steps"])
         ci = p["speed_ci95"]
         speed = f"{p['speed_ratio']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]"
+        robust = [p["val_robust_accuracy"]] if "robustness" in result else []
         rows.append((f"{p['trial']}{' *' if i == result['chosen'] else ''}", steps, p["val_accuracy_drop_points"],
-                     p["test_accuracy_drop_points"], p["size_ratio"], speed))
+                     p["test_accuracy_drop_points"], p["size_ratio"], speed, *robust))
     t = result["trials"]
+    extra = ["val robust acc"] if "robustness" in result else []
     print_table(f"Pareto front ({t['feasible']} of {t['finished']} trials within {result['budget_points']:g} pts; "
-                f"* chosen)", ["trial", "steps", "val drop", "test drop", "size ratio", "speed [95% CI]"], rows)
+                f"target {result['target']}; * chosen)",
+                ["trial", "steps", "val drop", "test drop", "size ratio", "speed [95% CI]", *extra], rows)
     typer.echo(f"hypervolume {result['hypervolume']:.4g} (reference {result['hypervolume_reference']})")
     for name, path in result["files"].items():
         typer.echo(f"wrote {path}" + ("  (rerun: slimguard compress --recipe " + path + " --out DIR)"

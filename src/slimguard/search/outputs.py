@@ -5,16 +5,21 @@ takes the non-dominated ones (:mod:`slimguard.search.pareto`). Only these points
 split, once each, after the search, so no choice ever saw test data. It writes:
 
 ``pareto.json``
-    ``{"study", "storage", "objectives", "budget_points", "baseline": {"val_accuracy", "test_accuracy",
-    "bytes"}, "trials": {"finished", "complete", "pruned", "failed", "feasible"}, "hypervolume",
-    "hypervolume_reference", "chosen": INDEX, "points": [POINT, ...]}`` where each ``POINT`` is
-    ``{"trial", "steps", "params", "objectives": {name: value}, "val_accuracy", "val_accuracy_drop_points",
+    ``{"study", "storage", "objectives", "budget_points", "target", "baseline": {"val_accuracy",
+    "test_accuracy", "bytes"}, "trials": {"finished", "complete", "pruned", "failed", "feasible"},
+    "hypervolume", "hypervolume_reference", "chosen": INDEX, "points": [POINT, ...], "warm_start": {"enabled",
+    "enqueued": [{"recipe", "params", "options"}], "skipped": [{"recipe", "why"}]}}`` where each ``POINT``
+    is ``{"trial", "steps", "params", "objectives": {name: value}, "val_accuracy", "val_accuracy_drop_points",
     "test_accuracy", "test_accuracy_drop_points", "test_n", "bytes", "size_ratio", "speed_ratio",
-    "speed_ci95", "speed_verdict"}`` (``size_ratio``: candidate bytes / original bytes; ``speed_ratio``:
-    original time / candidate time, with its 95% paired-bootstrap interval).
+    "speed_ci95", "speed_verdict"}`` and ``"warm_start": RECIPE`` when it is a queued shipped recipe
+    (``size_ratio``: candidate bytes / original bytes; ``speed_ratio``:
+    original time / candidate time on the target runtime, with its 95% paired-bootstrap interval). With the
+    ``robustness`` objective, points also hold ``val_robust_accuracy`` and ``val_robust_error``, the baseline
+    ``val_robust_accuracy``, and ``"robustness"`` records the attack (``eps``, ``steps``, ``max_examples``).
 ``best.yaml``
     The chosen point as a recipe (model, data, seed, budget, steps): ``slimguard compress --recipe best.yaml
-    --out DIR`` reruns it.
+    --out DIR`` reruns it. Its first line and its description name the target runtime the point was
+    measured on (``target: ort``: export the artifact with ``slimguard export`` to run it as measured).
 ``model.slim``
     The chosen point's artifact.
 ``report.html``
@@ -27,6 +32,7 @@ The chosen point is the front's best in the first objective of ``--objectives`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +41,8 @@ from slimguard.core.errors import UserError
 from slimguard.core.outputs import atomic_write, write_json_atomic, write_text_atomic
 from slimguard.search.objectives import OBJECTIVES, test_scores
 from slimguard.search.pareto import choose, hypervolume, pareto_indices
+from slimguard.search.warmstart import TRIAL_RECIPE
+from slimguard.search.warmstart import stored as stored_plan
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -46,6 +54,8 @@ OUTPUT_FILES = ("pareto.json", "best.yaml", "model.slim", "report.html")
 
 POINT_KEYS = ("val_accuracy", "val_accuracy_drop_points", "bytes", "size_ratio", "speed_ratio", "speed_ci95",
               "speed_verdict")
+ROBUST_KEYS = ("val_robust_accuracy", "val_robust_error")
+"""Keys a point has when robustness is an objective."""
 
 
 class NothingFeasible(UserError):
@@ -97,13 +107,20 @@ def _model_of(session: Session, trial: Any) -> nn.Module:
     return session.evaluator.build(configs)
 
 
+TARGET_NOTES = {
+    "torch": "latency measured in PyTorch",
+    "ort": "accuracy and latency measured in ONNX Runtime after `slimguard export`; export model.slim to deploy it",
+}
+"""How ``best.yaml`` says which runtime its point was measured on (a recipe has no runtime key of its own)."""
+
+
 def recipe_of(session: Session, trial: Any) -> dict[str, Any]:
-    """The chosen trial as a recipe mapping (``best.yaml``)."""
+    """The chosen trial as a recipe mapping (``best.yaml``); its description names the target runtime."""
     s = session.settings
     names = " -> ".join(next(iter(step)) for step in trial.user_attrs["steps"]) or "no steps"
     return {"name": f"optimize-{s.study_name}-trial-{trial.number}",
             "description": f"found by slimguard optimize (objectives {','.join(s.objectives)}, budget {s.budget:g} "
-                           f"points on validation): {names}",
+                           f"points on validation, target {s.target}: {TARGET_NOTES[s.target]}): {names}",
             "model": s.model, "data": s.data, "task": "classification", "seed": s.seed,
             "budget": {"max_accuracy_drop": s.budget}, "steps": trial.user_attrs["steps"]}
 
@@ -134,6 +151,9 @@ def finalize(session: Session) -> dict[str, Any]:
         point: dict[str, Any] = {"trial": t.number, "steps": t.user_attrs["steps"], "params": dict(t.params),
                                  "objectives": dict(zip(settings.objectives, t.values, strict=True))}
         point.update({k: t.user_attrs.get(k) for k in POINT_KEYS})
+        point.update({k: t.user_attrs[k] for k in ROBUST_KEYS if k in t.user_attrs})
+        if TRIAL_RECIPE in t.user_attrs:
+            point["warm_start"] = t.user_attrs[TRIAL_RECIPE]  # the shipped recipe this trial ran
         point.update(test_scores(evaluator, model))
         points.append(point)
     chosen = choose([[p["objectives"][name] for name in settings.objectives] for p in points])
@@ -142,16 +162,23 @@ def finalize(session: Session) -> dict[str, Any]:
         "study": settings.study_name, "storage": settings.storage_url, "objectives": list(settings.objectives),
         "objective_keys": {name: OBJECTIVES[name][0] for name in settings.objectives},
         "budget_points": settings.budget, "seed": settings.seed, "model": settings.model, "data": settings.data,
+        "target": settings.target,
         "baseline": {"val_accuracy": evaluator.base_val_accuracy, "test_accuracy": evaluator.base_test_accuracy,
                      "bytes": evaluator.base_bytes},
         "trials": counts,
         "hypervolume": hypervolume([[p["objectives"][n] for n in settings.objectives] for p in points], reference),
         "hypervolume_reference": reference, "chosen": chosen, "points": points,
+        "warm_start": stored_plan(session.study),
     }
+    if evaluator.robustness is not None:
+        result["robustness"] = {"attack": "pgd-linf", **dataclasses.asdict(evaluator.robustness),
+                                "split": "val", "objective_key": "val_robust_error"}
+        result["baseline"]["val_robust_accuracy"] = evaluator.base_robust_accuracy
     out = settings.out
     recipe = recipe_of(session, best[chosen])
     write_json_atomic(out / "pareto.json", result)
-    write_text_atomic(out / "best.yaml", "# slimguard compress --recipe best.yaml --out DIR reruns this point\n"
+    write_text_atomic(out / "best.yaml", f"# target: {settings.target} ({TARGET_NOTES[settings.target]})\n"
+                      "# slimguard compress --recipe best.yaml --out DIR reruns this point\n"
                       + yaml.safe_dump(recipe, sort_keys=False))
     artifact.save(models[chosen], out / "model.slim", recipe=recipe)
     write_pareto_report(result, session, out / "report.html")
@@ -263,9 +290,10 @@ def write_pareto_report(result: dict[str, Any], session: Session, path: Path) ->
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style></head>
 <body><h1>{e(title)}</h1>
-<p class="sub">objectives {e(', '.join(result['objectives']))} (minimized), budget {budget:g} accuracy points on the
-validation split; {t['finished']} finished trials ({t['complete']} complete, {t['pruned']} pruned early,
-{t['failed']} failed), {t['feasible']} within the budget. Hypervolume {result['hypervolume']:.4g} against
+<p class="sub">objectives {e(', '.join(result['objectives']))} (minimized) on target {e(result['target'])},
+budget {budget:g} accuracy points on the validation split; {t['finished']} finished trials ({t['complete']}
+complete, {t['pruned']} pruned early, {t['failed']} failed), {t['feasible']} within the budget. Hypervolume
+{result['hypervolume']:.4g} against
 {e(result['hypervolume_reference'])}. Test accuracy was scored once, for the front only.</p>
 <h2>Pareto front</h2>
 <p class="note">Hover a point for its pipeline. Green: chosen; red: the front; blue: other trials within the

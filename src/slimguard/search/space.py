@@ -68,6 +68,11 @@ STAGES: tuple[Stage, ...] = (
 
 RECOVERING_STAGES = ("train",)
 
+EPOCH_CHOICES = (1, 3, 6, 12)
+"""Fine-tuning lengths searched by default, up to the shipped pruning recipes' 12 epochs. A few lengths
+rather than every integer, so the sampler learns from few trials which length pays; a long run that cannot
+reach the budget is stopped after a few epochs (see :mod:`slimguard.search.study`)."""
+
 DEFAULT_SEARCH: dict[str, Any] = {
     "structured": [NONE, "channel"],
     "sparsify": [NONE, "magnitude"],
@@ -78,8 +83,8 @@ DEFAULT_SEARCH: dict[str, Any] = {
         "channel.ratio": [0.1, 0.6],
         "magnitude.sparsity": [0.3, 0.95],
         "lowrank.energy": [0.8, 0.99],
-        "finetune.epochs": [1, 3],
-        "distill.finetune.epochs": [1, 3],
+        "finetune.epochs": {"choices": list(EPOCH_CHOICES)},
+        "distill.finetune.epochs": {"choices": list(EPOCH_CHOICES)},
         "weight-only.bits": {"choices": [4, 8]},
         "weight-only.conv": True,
         "weight-sharing.bits": [3, 6],
@@ -162,8 +167,10 @@ class SearchSpace:
         out["groups"] = self.groups
         return out
 
-    def suggest(self, trial: Any, proxies: Proxies) -> list[Config]:
-        """Draw one pipeline for ``trial``: a step (or none) per stage, then that step's searched options."""
+    def suggest(self, trial: Any, proxies: Proxies, options: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> list[Config]:
+        """Draw one pipeline for ``trial``: a step (or none) per stage, then that step's searched options
+        (``options``: see :meth:`steps`)."""
         for stage in STAGES:
             choices = self.stages.get(stage.name, (NONE,))
             step = choices[0] if len(choices) == 1 else trial.suggest_categorical(stage.name, list(choices))
@@ -172,13 +179,15 @@ class SearchSpace:
             for param in self.params.get(step, {}).values():
                 param.suggest(trial)
             if self.groups:
-                for name, choices_ in self._group_params(step, proxies).items():
+                for name, choices_ in self.group_params(step, proxies).items():
                     trial.suggest_categorical(name, choices_)
                 if step == "channel" and proxies.tolerated and trial.params.get("channel.per_group"):
                     trial.suggest_float("channel.group_scale", *GROUP_SCALE)
-        return self.steps({**trial.params}, proxies)
+        return self.steps({**trial.params}, proxies, options)
 
-    def _group_params(self, step: str, proxies: Proxies) -> dict[str, list[Any]]:
+    def group_params(self, step: str, proxies: Proxies) -> dict[str, list[Any]]:
+        """The per-group choices ``step`` adds when ``groups`` is on (``channel.per_group``,
+        ``<quantize step>.keep_ends``), with their values."""
         out: dict[str, list[Any]] = {}
         if step == "channel" and proxies.tolerated:
             out["channel.per_group"] = [False, True]
@@ -187,13 +196,17 @@ class SearchSpace:
             out[f"{step}.keep_ends"] = [False, True]
         return out
 
-    def steps(self, values: Mapping[str, Any], proxies: Proxies) -> list[Config]:
+    def steps(self, values: Mapping[str, Any], proxies: Proxies,
+              options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Config]:
         """The pipeline a trial's parameters name, as configs in stage order.
 
         Args:
             values: Optuna parameters (``{"structured": "channel", "channel.ratio": 0.4, ...}``); options
                 not among them take the space's fixed value or the config's default.
             proxies: the per-group tolerated ratios and end layers the group choices refer to.
+            options: ``{step: {option: value}}`` set last, over the searched and default values: the options a
+                warm-start trial carries so that it runs a shipped recipe exactly
+                (:mod:`slimguard.search.warmstart`).
         """
         out: list[Config] = []
         for stage in STAGES:
@@ -201,19 +214,20 @@ class SearchSpace:
             step = values.get(stage.name, choices[0])
             if step == NONE:
                 continue
-            options: dict[str, Any] = {}
+            step_options: dict[str, Any] = {}
             for path, param in self.params.get(step, {}).items():
                 value = param.fixed if param.is_fixed else values.get(param.name)
                 if value is not None or param.is_fixed:
-                    _set_path(options, path, copy.deepcopy(value))
+                    _set_path(step_options, path, copy.deepcopy(value))
             if step == "channel" and values.get("channel.per_group") and proxies.tolerated:
                 scale = float(values.get("channel.group_scale", 1.0))
-                options["ratio"] = 0.0  # groups that tolerate no pruning alone keep every channel
-                options["ratios"] = {name: round(min(MAX_GROUP_RATIO, scale * r), 4)
-                                     for name, r in sorted(proxies.tolerated.items())}
+                step_options["ratio"] = 0.0  # groups that tolerate no pruning alone keep every channel
+                step_options["ratios"] = {name: round(min(MAX_GROUP_RATIO, scale * r), 4)
+                                          for name, r in sorted(proxies.tolerated.items())}
             if values.get(f"{step}.keep_ends") and proxies.ends:
-                options["ignore"] = sorted({*options.get("ignore", []), *proxies.ends})
-            out.append(config_class(step).from_fields(options, where=f"search: {step}"))
+                step_options["ignore"] = sorted({*step_options.get("ignore", []), *proxies.ends})
+            step_options.update(copy.deepcopy(dict((options or {}).get(step, {}))))
+            out.append(config_class(step).from_fields(step_options, where=f"search: {step}"))
         return out
 
 

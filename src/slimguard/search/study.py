@@ -14,8 +14,11 @@ Each trial draws a pipeline from the space (:mod:`slimguard.search.space`), meas
 (:mod:`slimguard.search.objectives`) and returns the objectives, all minimized. The budget is a constraint
 (``val_accuracy_drop_points - budget <= 0``) that the sampler (multi-objective TPE or NSGA-II) respects.
 Optuna's own pruners do not work with several objectives, so hopeless trials are pruned here with the
-intermediate validation scores: once the last step that can recover accuracy (fine-tuning, distillation)
-has run, a trial whose validation drop exceeds the budget stops before the artifact and speed measurements.
+intermediate validation scores, at two points: during the last step that can recover accuracy, after each
+epoch of its training, a trial that cannot reach the budget in its remaining epochs stops
+(:func:`slimguard.search.objectives.hopeless_curve`; this is what makes long fine-tuning affordable in the
+space); once that step has run, a trial whose validation drop exceeds the budget stops before the artifact
+and speed measurements.
 """
 
 from __future__ import annotations
@@ -31,14 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from slimguard.core.errors import ConfigError, UserError
-from slimguard.search.objectives import OBJECTIVES, Evaluator, Hopeless
-from slimguard.search.space import RECOVERING_STAGES, STAGES, Proxies, SearchSpace, build_space
+from slimguard.search.objectives import OBJECTIVES, TARGETS, Evaluator, Hopeless, NotDeployable, Robustness
+from slimguard.search.space import DEFAULT_SEARCH, RECOVERING_STAGES, STAGES, Proxies, SearchSpace, build_space
+from slimguard.search.warmstart import TRIAL_OPTIONS, warm_start
 
 SAMPLERS = ("tpe", "nsga2")
 STORAGE_ATTEMPTS = 5
 """Tries at opening an RDB storage (processes that start together race to create its tables)."""
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
-ROBUSTNESS_NOTE = "robustness is not an optimize objective; score a chosen model with `slimguard robustness`"
+ORT_UNSUPPORTED_DEFAULTS = ("weight-only",)
+"""Default quantization steps left out of the space with ``--target ort``: their low-bit layers have no ONNX
+Runtime kernel (:data:`slimguard.runtime.onnx.UNEXPORTABLE`). A ``search:`` block naming one keeps it; such
+trials are then stopped as not deployable."""
 
 
 class StudyMismatch(ConfigError):
@@ -56,7 +63,8 @@ class Settings:
             and by default the study's SQLite file).
         budget: the allowed validation accuracy drop, in points (a constraint of every trial).
         objectives: what to minimize, most important first: ``size`` (file bytes), ``latency`` (paired time
-            ratio), ``accuracy`` (accuracy drop).
+            ratio on ``target``), ``accuracy`` (accuracy drop), ``robustness`` (error under PGD on
+            ``max_examples`` validation examples).
         trials: finished trials the study should hold.
         seed: seeds the data split, the model, every pipeline and the sampler.
         storage: Optuna storage URL, or ``journal:FILE`` (default: ``sqlite:///OUT/study.db``).
@@ -69,6 +77,12 @@ class Settings:
         threads: torch threads pinned while timing.
         track: log every trial to TensorBoard (when installed) and MLflow (when installed and
             ``MLFLOW_TRACKING_URI`` is set).
+        target: ``torch`` or ``ort``: the runtime candidates are scored and timed on (see
+            :class:`slimguard.search.objectives.Evaluator`).
+        warm_start: when the study is created, queue the shipped recipes of the data's task that the space can
+            express as its first trials (see :mod:`slimguard.search.warmstart`); they count against ``trials``.
+        robust_eps, robust_steps, max_examples: the PGD attack of the ``robustness`` objective (L-inf radius in
+            raw input units, steps, validation examples attacked).
     """
 
     model: str
@@ -87,6 +101,11 @@ class Settings:
     speed_budget_s: float = 1.0
     threads: int | None = 1
     track: bool = True
+    target: str = "torch"
+    warm_start: bool = True
+    robust_eps: float = 0.1
+    robust_steps: int = 10
+    max_examples: int = 128
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -94,8 +113,6 @@ class Settings:
         if not self.objectives:
             raise ConfigError("--objectives: give at least one of " + ", ".join(OBJECTIVES))
         for name in self.objectives:
-            if name == "robustness":
-                raise ConfigError(f"--objectives: {ROBUSTNESS_NOTE}")
             if name not in OBJECTIVES:
                 raise ConfigError(f"--objectives: {name!r} is not allowed; allowed: {', '.join(OBJECTIVES)}")
         if len(set(self.objectives)) != len(self.objectives):
@@ -111,6 +128,21 @@ class Settings:
             raise ConfigError("--study-name: give a non-empty name")
         if not self.speed_budget_s > 0:
             raise ConfigError(f"--speed-budget: {self.speed_budget_s!r}; use a positive number of seconds")
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target: {self.target!r} is not allowed; allowed: {', '.join(TARGETS)}")
+        self.robustness_spec().validate()
+
+    def robustness_spec(self) -> Robustness:
+        """How the robustness objective is measured (whether or not it is one of the objectives)."""
+        return Robustness(eps=self.robust_eps, steps=self.robust_steps, max_examples=self.max_examples)
+
+    def search_block(self) -> dict[str, Any]:
+        """The ``search:`` block the space is built from: the user's, and with ``--target ort`` a default
+        quantize stage without the steps ONNX Runtime cannot run (:data:`ORT_UNSUPPORTED_DEFAULTS`)."""
+        block = dict(self.search)
+        if self.target == "ort" and "quantize" not in block:
+            block["quantize"] = [s for s in DEFAULT_SEARCH["quantize"] if s not in ORT_UNSUPPORTED_DEFAULTS]
+        return block
 
     @property
     def storage_url(self) -> str:
@@ -119,8 +151,13 @@ class Settings:
 
     def identity(self, space: SearchSpace) -> dict[str, Any]:
         """What a study searches; a resumed study must match it."""
-        return {"model": self.model, "data": self.data, "budget": self.budget, "objectives": list(self.objectives),
-                "seed": self.seed, "space": space.to_dict()}
+        out = {"model": self.model, "data": self.data, "budget": self.budget, "objectives": list(self.objectives),
+               "seed": self.seed, "space": space.to_dict()}
+        if self.target != "torch":  # absent for torch, so studies made before targets existed still resume
+            out["target"] = self.target
+        if "robustness" in self.objectives:
+            out["robustness"] = dataclasses.asdict(self.robustness_spec())
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -171,6 +208,8 @@ def open_storage(url: str) -> Any:
 
 CONSTRAINT = "val_accuracy_drop_over_budget"
 """The trial's constraint: validation accuracy drop minus the budget, in points (feasible when <= 0)."""
+NOT_DEPLOYABLE_CONSTRAINT = 100.0
+"""The constraint recorded for a pipeline the target runtime cannot run (as if it lost every point)."""
 
 
 def _has_trial_constraints() -> bool:
@@ -266,7 +305,7 @@ def make_objective(settings: Settings, space: SearchSpace, evaluator: Evaluator,
     single = len(settings.objectives) == 1
 
     def objective(trial: Any) -> list[float]:
-        steps = space.suggest(trial, proxies)
+        steps = space.suggest(trial, proxies, trial.user_attrs.get(TRIAL_OPTIONS))
         trial.set_user_attr("steps", [{s.config_name: s.to_dict()["_data"]} for s in steps])
         trial.set_user_attr("worker", worker)
         stage_of = _stage_names(trial.params, space)
@@ -282,16 +321,27 @@ def make_objective(settings: Settings, space: SearchSpace, evaluator: Evaluator,
                                    report=report)
         except Hopeless as exc:
             trial.set_user_attr("pruned_at_step", exc.step)
+            if exc.epoch is not None:
+                trial.set_user_attr("pruned_at_epoch", exc.epoch)
+            trial.set_user_attr("train_curve", exc.curve)
             trial.set_user_attr("val_accuracy_drop_points", exc.drop)
             set_constraint(trial, exc.drop - settings.budget)
+            raise optuna.TrialPruned(str(exc)) from None
+        except NotDeployable as exc:  # infeasible on the target: the sampler learns to avoid such pipelines
+            trial.set_user_attr("not_deployable", str(exc)[:300])
+            set_constraint(trial, NOT_DEPLOYABLE_CONSTRAINT)
             raise optuna.TrialPruned(str(exc)) from None
         except Exception as exc:  # the trial fails (Optuna records it); say why in the trial
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
         for key in ("val_accuracy", "val_accuracy_drop_points", "bytes", "size_ratio", "speed_ratio", "speed_ci95",
-                    "time_ratio", "intermediate"):
+                    "time_ratio", "intermediate", "train_curve"):
             trial.set_user_attr(key, result[key])
         trial.set_user_attr("speed_verdict", result["speed"]["verdict"])
+        trial.set_user_attr("target", result["target"])
+        if "val_robust_accuracy" in result:
+            trial.set_user_attr("val_robust_accuracy", result["val_robust_accuracy"])
+            trial.set_user_attr("val_robust_error", result["val_robust_error"])
         set_constraint(trial, result["val_accuracy_drop_points"] - settings.budget)
         return [float(result[OBJECTIVES[name][0]]) for name in settings.objectives]
 
@@ -351,6 +401,8 @@ class Session:
     study: Any
     proxies: Proxies
     objective: Callable[[Any], list[float]]
+    warm_plan: dict[str, Any] | None = None
+    """The warm-start plan this process made (``None`` when the study already existed)."""
 
     @classmethod
     def start(cls, settings: Settings, *, worker: int = 0, progress: bool = True) -> Session:
@@ -361,16 +413,19 @@ class Session:
         from slimguard import data as sgdata
         from slimguard.models import sources
 
-        space = build_space(settings.search)
+        space = build_space(settings.search_block())
         torch.manual_seed(settings.seed)
         data = sgdata.load(settings.data, seed=settings.seed)
         model = sources.load_model(settings.model, seed=settings.seed, progress=progress)
+        robustness = settings.robustness_spec() if "robustness" in settings.objectives else None
         evaluator = Evaluator(model, data, settings.budget, seed=settings.seed,
-                              speed_budget_s=settings.speed_budget_s, threads=settings.threads)
+                              speed_budget_s=settings.speed_budget_s, threads=settings.threads,
+                              target=settings.target, robustness=robustness)
         study = open_study(settings, space, worker)
         proxies = proxies_for(study, evaluator, space, progress=progress)
+        made = warm_start(study, space, proxies, task=data.task, trials=settings.trials, enabled=settings.warm_start)
         objective = make_objective(settings, space, evaluator, proxies)
-        return cls(settings, space, evaluator, study, proxies, objective)
+        return cls(settings, space, evaluator, study, proxies, objective, made)
 
     def tracker_callbacks(self) -> list[Callable[[Any, Any], None]]:
         from slimguard.search.tracking import trackers

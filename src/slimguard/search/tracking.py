@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS = {"val/accuracy_drop_points": "val_accuracy_drop_points", "size/ratio": "size_ratio",
-           "speed/ratio": "speed_ratio", "size/bytes": "bytes"}
+           "speed/ratio": "speed_ratio", "size/bytes": "bytes", "val/robust_accuracy": "val_robust_accuracy"}
 """Logged metric name -> the trial's user attribute."""
 
 

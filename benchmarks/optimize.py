@@ -6,7 +6,9 @@ Case ``digits32-resnet`` (objectives: file size and latency, budget 1 accuracy p
   default ``search:`` block names, fine-tuning and distillation for 1, 3, 6 or 12 epochs, long runs that cannot
   reach the budget stopped after a few epochs), one process, 1 pinned thread for timing; with the warm start
   (default; ``--no-warm-start`` turns it off) its first trials are the shipped recipes the space expresses
-  exactly (here ``prune-resnet``), and they count against ``--trials``;
+  exactly (here ``prune-resnet``), and they count against ``--trials``; with local moves (default;
+  ``--no-local-moves`` turns them off) the feasible front points are then extended by one more stage
+  (:mod:`slimguard.search.localmoves`), also within ``--trials``;
 * the references are measured with the search's own protocol (:class:`slimguard.search.objectives.Evaluator`:
   validation accuracy drop, ``.slim`` bytes over the original's, paired interleaved speed ratio against the
   original with a 95% bootstrap interval): the shipped recipe for this model (``recipes/prune-resnet.yaml``,
@@ -136,6 +138,7 @@ def trial_log(study: Any) -> list[dict[str, Any]]:
             continue
         a = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name.lower(), "warm_start": a.get("warm_start"),
+                     "local_move": a.get("local_move"),
                      "steps": [next(iter(s)) for s in a.get("steps", [])],
                      "epochs": next((v for k, v in t.params.items() if k.endswith("epochs")), None),
                      "pruned_at_epoch": a.get("pruned_at_epoch"), "train_curve": a.get("train_curve"),
@@ -152,6 +155,8 @@ def main() -> None:
     ap.add_argument("--speed-budget", type=float, default=1.0)
     ap.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
                     help="queue the shipped recipes the space expresses as the first trials (default: on)")
+    ap.add_argument("--local-moves", action=argparse.BooleanOptionalAction, default=True,
+                    help="extend the feasible front points by one more stage between trials (default: on)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -160,7 +165,8 @@ def main() -> None:
         out = args.out or Path(tmpdir) / "search"
         settings = Settings(model=MODEL, data=DATA, out=out, budget=BUDGET, objectives=("size", "latency"),
                             trials=args.trials, seed=args.seed, speed_budget_s=args.speed_budget, threads=THREADS,
-                            track=False, study_name=f"bench-{args.seed}-{args.trials}", warm_start=args.warm_start)
+                            track=False, study_name=f"bench-{args.seed}-{args.trials}", warm_start=args.warm_start,
+                            local_moves=args.local_moves)
         t0 = time.perf_counter()
         result = optimize(settings, progress=False)
         wall = time.perf_counter() - t0
@@ -201,10 +207,12 @@ def main() -> None:
             "this_run_wall_s": round(wall, 1),
             "seconds_to_final_hypervolume": reach, "hypervolume": result["hypervolume"],
             "hypervolume_reference": result["hypervolume_reference"], "baseline": result["baseline"],
-            "front": [{k: p[k] for k in ("trial", "steps", "val_accuracy_drop_points", "test_accuracy_drop_points",
-                                         "test_n", "bytes", "size_ratio", "speed_ratio", "speed_ci95")}
+            "front": [{**{k: p[k] for k in ("trial", "steps", "val_accuracy_drop_points", "test_accuracy_drop_points",
+                                            "test_n", "bytes", "size_ratio", "speed_ratio", "speed_ci95")},
+                       "warm_start": p.get("warm_start"), "local_move": p.get("local_move")}
                       for p in result["points"]],
             "chosen": result["chosen"], "references": rows, "warm_start": result["warm_start"],
+            "local_moves": result["local_moves"],
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
             "loadavg_1_5_15m_after_search": [round(v, 2) for v in load_end],
             "stopped_mid_training": sum(r["pruned_at_epoch"] is not None for r in log), "trial_log": log}

@@ -59,6 +59,9 @@ def optimize(
     warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
                                     help="A new study first runs the shipped recipes the space can express "
                                          "(they count against --trials); skipped ones are listed with why."),
+    local_moves: bool = typer.Option(True, "--local-moves/--no-local-moves",
+                                     help="After the warm start, and every 4 finished trials, queue the feasible "
+                                          "Pareto points extended by one more stage (at most half of --trials)."),
     track: bool = typer.Option(True, "--track/--no-track",
                                help="Log trials to TensorBoard (OUT/tensorboard) and MLflow when set up."),
     dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard",
@@ -75,7 +78,8 @@ def optimize(
                         trials=trials, seed=seed, storage=storage, study_name=study_name, search=search,
                         sampler=sampler, workers=workers, prune=prune, speed_budget_s=speed_budget,
                         threads=threads or None, track=track, target=target, warm_start=warm_start,
-                        robust_eps=robust_eps, robust_steps=robust_steps, max_examples=max_examples)
+                        local_moves=local_moves, robust_eps=robust_eps, robust_steps=robust_steps,
+                        max_examples=max_examples)
     if dashboard:
         typer.echo(dashboard_hint(settings.storage_url))
         return

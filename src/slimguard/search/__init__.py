@@ -38,8 +38,9 @@ def optimize(settings: Settings, *, progress: bool = True) -> dict[str, Any]:
     The output folder is checked before any work. The study is opened (or resumed) in its storage, the cheap
     proxies run once, then trials run until the study holds ``settings.trials`` finished ones, in this
     process or in ``settings.workers`` local worker processes. A new study first runs the shipped recipes the
-    space can express (``settings.warm_start``; :mod:`slimguard.search.warmstart`). Ctrl-C leaves the study
-    resumable: the same call (or command) continues it.
+    space can express (``settings.warm_start``; :mod:`slimguard.search.warmstart`), and the search then extends
+    its best points by one more stage (``settings.local_moves``; :mod:`slimguard.search.localmoves`). Ctrl-C
+    leaves the study resumable: the same call (or command) continues it.
 
     Returns:
         ``pareto.json``'s object (see :mod:`slimguard.search.outputs`) plus ``chosen_point`` and ``files``.
@@ -58,7 +59,7 @@ def optimize(settings: Settings, *, progress: bool = True) -> dict[str, Any]:
             print(line, file=sys.stderr)
     with LiveTable(session.study, trials=settings.trials, budget=settings.budget, enabled=progress) as live:
         if settings.workers == 1:
-            run_trials(settings, session.study, session.objective, [live, *session.tracker_callbacks()])
+            run_trials(settings, session.study, session.objective, [live, *session.callbacks()])
         else:
             run_workers(settings, session, live.update)
     return finalize(session)

@@ -8,11 +8,14 @@ split, once each, after the search, so no choice ever saw test data. It writes:
     ``{"study", "storage", "objectives", "budget_points", "target", "baseline": {"val_accuracy",
     "test_accuracy", "bytes"}, "trials": {"finished", "complete", "pruned", "failed", "feasible"},
     "hypervolume", "hypervolume_reference", "chosen": INDEX, "points": [POINT, ...], "warm_start": {"enabled",
-    "enqueued": [{"recipe", "params", "options"}], "skipped": [{"recipe", "why"}]}}`` where each ``POINT``
+    "enqueued": [{"recipe", "params", "options"}], "skipped": [{"recipe", "why"}]}, "local_moves": {"enabled",
+    "every", "cap", "rounds": [{"after", "queued": [{"from", "stage", "step"}]}], "trials": [{"trial", "from",
+    "stage", "step", "state"}]}}`` where each ``POINT``
     is ``{"trial", "steps", "params", "objectives": {name: value}, "val_accuracy", "val_accuracy_drop_points",
     "test_accuracy", "test_accuracy_drop_points", "test_n", "bytes", "size_ratio", "speed_ratio",
     "speed_ci95", "speed_verdict"}`` and ``"warm_start": RECIPE`` when it is a queued shipped recipe
-    (``size_ratio``: candidate bytes / original bytes; ``speed_ratio``:
+    and ``"local_move": {"from", "stage", "step"}`` when it extends an earlier point by one stage
+    (:mod:`slimguard.search.localmoves`) (``size_ratio``: candidate bytes / original bytes; ``speed_ratio``:
     original time / candidate time on the target runtime, with its 95% paired-bootstrap interval). With the
     ``robustness`` objective, points also hold ``val_robust_accuracy`` and ``val_robust_error``, the baseline
     ``val_robust_accuracy``, and ``"robustness"`` records the attack (``eps``, ``steps``, ``max_examples``).
@@ -39,8 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 from slimguard.core.errors import UserError
 from slimguard.core.outputs import atomic_write, write_json_atomic, write_text_atomic
+from slimguard.search.localmoves import TRIAL_MOVE, feasible_front
+from slimguard.search.localmoves import stored as stored_moves
 from slimguard.search.objectives import OBJECTIVES, test_scores
-from slimguard.search.pareto import choose, hypervolume, pareto_indices
+from slimguard.search.pareto import choose, hypervolume
 from slimguard.search.warmstart import TRIAL_RECIPE
 from slimguard.search.warmstart import stored as stored_plan
 
@@ -74,20 +79,15 @@ def front(session: Session) -> tuple[list[Any], list[Any], dict[str, int]]:
     settings = session.settings
     trials = session.study.get_trials(deepcopy=False)
     counts = {"finished": 0, "complete": 0, "pruned": 0, "failed": 0, "feasible": 0}
-    complete = []
     for t in trials:
         state = t.state.name.lower()
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                        optuna.trial.TrialState.FAIL):
             counts["finished"] += 1
             counts["failed" if state == "fail" else state] += 1
-        # a pipeline with no steps is the original model: a reference, not a candidate
-        if (t.state == optuna.trial.TrialState.COMPLETE and t.values is not None and "size_ratio" in t.user_attrs
-                and t.user_attrs.get("steps")):
-            complete.append(t)
-    feasible = [t for t in complete if t.user_attrs["val_accuracy_drop_points"] <= settings.budget + 1e-9]
+    # a pipeline with no steps is the original model: a reference, not a candidate
+    feasible, best = feasible_front(trials, settings.budget)
     counts["feasible"] = len(feasible)
-    best = [feasible[i] for i in pareto_indices([list(t.values) for t in feasible])]
     return feasible, best, counts
 
 
@@ -154,6 +154,8 @@ def finalize(session: Session) -> dict[str, Any]:
         point.update({k: t.user_attrs[k] for k in ROBUST_KEYS if k in t.user_attrs})
         if TRIAL_RECIPE in t.user_attrs:
             point["warm_start"] = t.user_attrs[TRIAL_RECIPE]  # the shipped recipe this trial ran
+        if TRIAL_MOVE in t.user_attrs:
+            point["local_move"] = t.user_attrs[TRIAL_MOVE]  # the point it extends, and the stage it adds
         point.update(test_scores(evaluator, model))
         points.append(point)
     chosen = choose([[p["objectives"][name] for name in settings.objectives] for p in points])
@@ -168,7 +170,7 @@ def finalize(session: Session) -> dict[str, Any]:
         "trials": counts,
         "hypervolume": hypervolume([[p["objectives"][n] for n in settings.objectives] for p in points], reference),
         "hypervolume_reference": reference, "chosen": chosen, "points": points,
-        "warm_start": stored_plan(session.study),
+        "warm_start": stored_plan(session.study), "local_moves": stored_moves(session.study),
     }
     if evaluator.robustness is not None:
         result["robustness"] = {"attack": "pgd-linf", **dataclasses.asdict(evaluator.robustness),

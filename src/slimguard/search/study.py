@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from slimguard.core.errors import ConfigError, UserError
+from slimguard.search.localmoves import LocalMoves, record
 from slimguard.search.objectives import OBJECTIVES, TARGETS, Evaluator, Hopeless, NotDeployable, Robustness
 from slimguard.search.space import DEFAULT_SEARCH, RECOVERING_STAGES, STAGES, Proxies, SearchSpace, build_space
 from slimguard.search.warmstart import TRIAL_OPTIONS, warm_start
@@ -81,6 +82,9 @@ class Settings:
             :class:`slimguard.search.objectives.Evaluator`).
         warm_start: when the study is created, queue the shipped recipes of the data's task that the space can
             express as its first trials (see :mod:`slimguard.search.warmstart`); they count against ``trials``.
+        local_moves: after the warm-start trials, and then every few finished trials, queue extensions of the
+            feasible Pareto points by one more stage (see :mod:`slimguard.search.localmoves`); they count
+            against ``trials`` (at most half of them).
         robust_eps, robust_steps, max_examples: the PGD attack of the ``robustness`` objective (L-inf radius in
             raw input units, steps, validation examples attacked).
     """
@@ -103,6 +107,7 @@ class Settings:
     track: bool = True
     target: str = "torch"
     warm_start: bool = True
+    local_moves: bool = True
     robust_eps: float = 0.1
     robust_steps: int = 10
     max_examples: int = 128
@@ -386,7 +391,7 @@ def worker_main(settings_dict: dict[str, Any], worker: int) -> None:
     settings = Settings(**{**settings_dict, "out": Path(settings_dict["out"]), "workers": 1})
     try:
         session = Session.start(settings, worker=worker, progress=False)
-        run_trials(settings, session.study, session.objective, session.tracker_callbacks())
+        run_trials(settings, session.study, session.objective, session.callbacks())
     except KeyboardInterrupt:  # Ctrl-C reaches every worker; the parent says how to resume
         return
 
@@ -424,8 +429,16 @@ class Session:
         study = open_study(settings, space, worker)
         proxies = proxies_for(study, evaluator, space, progress=progress)
         made = warm_start(study, space, proxies, task=data.task, trials=settings.trials, enabled=settings.warm_start)
+        record(study, enabled=settings.local_moves, trials=settings.trials)
         objective = make_objective(settings, space, evaluator, proxies)
         return cls(settings, space, evaluator, study, proxies, objective, made)
+
+    def callbacks(self) -> list[Callable[[Any, Any], None]]:
+        """What runs after each finished trial: the local moves (:mod:`slimguard.search.localmoves`), then
+        the trackers."""
+        moves = LocalMoves(self.space, self.proxies, budget=self.settings.budget, trials=self.settings.trials,
+                           enabled=self.settings.local_moves)
+        return [moves, *self.tracker_callbacks()]
 
     def tracker_callbacks(self) -> list[Callable[[Any, Any], None]]:
         from slimguard.search.tracking import trackers

@@ -50,6 +50,8 @@ def test_json_prints_the_chosen_point(tmp_path, space):
     (["--objectives", "size,robustness", "--max-examples", "0"], "error: --max-examples: 0; use 1 or more"),
     (["--storage", "mysql"], "error: --storage: 'mysql' is not a database URL"),
     (["--trials", "0"], "error: --trials: 0; use 1 or more"),
+    (["--min-cosine", "1.5"], "error: --min-cosine: 1.5 is out of range"),
+    (["--min-cosine", "0.95"], "error: --min-cosine: applies to embedding data, and this data set is classification"),
 ])
 def test_user_errors_are_one_line_with_exit_2(tmp_path, args, message):
     res = runner.invoke(APP, ["optimize", "zoo:digits-mlp", "--out", str(tmp_path / "o"), *COMMON, *args])

@@ -35,7 +35,11 @@ def optimize(
                                        "trials' artifacts, and the study's SQLite file unless --storage is given."),
     data: str | None = typer.Option(None, help="Data set (default: the model's own); trials score its "
                                                "validation split, the Pareto points its test split once."),
-    budget: float = typer.Option(1.0, help="Allowed validation accuracy drop, in points (a constraint)."),
+    budget: float | None = typer.Option(None, help="Allowed validation accuracy drop, in points (a constraint; "
+                                                  "classification data; default 1)."),
+    min_cosine: float | None = typer.Option(None, help="Embedding data only: least mean cosine to the original's "
+                                                "embeddings on the validation texts (the constraint instead of "
+                                                "--budget; default 0.99)."),
     objectives: list[str] = typer.Option(
         ["size,latency"], help="What to minimize, most important first: size, latency, accuracy, robustness "
                                "(repeat the flag or separate with commas)."),
@@ -68,18 +72,22 @@ def optimize(
                                    help="Only print how to open optuna-dashboard on the study, then exit."),
 ) -> None:
     """Search pipelines of pruning, factorization, training and quantization for the Pareto front of the
-    objectives within an accuracy budget; write the front and the chosen point."""
+    objectives within an accuracy budget (embedders: a least mean cosine to the original, --min-cosine); write
+    the front and the chosen point."""
     from slimguard.search import Settings, read_search_file
     from slimguard.search import optimize as run
 
     search = read_search_file(str(space)) if space is not None else {}
     name = data or _model_data(model)
-    settings = Settings(model=model, data=name, out=out, budget=budget, objectives=_objectives(objectives),
+    given = tuple(k for k, v in (("budget", budget), ("min_cosine", min_cosine)) if v is not None)
+    settings = Settings(model=model, data=name, out=out, budget=1.0 if budget is None else budget,
+                        objectives=_objectives(objectives),
                         trials=trials, seed=seed, storage=storage, study_name=study_name, search=search,
                         sampler=sampler, workers=workers, prune=prune, speed_budget_s=speed_budget,
                         threads=threads or None, track=track, target=target, warm_start=warm_start,
                         local_moves=local_moves, robust_eps=robust_eps, robust_steps=robust_steps,
-                        max_examples=max_examples)
+                        max_examples=max_examples, min_cosine=0.99 if min_cosine is None else min_cosine,
+                        given=given)
     if dashboard:
         typer.echo(dashboard_hint(settings.storage_url))
         return

@@ -14,6 +14,12 @@ is also judged *while* it trains: :func:`hopeless_curve` stops a long fine-tunin
 in its remaining epochs (validation scores only).
 
 The test split is never touched here; :func:`test_scores` scores a finished point on it, once, at the end.
+
+Embedding data (an embedder, e.g. ``zoo:minilm`` on ``docs-text``) is scored by *fidelity* instead of accuracy:
+the task's metric is the mean cosine similarity of the candidate's embeddings to the original's on the split's
+texts (the original's embeddings are computed once), and the "drop in points" every other part of the search
+reads (the constraint, pruning, the front's columns) is ``(1 - mean cosine) x 100``: cosine points below the
+original's 1. A ``--min-cosine`` of 0.99 is a budget of 1 such point (:func:`cosine_budget_points`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from slimguard.artifact import slim as artifact
 from slimguard.core.config import Config
 from slimguard.core.errors import DataError
 from slimguard.core.registry import verb_of
-from slimguard.core.torch_utils import accuracy
+from slimguard.core.torch_utils import accuracy, eval_mode
 from slimguard.data.core import DataBundle, Split
 from slimguard.evaluate import timing_inputs
 from slimguard.runtime.measure import MEASURE_THREADS, compare_speed
@@ -48,12 +54,18 @@ OBJECTIVES = {
 """Objective name -> (the measured key it minimizes, direction). ``time_ratio`` is 1 / ``speed_ratio``;
 ``val_robust_error`` is 1 - the PGD robust accuracy (:class:`Robustness`)."""
 
+EMBEDDING_TARGETS = ("torch",)
+"""Runtimes an embedder search can time candidates on: ONNX Runtime steps (``ort-int8``) run inside the artifact's
+own embedder there, so the paired comparison sees them; a whole-model ONNX export of a text model is not made."""
+
 TARGETS = ("torch", "ort")
 """Runtimes a search can time (and score) candidates on: PyTorch, or ONNX Runtime after slimguard's export."""
 
 SPEED_ROUNDS = 7
 SPEED_CALLS = 10
 SPEED_BATCH = 64
+EMBED_TIMING_BATCH = 32
+"""Texts per timed call of an embedder (the validation texts, repeated when there are fewer)."""
 
 
 RULE_MIN_EPOCHS = 3
@@ -61,6 +73,16 @@ RULE_MIN_EPOCHS = 3
 recover fastest; a rate taken from them alone would be noise or hope)."""
 RATE_WINDOW = 2
 """Epochs over which the recent recovery rate is averaged."""
+
+
+def cosine_budget_points(min_cosine: float) -> float:
+    """The budget, in the search's points, of a minimum mean cosine to the original (``0.99`` -> ``1.0``).
+
+    Example:
+        >>> cosine_budget_points(0.99)
+        1.0
+    """
+    return round((1.0 - min_cosine) * 100, 10)
 
 
 class Hopeless(Exception):
@@ -205,21 +227,46 @@ class Evaluator:
     base_test_accuracy: float | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.data.task != "classification":
-            raise DataError(f"optimize scores classification data by accuracy; {self.data.name!r} is "
-                            f"{self.data.task} data; search embedding models with a recipe and `compress` instead")
+        from slimguard.core.errors import ConfigError
+
+        if self.data.task not in ("classification", "embedding"):
+            raise DataError(f"optimize scores classification data by accuracy and embedding data by cosine; "
+                            f"{self.data.name!r} is {self.data.task} data; give a data set of one of those tasks")
         if len(self.data.val) == 0:
             raise DataError(f"data {self.data.name!r} has an empty validation split; optimize selects on it")
         if self.target not in TARGETS:
-            from slimguard.core.errors import ConfigError
-
             raise ConfigError(f"--target: {self.target!r} is not allowed; allowed: {', '.join(TARGETS)}")
-        self.inputs = timing_inputs(self.data.val, min(SPEED_BATCH, len(self.data.val)))
+        self.embedding = self.data.task == "embedding"
+        self._references: dict[str, torch.Tensor] = {}
+        if self.embedding:
+            if self.target not in EMBEDDING_TARGETS:
+                raise ConfigError(f"--target: {self.target!r} is not allowed for an embedder; allowed: "
+                                  f"{', '.join(EMBEDDING_TARGETS)} (ort-int8 steps run ONNX Runtime inside it)")
+            if self.robustness is not None:
+                raise ConfigError("--objectives: robustness needs classification data; drop it for an embedder")
+            self.inputs = timing_inputs(self.data.val, min(EMBED_TIMING_BATCH, len(self.data.val)),
+                                        reference=self.model)
+        else:
+            self.inputs = timing_inputs(self.data.val, min(SPEED_BATCH, len(self.data.val)))
         self.base_model = self.deployed(self.model)
-        self.base_val_accuracy = score(self.base_model, self.data.val)
+        self.base_val_accuracy = self.score(self.base_model, self.data.val)
         self.base_bytes = artifact.file_size(self.model)
         self.base_robust_accuracy = (None if self.robustness is None
                                      else self.robustness.accuracy(self.model, self.data.val, self.seed))
+
+    def score(self, model: nn.Module, split: Split) -> float:
+        """The task's metric on ``split``: top-1 accuracy, or for embedding data the mean cosine to the
+        original's embeddings (:func:`fidelity`)."""
+        return self.fidelity(model, split)["cosine_mean"] if self.embedding else score(model, split)
+
+    def fidelity(self, model: nn.Module, split: Split) -> dict[str, float]:
+        """Mean and min cosine of ``model``'s embeddings to the original's on ``split``'s texts (the original's
+        are computed once per split and kept)."""
+        if split.name not in self._references:
+            self._references[split.name] = embeddings(self.model, self.model, list(split.x))
+        cos = torch.nn.functional.cosine_similarity(embeddings(model, self.model, list(split.x)),
+                                                    self._references[split.name], dim=-1)
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
     def deployed(self, model: nn.Module) -> nn.Module:
         """``model`` as it runs on the target: itself (``torch``), or an ONNX Runtime session of its export
@@ -285,12 +332,12 @@ class Evaluator:
         def on_epoch(i: int, epoch: int, epochs: int, model: nn.Module) -> None:
             if i != judge_after:
                 return
-            curve.append((self.base_val_accuracy - score(model, self.data.val)) * 100)
+            curve.append((self.base_val_accuracy - self.score(model, self.data.val)) * 100)
             if hopeless_curve(curve, epochs, self.budget):
                 raise Hopeless(i, min(curve), epoch=epoch, curve=curve)
 
         def after_step(i: int, model: nn.Module) -> None:
-            drop = (self.base_val_accuracy - score(model, self.data.val)) * 100
+            drop = (self.base_val_accuracy - self.score(model, self.data.val)) * 100
             intermediate.append(drop)
             if report is not None:
                 report(i, drop)
@@ -315,7 +362,8 @@ class Evaluator:
         finally:
             pending.unlink(missing_ok=True)
         candidate = self.deployed(reloaded)
-        val = score(candidate, self.data.val)
+        cosines = self.fidelity(candidate, self.data.val) if self.embedding else {}
+        val = cosines["cosine_mean"] if self.embedding else score(candidate, self.data.val)
         comparison = compare_speed({"baseline": self.base_model, "candidate": candidate}, self.inputs,
                                    baseline="baseline", rounds=SPEED_ROUNDS, calls_per_round=SPEED_CALLS,
                                    budget_s=self.speed_budget_s, threads=self.threads, seed=self.seed)
@@ -325,6 +373,8 @@ class Evaluator:
                "bytes": nbytes, "size_ratio": nbytes / self.base_bytes, "speed_ratio": speed["ratio"],
                "speed_ci95": list(speed["ci95"]), "time_ratio": 1.0 / speed["ratio"], "speed": speed,
                "intermediate": intermediate, "train_curve": curve, "target": self.target}
+        if self.embedding:
+            out.update(val_cosine_mean=cosines["cosine_mean"], val_cosine_min=cosines["cosine_min"])
         if self.robustness is not None:
             robust = self.robustness.accuracy(reloaded, self.data.val, self.seed)
             out.update(val_robust_accuracy=robust, val_robust_error=1.0 - robust)
@@ -337,9 +387,28 @@ def score(model: nn.Module, split: Split) -> float:
     return accuracy(model, x, y)
 
 
+@torch.no_grad()
+def embeddings(model: nn.Module, original: nn.Module, texts: list[str], batch_size: int = 32,
+               max_length: int = 128) -> torch.Tensor:
+    """``(N, D)`` float embeddings of ``texts`` by ``model``, tokenized by ``original`` (a compressed embedder
+    keeps its original's tokenizer), ``batch_size`` texts at a time."""
+    tokenize = original.tokenize
+    with eval_mode(model):
+        return torch.cat([model(**tokenize(texts[i : i + batch_size], max_length)).float()  # type: ignore[operator]
+                          for i in range(0, len(texts), batch_size)])
+
+
 def test_scores(evaluator: Evaluator, model: nn.Module) -> dict[str, float]:
     """The test accuracy of a finished point and its drop in points against the original's test accuracy, both
-    on the target runtime (the test split's only use: once per Pareto point, after the search)."""
+    on the target runtime (the test split's only use: once per Pareto point, after the search). For an
+    embedder: ``test_cosine_mean``/``test_cosine_min`` to the original's test embeddings, ``test_accuracy`` the
+    mean cosine and the drop ``(1 - mean cosine) x 100``."""
+    if evaluator.embedding:
+        cos = evaluator.fidelity(evaluator.deployed(model), evaluator.data.test)
+        evaluator.base_test_accuracy = 1.0
+        return {"test_accuracy": cos["cosine_mean"], "test_accuracy_drop_points": (1.0 - cos["cosine_mean"]) * 100,
+                "test_cosine_mean": cos["cosine_mean"], "test_cosine_min": cos["cosine_min"],
+                "test_n": len(evaluator.data.test)}
     if evaluator.base_test_accuracy is None:
         evaluator.base_test_accuracy = score(evaluator.base_model, evaluator.data.test)
     acc = score(evaluator.deployed(model), evaluator.data.test)

@@ -19,6 +19,9 @@ split, once each, after the search, so no choice ever saw test data. It writes:
     original time / candidate time on the target runtime, with its 95% paired-bootstrap interval). With the
     ``robustness`` objective, points also hold ``val_robust_accuracy`` and ``val_robust_error``, the baseline
     ``val_robust_accuracy``, and ``"robustness"`` records the attack (``eps``, ``steps``, ``max_examples``).
+    For an embedder the "accuracy" keys hold its metric, the mean cosine to the original's embeddings (the
+    baseline's is 1), the drops are ``(1 - mean cosine) x 100`` cosine points, and points also hold
+    ``val_cosine_mean``/``val_cosine_min`` and ``test_cosine_mean``/``test_cosine_min``.
 ``best.yaml``
     The chosen point as a recipe (model, data, seed, budget, steps): ``slimguard compress --recipe best.yaml
     --out DIR`` reruns it. Its first line and its description name the target runtime the point was
@@ -61,6 +64,8 @@ POINT_KEYS = ("val_accuracy", "val_accuracy_drop_points", "bytes", "size_ratio",
               "speed_verdict")
 ROBUST_KEYS = ("val_robust_accuracy", "val_robust_error")
 """Keys a point has when robustness is an objective."""
+COSINE_KEYS = ("val_cosine_mean", "val_cosine_min")
+"""What an embedder's points also hold: the mean and min cosine to the original's validation embeddings."""
 
 
 class NothingFeasible(UserError):
@@ -118,11 +123,15 @@ def recipe_of(session: Session, trial: Any) -> dict[str, Any]:
     """The chosen trial as a recipe mapping (``best.yaml``); its description names the target runtime."""
     s = session.settings
     names = " -> ".join(next(iter(step)) for step in trial.user_attrs["steps"]) or "no steps"
+    task = session.evaluator.data.task
+    budget: dict[str, float] = ({"min_cosine_mean": s.min_cosine} if task == "embedding"
+                                else {"max_accuracy_drop": s.budget})
+    said = (f"mean cosine >= {s.min_cosine:g}" if task == "embedding" else f"budget {s.budget:g} points")
     return {"name": f"optimize-{s.study_name}-trial-{trial.number}",
-            "description": f"found by slimguard optimize (objectives {','.join(s.objectives)}, budget {s.budget:g} "
-                           f"points on validation, target {s.target}: {TARGET_NOTES[s.target]}): {names}",
-            "model": s.model, "data": s.data, "task": "classification", "seed": s.seed,
-            "budget": {"max_accuracy_drop": s.budget}, "steps": trial.user_attrs["steps"]}
+            "description": f"found by slimguard optimize (objectives {','.join(s.objectives)}, {said} "
+                           f"on validation, target {s.target}: {TARGET_NOTES[s.target]}): {names}",
+            "model": s.model, "data": s.data, "task": task, "seed": s.seed,
+            "budget": budget, "steps": trial.user_attrs["steps"]}
 
 
 def finalize(session: Session) -> dict[str, Any]:
@@ -151,7 +160,7 @@ def finalize(session: Session) -> dict[str, Any]:
         point: dict[str, Any] = {"trial": t.number, "steps": t.user_attrs["steps"], "params": dict(t.params),
                                  "objectives": dict(zip(settings.objectives, t.values, strict=True))}
         point.update({k: t.user_attrs.get(k) for k in POINT_KEYS})
-        point.update({k: t.user_attrs[k] for k in ROBUST_KEYS if k in t.user_attrs})
+        point.update({k: t.user_attrs[k] for k in (*ROBUST_KEYS, *COSINE_KEYS) if k in t.user_attrs})
         if TRIAL_RECIPE in t.user_attrs:
             point["warm_start"] = t.user_attrs[TRIAL_RECIPE]  # the shipped recipe this trial ran
         if TRIAL_MOVE in t.user_attrs:

@@ -35,8 +35,24 @@ from typing import Any
 
 from slimguard.core.errors import ConfigError, UserError
 from slimguard.search.localmoves import LocalMoves, record
-from slimguard.search.objectives import OBJECTIVES, TARGETS, Evaluator, Hopeless, NotDeployable, Robustness
-from slimguard.search.space import DEFAULT_SEARCH, RECOVERING_STAGES, STAGES, Proxies, SearchSpace, build_space
+from slimguard.search.objectives import (
+    OBJECTIVES,
+    TARGETS,
+    Evaluator,
+    Hopeless,
+    NotDeployable,
+    Robustness,
+    cosine_budget_points,
+)
+from slimguard.search.space import (
+    DEFAULT_SEARCH,
+    NONE,
+    RECOVERING_STAGES,
+    STAGES,
+    Proxies,
+    SearchSpace,
+    build_space,
+)
 from slimguard.search.warmstart import TRIAL_OPTIONS, warm_start
 
 SAMPLERS = ("tpe", "nsga2")
@@ -47,6 +63,15 @@ ORT_UNSUPPORTED_DEFAULTS = ("weight-only",)
 """Default quantization steps left out of the space with ``--target ort``: their low-bit layers have no ONNX
 Runtime kernel (:data:`slimguard.runtime.onnx.UNEXPORTABLE`). A ``search:`` block naming one keeps it; such
 trials are then stopped as not deployable."""
+EMBEDDING_SEARCH: dict[str, Any] = {
+    "structured": [NONE],
+    "train": [NONE],
+    "quantize": [NONE, "int8-dynamic", "ort-int8", "half", "weight-sharing"],
+}
+"""The default stages of an embedder search (a user's ``search:`` block overrides them stage by stage): the
+steps that need labels (``finetune``, ``distill``), calibration tensors (``int8-static``) or accuracy
+sensitivity (channel pruning by group) are left out; ``ort-int8`` (the shipped ``minilm-fast`` recipe's step)
+is added."""
 
 
 class StudyMismatch(ConfigError):
@@ -62,7 +87,12 @@ class Settings:
         data: the data set (trials score its ``val`` split; the ``test`` split is scored once at the end).
         out: the output folder (``pareto.json``, ``best.yaml``, ``model.slim``, ``report.html``, ``trials/``,
             and by default the study's SQLite file).
-        budget: the allowed validation accuracy drop, in points (a constraint of every trial).
+        budget: the allowed validation accuracy drop, in points (a constraint of every trial). For embedding
+            data it is set from ``min_cosine`` when the data is loaded (:meth:`for_task`).
+        min_cosine: embedding data only: the least mean cosine to the original's embeddings on the validation
+            texts (the constraint; ``budget`` becomes ``(1 - min_cosine) x 100`` cosine points).
+        given: the names of the options above the caller set on purpose (``budget``, ``min_cosine``), so that
+            one that does not apply to the data's task is refused rather than ignored.
         objectives: what to minimize, most important first: ``size`` (file bytes), ``latency`` (paired time
             ratio on ``target``), ``accuracy`` (accuracy drop), ``robustness`` (error under PGD on
             ``max_examples`` validation examples).
@@ -111,6 +141,8 @@ class Settings:
     robust_eps: float = 0.1
     robust_steps: int = 10
     max_examples: int = 128
+    min_cosine: float = 0.99
+    given: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -136,15 +168,29 @@ class Settings:
         if self.target not in TARGETS:
             raise ConfigError(f"--target: {self.target!r} is not allowed; allowed: {', '.join(TARGETS)}")
         self.robustness_spec().validate()
+        if not 0 < self.min_cosine <= 1:
+            raise ConfigError(f"--min-cosine: {self.min_cosine!r} is out of range; allowed: (0, 1], e.g. 0.99")
+
+    def for_task(self, task: str) -> None:
+        """Set the budget from ``min_cosine`` for embedding data (classification keeps ``budget``)."""
+        if task == "embedding":
+            if "budget" in self.given:
+                raise ConfigError("--budget: an accuracy drop applies to classification data, and this data set "
+                                  "is embedding data; give --min-cosine (default 0.99) instead")
+            self.budget = cosine_budget_points(self.min_cosine)
+        elif "min_cosine" in self.given:
+            raise ConfigError(f"--min-cosine: applies to embedding data, and this data set is {task} data; "
+                              "give --budget (accuracy points) instead")
 
     def robustness_spec(self) -> Robustness:
         """How the robustness objective is measured (whether or not it is one of the objectives)."""
         return Robustness(eps=self.robust_eps, steps=self.robust_steps, max_examples=self.max_examples)
 
-    def search_block(self) -> dict[str, Any]:
-        """The ``search:`` block the space is built from: the user's, and with ``--target ort`` a default
-        quantize stage without the steps ONNX Runtime cannot run (:data:`ORT_UNSUPPORTED_DEFAULTS`)."""
-        block = dict(self.search)
+    def search_block(self, task: str = "classification") -> dict[str, Any]:
+        """The ``search:`` block the space is built from: the user's, over :data:`EMBEDDING_SEARCH` for
+        embedding data, and with ``--target ort`` a default quantize stage without the steps ONNX Runtime
+        cannot run (:data:`ORT_UNSUPPORTED_DEFAULTS`)."""
+        block = {**(EMBEDDING_SEARCH if task == "embedding" else {}), **self.search}
         if self.target == "ort" and "quantize" not in block:
             block["quantize"] = [s for s in DEFAULT_SEARCH["quantize"] if s not in ORT_UNSUPPORTED_DEFAULTS]
         return block
@@ -284,7 +330,7 @@ def proxies_for(study: Any, evaluator: Evaluator, space: SearchSpace, *, progres
     from slimguard.prune.sensitivity import ratios_from_sensitivity, sensitivity
 
     tolerated: dict[str, float] = {}
-    if space.groups and "channel" in space.stages.get("structured", ()):
+    if space.groups and "channel" in space.stages.get("structured", ()) and not evaluator.embedding:
         result = sensitivity(evaluator.model, evaluator.data, method="channel", sparsities=(0.25, 0.5, 0.75),
                              max_examples=256, progress=progress)
         tolerated = ratios_from_sensitivity(result, max_drop=evaluator.budget / 100)
@@ -347,6 +393,9 @@ def make_objective(settings: Settings, space: SearchSpace, evaluator: Evaluator,
         if "val_robust_accuracy" in result:
             trial.set_user_attr("val_robust_accuracy", result["val_robust_accuracy"])
             trial.set_user_attr("val_robust_error", result["val_robust_error"])
+        for key in ("val_cosine_mean", "val_cosine_min"):
+            if key in result:
+                trial.set_user_attr(key, result[key])
         set_constraint(trial, result["val_accuracy_drop_points"] - settings.budget)
         return [float(result[OBJECTIVES[name][0]]) for name in settings.objectives]
 
@@ -418,9 +467,10 @@ class Session:
         from slimguard import data as sgdata
         from slimguard.models import sources
 
-        space = build_space(settings.search_block())
         torch.manual_seed(settings.seed)
         data = sgdata.load(settings.data, seed=settings.seed)
+        settings.for_task(data.task)
+        space = build_space(settings.search_block(data.task))
         model = sources.load_model(settings.model, seed=settings.seed, progress=progress)
         robustness = settings.robustness_spec() if "robustness" in settings.objectives else None
         evaluator = Evaluator(model, data, settings.budget, seed=settings.seed,

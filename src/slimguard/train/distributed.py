@@ -175,6 +175,9 @@ def process_group() -> Iterator[str | None]:
     name = setup()
     try:
         yield name
+        # every rank is done before any rank destroys its end of the group: a rank that tears down while
+        # another still talks to it can abort in gloo's destructor ("terminate called ...")
+        barrier()
     finally:
         teardown()
 

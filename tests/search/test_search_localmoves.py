@@ -68,6 +68,16 @@ def test_extensions_add_each_option_of_each_later_stage_once_at_the_middle_of_it
     assert keep[0]["params"] == {"quantize": "weight-only", "weight-only.bits": 8, "weight-only.keep_ends": False}
 
 
+def test_longer_training_takes_the_next_longer_epoch_choice_and_stops_at_the_longest():
+    short = pipeline(structured="channel", **{"channel.ratio": 0.5}, train="finetune", **{"finetune.epochs": 3})
+    moves = lm.longer(short, SPACE)
+    assert moves == [{"stage": "train", "step": "finetune", "params": {**short, "finetune.epochs": 6},
+                      "change": "finetune.epochs 3 -> 6"}]
+    assert lm.extensions(short, SPACE, PROXIES)[-1] == moves[0]  # after the added stages
+    assert lm.longer(PRUNED, SPACE) == []  # 12 epochs: the longest choice
+    assert lm.longer(pipeline(structured="channel", **{"channel.ratio": 0.5}), SPACE) == []  # no training step
+
+
 def test_a_round_extends_only_feasible_front_points_round_robin():
     study = optuna.create_study(directions=["minimize", "minimize"])
     done(study, PRUNED, 0.25, 0.36, 0.2)                                       # 0: on the front
@@ -76,7 +86,8 @@ def test_a_round_extends_only_feasible_front_points_round_robin():
     done(study, pipeline(train="finetune", **{"finetune.epochs": 1}), 0.9, 0.3, 0.0)      # 3: on the front
     moves = lm.plan_round(study.get_trials(), SPACE, PROXIES, budget=1.0, trials_total=40)
     assert [(m["from"], m["step"]) for m in moves] == [(0, "half"), (3, "half"), (0, "weight-sharing"),
-                                                       (3, "weight-sharing")]
+                                                       (3, "weight-sharing"), (3, "finetune")]
+    assert moves[-1]["change"] == "finetune.epochs 1 -> 3"  # point 0 already trains for the longest choice
     assert all(m["params"]["structured"] == "channel" and m["params"]["channel.ratio"] == 0.5
                for m in moves if m["from"] == 0)
 

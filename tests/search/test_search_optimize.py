@@ -332,3 +332,33 @@ def test_robustness_objective_is_pgd_error_on_bounded_validation_examples(tmp_pa
     with pytest.raises(ConfigError, match="was made with another robustness"):
         optimize(settings(tmp_path, objectives=("robustness", "size"), trials=3, robust_eps=0.2, robust_steps=3,
                           max_examples=32), progress=False)
+
+
+def test_a_repeated_pipeline_is_replayed_not_measured_and_does_not_count(tmp_path, monkeypatch):
+    # two distinct pipelines in the whole space: after both, every draw repeats one of them
+    space = {**QUICK, "sparsify": ["none"], "quantize": ["int8-dynamic", "half"], "params": {}}
+    real = objectives_mod.Evaluator.run
+    measured: list[str] = []
+
+    def counting(self, steps, *args, **kwargs):
+        measured.append(" > ".join(s.config_name for s in steps))
+        return real(self, steps, *args, **kwargs)
+
+    monkeypatch.setattr(objectives_mod.Evaluator, "run", counting)
+    monkeypatch.setattr("slimguard.search.study.REPEAT_LIMIT", 3)
+    s = settings(tmp_path, search=space, trials=4, warm_start=False)
+    with pytest.warns(UserWarning, match="space looks exhausted after 2 distinct pipelines"):
+        result = optimize(s, progress=False)
+    assert sorted(measured) == ["half", "int8-dynamic"]  # each measured once
+    trials = load_study(s).get_trials()
+    repeats = [t for t in trials if "repeat_of" in t.user_attrs]
+    assert len(repeats) == len(trials) - 2 >= 3
+    for t in repeats:
+        twin = trials[t.user_attrs["repeat_of"]]
+        assert t.user_attrs["steps"] == twin.user_attrs["steps"] and t.values == twin.values
+        assert t.user_attrs["size_ratio"] == twin.user_attrs["size_ratio"]
+    assert result["trials"]["finished"] == 2 and result["trials"]["repeats"] == len(repeats)
+    assert result["trials"]["exhausted"]["repeats_in_a_row"] == 3
+    assert {p["trial"] for p in result["points"]} <= {t.number for t in trials if "repeat_of" not in t.user_attrs}
+    got = summary(load_study(s), trials=4, budget=s.budget, started=0.0, done_at_start=0, now=1.0)
+    assert (got["done"], got["repeats"]) == (2, len(repeats))

@@ -21,13 +21,16 @@ The rules, all deterministic (no randomness, so every seed gives the same moves 
   in [3, 6] gives 5) or the middle of their choices (index ``len // 2``; ``weight-only.bits`` in [4, 8] gives
   8); its per-group choices (``keep_ends``) are off, so the step applies everywhere as the point's steps do.
   Options a warm-start point carries (its recipe's unsearched options) travel with its extensions.
+- **Longer training.** After those, for each training step of the point whose length (``...epochs``) the space
+  searches among choices, the point with the next longer choice (:func:`longer`; ``finetune.epochs`` 3 gives 6).
 - **Never twice.** An extension whose parameters equal those of any trial in the study (finished, running
   or queued) is not queued.
 - **Within the budget of trials.** Extensions are taken round-robin over the points (each point's first
   extension, then each point's second, ...) while the study has room: queued trials count against
   ``--trials``, and local moves run at most half of them (:func:`cap`), so the sampler keeps the rest.
 
-Each queued trial carries ``local_move`` (``{"from": TRIAL, "stage", "step"}``) as a user attribute; the study
+Each queued trial carries ``local_move`` (``{"from": TRIAL, "stage", "step"}``, and ``"change"`` for a longer
+training, e.g. ``"finetune.epochs 3 -> 6"``) as a user attribute; the study
 keeps the rounds (:data:`ATTR`) and ``pareto.json`` reports them with the trial numbers they became
 (:func:`stored`). ``--no-local-moves`` queues none.
 """
@@ -40,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from slimguard.search.pareto import pareto_indices
-from slimguard.search.space import NONE, STAGES, Param, Proxies, SearchSpace
+from slimguard.search.space import NONE, RECOVERING_STAGES, STAGES, Param, Proxies, SearchSpace
 from slimguard.search.warmstart import ATTR as WARM_ATTR
 from slimguard.search.warmstart import TRIAL_OPTIONS, _same
 
@@ -50,6 +53,9 @@ TRIAL_MOVE = "local_move"
 """A queued trial's user attribute: ``{"from": TRIAL, "stage": STAGE, "step": STEP}``."""
 EVERY = 4
 """Finished trials between two rounds (and before the first one when there is no warm start)."""
+REPEAT = "repeat_of"
+"""A trial's user attribute when its pipeline equals that of an earlier measured trial: that trial's number
+(its results are replayed, see :mod:`slimguard.search.study`; the earlier trial stands for it on the front)."""
 
 
 def cap(trials: int) -> int:
@@ -58,11 +64,11 @@ def cap(trials: int) -> int:
 
 
 def feasible_front(trials: Sequence[Any], budget: float) -> tuple[list[Any], list[Any]]:
-    """``(feasible, front)``: the completed trials with measurements and at least one step whose validation
-    drop is within ``budget`` points, and the non-dominated ones among them (on the trials' objective values,
-    all measured on validation data), in trial order."""
+    """``(feasible, front)``: the completed trials with measurements (repeats left out) and at least one step
+    whose validation drop is within ``budget`` points, and the non-dominated ones among them (on the trials'
+    objective values, all measured on validation data), in trial order."""
     feasible = [t for t in trials if t.state.name == "COMPLETE" and t.values is not None
-                and "size_ratio" in t.user_attrs and t.user_attrs.get("steps")
+                and "size_ratio" in t.user_attrs and REPEAT not in t.user_attrs and t.user_attrs.get("steps")
                 and t.user_attrs["val_accuracy_drop_points"] <= budget + 1e-9]
     return feasible, [feasible[i] for i in pareto_indices([list(t.values) for t in feasible])]
 
@@ -105,6 +111,29 @@ def extensions(params: Mapping[str, Any], space: SearchSpace, proxies: Proxies) 
                 for group_param in space.group_params(step, proxies):
                     new[group_param] = False
             out.append({"stage": name, "step": step, "params": new})
+    return out + longer(params, space)
+
+
+def longer(params: Mapping[str, Any], space: SearchSpace) -> list[dict[str, Any]]:
+    """The *longer training* moves of a trial's parameters: for each training step it runs (a stage of
+    :data:`~slimguard.search.space.RECOVERING_STAGES`) whose length (an option named ``...epochs``) the space
+    searches among choices, the same parameters with the next longer choice, ``{"stage", "step", "params",
+    "change"}`` each. A pruned model that recovered most of its accuracy in 3 epochs may recover the rest in
+    6, which the sampler, drawing lengths independently of the pruning ratio, is slow to try."""
+    out = []
+    for name in RECOVERING_STAGES:
+        step = _stage_step(params, space, name)
+        if step == NONE:
+            continue
+        for param in space.params.get(step, {}).values():
+            if param.is_fixed or not param.choices or not param.name.endswith("epochs") \
+                    or param.name not in params:
+                continue
+            now = params[param.name]
+            more = sorted(c for c in param.choices if isinstance(c, (int, float)) and c > now)
+            if more:
+                out.append({"stage": name, "step": step, "params": {**params, param.name: more[0]},
+                            "change": f"{param.name} {now} -> {more[0]}"})
     return out
 
 
@@ -140,7 +169,7 @@ def plan_round(trials: Sequence[Any], space: SearchSpace, proxies: Proxies, *, b
     ``{"from", "stage", "step", "params", "options"}`` each."""
     _, front = feasible_front(trials, budget)
     front = sorted(front, key=lambda t: (list(t.values), t.number))
-    finished = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+    finished = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and REPEAT not in t.user_attrs for t in trials)
     pending = sum(t.state.name in ("RUNNING", "WAITING") for t in trials)
     used = sum(TRIAL_MOVE in t.user_attrs for t in trials)
     room = min(trials_total - finished - pending, cap(trials_total) - used)
@@ -175,17 +204,19 @@ class LocalMoves:
         if not self.enabled:
             return
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+        finished = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and REPEAT not in t.user_attrs for t in trials)
         waiting = sum(t.state.name == "WAITING" for t in trials)
         if not due(study.user_attrs, finished, waiting):
             return
         moves = plan_round(trials, self.space, self.proxies, budget=self.budget, trials_total=self.trials)
         for move in moves:
             study.enqueue_trial(move["params"], user_attrs={
-                TRIAL_MOVE: {"from": move["from"], "stage": move["stage"], "step": move["step"]},
+                TRIAL_MOVE: {"from": move["from"], "stage": move["stage"], "step": move["step"],
+                             **({"change": move["change"]} if "change" in move else {})},
                 TRIAL_OPTIONS: move["options"]})
         state = dict(study.user_attrs.get(ATTR) or record(study, enabled=True, trials=self.trials))
-        queued = [{"from": m["from"], "stage": m["stage"], "step": m["step"]} for m in moves]
+        queued = [{"from": m["from"], "stage": m["stage"], "step": m["step"],
+                   **({"change": m["change"]} if "change" in m else {})} for m in moves]
         study.set_user_attr(ATTR, {**state, "rounds": [*state["rounds"], {"after": finished, "queued": queued}]})
 
 

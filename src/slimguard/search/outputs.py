@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from slimguard.core.errors import UserError
 from slimguard.core.outputs import atomic_write, write_json_atomic, write_text_atomic
-from slimguard.search.localmoves import TRIAL_MOVE, feasible_front
+from slimguard.search.localmoves import REPEAT, TRIAL_MOVE, feasible_front
 from slimguard.search.localmoves import stored as stored_moves
 from slimguard.search.objectives import OBJECTIVES, test_scores
 from slimguard.search.pareto import choose, hypervolume
@@ -77,22 +77,28 @@ def reference_point(objectives: tuple[str, ...], budget: float) -> list[float]:
     return [budget if name == "accuracy" else 1.0 for name in objectives]
 
 
-def front(session: Session) -> tuple[list[Any], list[Any], dict[str, int]]:
-    """``(feasible completed trials, the non-dominated ones among them, counts by state)``."""
+def front(session: Session) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """``(feasible completed trials, the non-dominated ones among them, counts by state)``: the counts are of
+    distinct pipelines measured; ``repeats`` counts the draws that replayed one (not measured again), and
+    ``exhausted`` is present when the search stopped because the sampler only drew repeats."""
     import optuna
 
     settings = session.settings
     trials = session.study.get_trials(deepcopy=False)
-    counts = {"finished": 0, "complete": 0, "pruned": 0, "failed": 0, "feasible": 0}
+    counts: dict[str, Any] = {"finished": 0, "complete": 0, "pruned": 0, "failed": 0, "feasible": 0, "repeats": 0}
     for t in trials:
         state = t.state.name.lower()
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                       optuna.trial.TrialState.FAIL):
+        if REPEAT in t.user_attrs:
+            counts["repeats"] += 1
+        elif t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                         optuna.trial.TrialState.FAIL):
             counts["finished"] += 1
             counts["failed" if state == "fail" else state] += 1
     # a pipeline with no steps is the original model: a reference, not a candidate
     feasible, best = feasible_front(trials, settings.budget)
     counts["feasible"] = len(feasible)
+    if "exhausted" in session.study.user_attrs:
+        counts["exhausted"] = session.study.user_attrs["exhausted"]
     return feasible, best, counts
 
 

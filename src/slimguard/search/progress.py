@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from slimguard.search.localmoves import REPEAT
 from slimguard.ui import is_quiet
 
 LAST_ROWS = 6
@@ -17,15 +18,17 @@ LAST_ROWS = 6
 
 def summary(study: Any, *, trials: int, budget: float, started: float, done_at_start: int,
             now: float | None = None) -> dict[str, Any]:
-    """Counts and bests of ``study``: ``done`` (finished trials), ``total``, ``complete``, ``pruned``,
+    """Counts and bests of ``study``: ``done`` (finished trials, repeats left out), ``repeats`` (draws of a
+    pipeline already measured, replayed), ``total``, ``complete``, ``pruned``,
     ``failed``, ``feasible``, ``best_size_ratio`` and ``best_speed_ratio`` (within the budget; None until
     one is), ``eta_s`` (from this run's pace; None before its first trial) and ``last`` (the newest trials)."""
     import optuna
 
     states = optuna.trial.TrialState
     all_trials = study.get_trials(deepcopy=False)
-    done = [t for t in all_trials if t.state in (states.COMPLETE, states.PRUNED, states.FAIL)]
-    feasible = [t for t in all_trials if t.state == states.COMPLETE and "size_ratio" in t.user_attrs
+    ended = [t for t in all_trials if t.state in (states.COMPLETE, states.PRUNED, states.FAIL)]
+    done = [t for t in ended if REPEAT not in t.user_attrs]
+    feasible = [t for t in done if t.state == states.COMPLETE and "size_ratio" in t.user_attrs
                 and t.user_attrs.get("val_accuracy_drop_points", float("inf")) <= budget + 1e-9
                 and t.user_attrs.get("steps")]
     elapsed = (time.monotonic() if now is None else now) - started
@@ -36,6 +39,7 @@ def summary(study: Any, *, trials: int, budget: float, started: float, done_at_s
         "complete": sum(t.state == states.COMPLETE for t in done),
         "pruned": sum(t.state == states.PRUNED for t in done),
         "failed": sum(t.state == states.FAIL for t in done),
+        "repeats": len(ended) - len(done),
         "feasible": len(feasible),
         "best_size_ratio": min((t.user_attrs["size_ratio"] for t in feasible), default=None),
         "best_speed_ratio": max((t.user_attrs["speed_ratio"] for t in feasible), default=None),
@@ -70,7 +74,8 @@ class LiveTable:
         self.budget = budget
         self.enabled = enabled and not is_quiet()
         self.started = time.monotonic()
-        self.done_at_start = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+        self.done_at_start = len([t for t in study.get_trials(deepcopy=False)
+                                  if t.state.is_finished() and REPEAT not in t.user_attrs])
         self._live: Any = None
 
     def __enter__(self) -> LiveTable:
@@ -102,7 +107,8 @@ class LiveTable:
                     done_at_start=self.done_at_start)
         best_size = "-" if s["best_size_ratio"] is None else f"{s['best_size_ratio']:.3f}"
         best_speed = "-" if s["best_speed_ratio"] is None else f"{s['best_speed_ratio']:.2f}x"
-        table = Table(title=(f"optimize: {s['done']}/{s['total']} trials ({s['pruned']} pruned, {s['failed']} failed),"
+        table = Table(title=(f"optimize: {s['done']}/{s['total']} trials ({s['pruned']} pruned, {s['failed']} failed, "
+                             f"{s['repeats']} repeats not rerun),"
                              f" {s['feasible']} within {self.budget:g} pts; best size {best_size}, best speed "
                              f"{best_speed}; elapsed {_clock(s['elapsed_s'])}, ETA {_clock(s['eta_s'])}"))
         for col in ("trial", "state", "steps", "val drop (pts)", "size ratio", "speed"):

@@ -19,11 +19,19 @@ epoch of its training, a trial that cannot reach the budget in its remaining epo
 (:func:`slimguard.search.objectives.hopeless_curve`; this is what makes long fine-tuning affordable in the
 space); once that step has run, a trial whose validation drop exceeds the budget stops before the artifact
 and speed measurements.
+
+A sampler may draw a pipeline the study has already measured (the space is discrete in its steps and their
+choices, and with few trials TPE returns to what paid). Such a *repeat* is not measured again: the earlier
+trial's results are replayed into it (so the sampler still learns from them), it carries ``repeat_of``, it is
+left out of the front, and it does not count against ``--trials``, which counts distinct pipelines measured.
+When :data:`REPEAT_LIMIT` draws in a row are repeats, the space is taken as exhausted: the search stops early
+and says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import socket
@@ -34,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from slimguard.core.errors import ConfigError, UserError
-from slimguard.search.localmoves import LocalMoves, record
+from slimguard.search.localmoves import REPEAT, LocalMoves, record
 from slimguard.search.objectives import (
     OBJECTIVES,
     TARGETS,
@@ -59,6 +67,13 @@ SAMPLERS = ("tpe", "nsga2")
 STORAGE_ATTEMPTS = 5
 """Tries at opening an RDB storage (processes that start together race to create its tables)."""
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+REPEAT_LIMIT = 12
+"""Repeats in a row (in one process) after which the space counts as exhausted and the search stops."""
+REPLAYED = ("val_accuracy", "val_accuracy_drop_points", "bytes", "size_ratio", "speed_ratio", "speed_ci95",
+            "time_ratio", "intermediate", "train_curve", "speed_verdict", "target", "val_robust_accuracy",
+            "val_robust_error", "val_cosine_mean", "val_cosine_min", "pruned_at_step", "pruned_at_epoch",
+            "not_deployable", "error")
+"""The measurements a repeat copies from the trial it repeats."""
 ORT_UNSUPPORTED_DEFAULTS = ("weight-only",)
 """Default quantization steps left out of the space with ``--target ort``: their low-bit layers have no ONNX
 Runtime kernel (:data:`slimguard.runtime.onnx.UNEXPORTABLE`). A ``search:`` block naming one keeps it; such
@@ -357,8 +372,12 @@ def make_objective(settings: Settings, space: SearchSpace, evaluator: Evaluator,
 
     def objective(trial: Any) -> list[float]:
         steps = space.suggest(trial, proxies, trial.user_attrs.get(TRIAL_OPTIONS))
-        trial.set_user_attr("steps", [{s.config_name: s.to_dict()["_data"]} for s in steps])
+        recorded = [{s.config_name: s.to_dict()["_data"]} for s in steps]
+        trial.set_user_attr("steps", recorded)
         trial.set_user_attr("worker", worker)
+        twin = measured_twin(trial.study, recorded, trial.number)
+        if twin is not None:
+            return replay(trial, twin)
         stage_of = _stage_names(trial.params, space)
         judge_after = -1  # judge from the last step that can recover accuracy (without one: the last step)
         if settings.prune and stage_of:
@@ -402,31 +421,87 @@ def make_objective(settings: Settings, space: SearchSpace, evaluator: Evaluator,
     return objective
 
 
+def _canonical(steps: Any) -> str:
+    return json.dumps(steps, sort_keys=True, default=str)
+
+
+def measured_twin(study: Any, steps: list[dict[str, Any]], number: int) -> Any | None:
+    """The earliest finished trial of ``study`` (not itself a repeat) whose pipeline is ``steps``, or None."""
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
+    want = _canonical(steps)
+    for t in study.get_trials(deepcopy=False, states=states):
+        if t.number != number and REPEAT not in t.user_attrs and "steps" in t.user_attrs \
+                and _canonical(t.user_attrs["steps"]) == want:
+            return t
+    return None
+
+
+def replay(trial: Any, twin: Any) -> list[float]:
+    """Finish ``trial`` as the repeat of ``twin``: copy its measurements and constraint, and end the same way
+    (its objective values, or pruned when it was pruned or failed)."""
+    import optuna
+
+    trial.set_user_attr(REPEAT, twin.number)
+    for key in REPLAYED:
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    set_constraint(trial, float(twin.user_attrs.get(CONSTRAINT, NOT_DEPLOYABLE_CONSTRAINT)))
+    if twin.state == optuna.trial.TrialState.COMPLETE and twin.values is not None:
+        return list(twin.values)
+    raise optuna.TrialPruned(f"the same pipeline as trial {twin.number}, which was {twin.state.name.lower()}")
+
+
+def is_repeat(trial: Any) -> bool:
+    """Whether a trial replayed an earlier one (see the module docstring)."""
+    return REPEAT in trial.user_attrs
+
+
 def _stage_names(params: dict[str, Any], space: SearchSpace) -> list[str]:
     """The stage of each step of a trial's pipeline, in order."""
     return [s.name for s in STAGES if params.get(s.name, space.stages.get(s.name, ("none",))[0]) != "none"]
 
 
 def finished(study: Any) -> int:
-    """Trials that completed, were pruned, or failed."""
+    """Trials that completed, were pruned, or failed, repeats left out (each a distinct pipeline measured)."""
     import optuna
 
     states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(not is_repeat(t) for t in study.get_trials(deepcopy=False, states=states))
+
+
+class Enough:
+    """An Optuna callback that stops this process's trials once the study holds ``trials`` measured pipelines,
+    or after :data:`REPEAT_LIMIT` repeats in a row (then ``exhausted`` is set and the study records it)."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials, self.in_a_row, self.exhausted = trials, 0, False
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.in_a_row = self.in_a_row + 1 if is_repeat(trial) else 0
+        if self.in_a_row >= REPEAT_LIMIT:
+            self.exhausted = True
+            study.set_user_attr("exhausted", {"after_trial": trial.number, "repeats_in_a_row": self.in_a_row})
+            study.stop()
+        elif finished(study) >= self.trials:
+            study.stop()
 
 
 def run_trials(settings: Settings, study: Any, objective: Callable[[Any], list[float]],
                callbacks: Sequence[Callable[[Any, Any], None]] = ()) -> None:
-    """Run trials in this process until the study holds ``settings.trials`` finished ones (shared with every
-    other process on the same study)."""
-    import optuna
-
+    """Run trials in this process until the study holds ``settings.trials`` measured pipelines (shared with
+    every other process on the same study), or the sampler only repeats measured ones."""
     left = settings.trials - finished(study)
     if left <= 0:
         return
-    states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
-    study.optimize(objective, n_trials=left, catch=(Exception,),
-                   callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=states), *callbacks])
+    enough = Enough(settings.trials)
+    # each measured pipeline may be preceded by a run of repeats shorter than the limit
+    study.optimize(objective, n_trials=left * REPEAT_LIMIT, catch=(Exception,), callbacks=[enough, *callbacks])
+    if enough.exhausted and finished(study) < settings.trials:
+        warnings.warn(f"the sampler drew {REPEAT_LIMIT} measured pipelines in a row: the space looks exhausted "
+                      f"after {finished(study)} distinct pipelines; widen it with a search: block for more",
+                      stacklevel=2)
 
 
 def worker_main(settings_dict: dict[str, Any], worker: int) -> None:

@@ -1,8 +1,8 @@
-"""Load test of ``slimguard serve`` against a bare FastAPI endpoint with the same model.
+"""Load test of ``slimguard serve`` against a bare FastAPI endpoint with the same model, in two cases.
 
-Model: ``digits-lenet5`` pruned to 90% sparsity (magnitude) and saved as a ``.slim`` artifact; the
-reference for the cascade is the unpruned ``digits-lenet5``. Four servers run on 127.0.0.1 (loaded one at
-a time), each in its own process, each with its defaults (what a user of either would get):
+**digits (HTTP-bound).** Model: ``digits-lenet5`` pruned to 90% sparsity (magnitude) and saved as a
+``.slim`` artifact; the reference for the cascade is the unpruned ``digits-lenet5``. Four servers run on
+127.0.0.1 (loaded one at a time), each in its own process, each with its defaults (what a user of either would get):
 
 * ``serve``: ``slimguard serve`` (contract, energy OOD detector, monitor, range restriction, periodic
   checksum scrubs, micro-batching: up to 64 items, no wait: a batch leaves as soon as the model is free;
@@ -27,11 +27,25 @@ modules to eval and back on every call), each against the bare model; and the ca
 accuracy (digits32 test, n=360, Wilson intervals; threshold chosen on validation data) and latency against
 each model alone.
 
-Targets (BENCHMARKS.md): at concurrency 32, ``serve`` >= 2x the bare endpoint's throughput, and the guard
-costs <= 10%. The machine is shared (see ``env.loadavg_1m_at_start``): absolute numbers are noisy.
+Its forward pass costs well under a millisecond per digit while HTTP and JSON cost a few milliseconds of
+server CPU per request, so batching has little to save there: this case shows the service's own cost.
 
-Run: ``nice python benchmarks/serve_load.py [--seconds 3] [--rounds 2]`` (about 4 minutes). Writes
-``benchmarks/results/serve_load.json``. ``--bare-server ARTIFACT`` is the bare server's own entry point.
+**minilm (compute-bound).** Model: the MiniLM sentence embedder (``minilm``, all-MiniLM-L6-v2) saved as an
+fp32 ``.slim`` artifact; one docs-text test text per request (``{"texts": [TEXT]}``; median 74 characters,
+~21 tokens). ``serve`` (``--data docs-text``: OOD score = cosine distance to the nearest of 1024 training
+texts, drift monitor on validation texts; micro-batches sorted by length and run in chunks of at most
+384 padded tokens), ``serve_nobatch`` (``--max-batch 1``), and the bare endpoint (``model(**model.tokenize
+(texts))`` per request, as a user would write it) with torch's default threads and with 1 thread. In
+process: the guard's cost on a batch of 32 texts (OOD score, flags and monitor against the same forward
+pass), the length-chunked forward pass against one padded batch, and the drift monitor's reading on
+in-distribution texts (the whole test split) and on random word pieces (drifted).
+
+Targets (BENCHMARKS.md), per case: at concurrency 32, ``serve`` >= 2x the bare endpoint's throughput, and
+the guard costs <= 10%. The machine is shared (see ``env.loadavg_1m_at_start``): absolute numbers are noisy.
+
+Run: ``python benchmarks/serve_load.py [--seconds 3] [--rounds 2]`` (about 10 minutes; ``--only minilm``
+runs one case and writes nothing). Writes ``benchmarks/results/serve_load.json``. ``--bare-server
+ARTIFACT`` is the bare server's own entry point.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ os.environ.setdefault("SLIMGUARD_CACHE", str(ROOT / ".cache" / "zoo"))
 
 CONCURRENCY = (1, 8, 32, 64)
 MODEL = "digits-lenet5"
+TEXT_DATA = "docs-text"
 SPARSITY = 0.9
 CASCADE_TOLERANCE = 0.3  # accuracy points the cascade may lose to the reference on validation data
 SEED = 0
@@ -80,6 +95,9 @@ def bare_server(artifact: str, threads: int = 0) -> None:
 
     @app.post("/v1/predict")
     def predict(body: dict) -> dict:  # a sync endpoint: FastAPI runs it in its thread pool
+        if "texts" in body:  # the embedder: tokenize (padded, truncated at the model's limit), embed
+            with torch.no_grad():
+                return {"embeddings": model(**model.tokenize(body["texts"])).tolist()}
         x = torch.tensor(body["inputs"], dtype=torch.float32)
         with torch.no_grad():
             probs = torch.softmax(model(x), -1)
@@ -125,13 +143,13 @@ class Proc:
             self.p.kill()
 
 
-def start(kind: str, artifact: Path) -> Proc:
+def start(kind: str, artifact: Path, serve_args: tuple[str, ...] = ()) -> Proc:
     if kind.startswith("bare"):
         threads = ["--bare-threads", "1"] if kind == "bare_t1" else []
         return Proc([sys.executable, __file__, "--bare-server", str(artifact), *threads])
     extra = ["--max-batch", "1"] if kind == "serve_nobatch" else ["--max-batch", "64"]
     return Proc([sys.executable, "-c", "from slimguard.cli import main; main()", "serve", str(artifact),
-                 "--port", "0", "--max-concurrency", "256", "--scrub-interval-s", "5", *extra])
+                 "--port", "0", "--max-concurrency", "256", "--scrub-interval-s", "5", *extra, *serve_args])
 
 
 # ---- the load client ---------------------------------------------------------------------------------------
@@ -251,40 +269,75 @@ def in_process(artifact: Path) -> dict[str, Any]:
     }
 
 
-# ---- main -----------------------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bare-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
-    ap.add_argument("--bare-threads", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--seconds", type=float, default=3.0, help="Seconds of load per cell and round.")
-    ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds over servers and concurrencies.")
-    args = ap.parse_args()
-    if args.bare_server:
-        bare_server(args.bare_server, args.bare_threads)
-        return
+# ---- in-process: the embedder's guard, length-chunked batches, drift monitor --------------------------------
+def in_process_minilm(artifact: Path) -> dict[str, Any]:
+    import random
 
     import torch
 
-    import slimguard as sg
-    from _schema import claim, environment, print_targets, target, write_results
     from slimguard import data as sgdata
-    from slimguard.artifact import save
-    from slimguard.models import zoo
+    from slimguard.runtime.measure import compare_speed
+    from slimguard.serve import ServeConfig, load_served
 
-    env = environment(torch.get_num_threads(), seed=SEED, in_process_threads=1,
-                      note="shared machine: the load client and the servers share its cores")
-    t_start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    model = zoo.load(MODEL, progress=False)
-    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=SPARSITY))
-    artifact = save(model, tmp / "lenet5-sparse.slim")
-    test = sgdata.load("digits32").test
-    bodies = [json.dumps({"inputs": test.x[i : i + 1].tolist()}).encode() for i in range(64)]
-
-    kinds = ("serve", "serve_nobatch", "bare", "bare_t1")
-    cells: dict[tuple[str, int], list[dict[str, Any]]] = {(k, c): [] for k in kinds for c in CONCURRENCY}
-    procs = {k: start(k, artifact) for k in kinds}  # all up at once; only one is loaded at a time
+    torch.set_num_threads(1)
+    bundle = sgdata.load(TEXT_DATA)
+    loaded = load_served(ServeConfig(artifact=str(artifact), data=TEXT_DATA))
     try:
+        text, guard, small = loaded.text, loaded.guard, loaded.small
+        assert text is not None and text.monitor is not None
+        texts = list(bundle.test.x[:32])
+        batch = text.encode(texts)
+
+        def guarded() -> Any:  # what the service runs per batch: the forward pass, then the guard
+            return text.guard_embeddings(text.forward(guard.model, batch), time.perf_counter())
+
+        with torch.no_grad():
+            speed = compare_speed({"model": lambda: text.forward(guard.model, batch), "guarded": guarded,
+                                   "one_padded_batch": lambda: small(**small.tokenize(texts))},
+                                  baseline="model", threads=1, rounds=10, budget_s=40, batch_size=32, seed=SEED)
+        # drift: the whole test split (in distribution), then random word pieces of the model's vocabulary
+        monitor = text.monitor
+        monitor.reset()
+
+        def feed(items: list[str]) -> dict[str, Any]:
+            for i in range(0, len(items), 64):
+                b = text.encode(items[i : i + 64])
+                text.guard_embeddings(text.forward(guard.model, b), time.perf_counter())
+            st = monitor.status()
+            return {"texts": len(items), "state": st["state"],
+                    **{k: {"value": v["value"], "state": v["state"]} for k, v in st["metrics"].items()
+                       if k != "latency_p95_ms"}}
+
+        with torch.no_grad():
+            drift_in = feed(list(bundle.test.x))
+            monitor.reset()
+            rng = random.Random(SEED)
+            vocab = sorted(w for w in text.tokenizer.get_vocab() if w.isalpha() and len(w) > 2)
+            drift_out = feed([" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 20))) for _ in range(300)])
+    finally:
+        loaded.close()
+    g = speed.ratios["guarded"]
+    pad = speed.ratios["one_padded_batch"]
+    return {
+        "guard": {"model_ms_per_batch32": speed.median_ms["model"],
+                  "guarded_ms_per_batch32": speed.median_ms["guarded"],
+                  "speed_ratio": g.ratio, "ci95": list(g.ci95),
+                  "overhead": 1 / g.ratio - 1, "overhead_ci95": [1 / g.ci95[1] - 1, 1 / g.ci95[0] - 1]},
+        "length_chunks": {"one_padded_batch_ms_per_batch32": speed.median_ms["one_padded_batch"],
+                          "chunked_speedup": 1 / pad.ratio, "ci95": [1 / pad.ci95[1], 1 / pad.ci95[0]]},
+        "drift": {"in_distribution_test_split": drift_in, "random_word_pieces": drift_out},
+    }
+
+
+# ---- the load runs ---------------------------------------------------------------------------------------
+def load_cells(model: str, kinds: tuple[str, ...], artifact: Path, bodies: list[bytes], args: Any,
+               serve_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every (server, concurrency) cell: ``args.rounds`` interleaved rounds of ``args.seconds`` each."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {(k, c): [] for k in kinds for c in CONCURRENCY}
+    procs: dict[str, Proc] = {}
+    try:
+        for k in kinds:  # all up at once; only one is loaded at a time
+            procs[k] = start(k, artifact, serve_args)
         for r in range(args.rounds):
             order = kinds if r % 2 == 0 else tuple(reversed(kinds))
             for c in CONCURRENCY:
@@ -302,7 +355,7 @@ def main() -> None:
     for (k, c), runs in cells.items():
         lat = [v for run in runs for v in run["latencies"]]
         rps = [run["ok"] / run["wall_s"] for run in runs]
-        cases.append({"server": k, "concurrency": c, "throughput_rps": statistics.median(rps),
+        cases.append({"model": model, "server": k, "concurrency": c, "throughput_rps": statistics.median(rps),
                       "throughput_per_round": [round(v, 1) for v in rps], "p50_ms": _pct(lat, 0.5),
                       "p99_ms": _pct(lat, 0.99), "responses": len(lat),
                       "server_cpu_ms_per_request": 1e3 * sum(run["cpu_s"] for run in runs)
@@ -311,61 +364,153 @@ def main() -> None:
                       "mean_batch_items": (sum(run["batches"][0] for run in runs)
                                            / max(1, sum(run["batches"][1] for run in runs))) if k.startswith("serve")
                       else None})
-    proc = in_process(artifact)
+    return cases
 
-    def rps(kind: str, c: int) -> float:
-        return next(x["throughput_rps"] for x in cases if x["server"] == kind and x["concurrency"] == c)
 
-    def cpu(kind: str, c: int) -> float:
-        return next(x["server_cpu_ms_per_request"] for x in cases if x["server"] == kind and x["concurrency"] == c)
+def _cell(cases: list[dict[str, Any]], kind: str, c: int, key: str) -> float:
+    return float(next(x[key] for x in cases if x["server"] == kind and x["concurrency"] == c))
 
-    gain_vs_bare = rps("serve", 32) / rps("bare", 32)
-    gain_vs_bare_t1 = rps("serve", 32) / rps("bare_t1", 32)
-    batching_gain = rps("serve", 32) / rps("serve_nobatch", 32)
-    g = proc["guard"]
+
+def _common(label: str, cases: list[dict[str, Any]], g: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The targets and headline claims both cases share."""
+    from _schema import claim, target
+
+    gain_vs_bare = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "bare", 32, "throughput_rps")
+    gain_vs_bare_t1 = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "bare_t1", 32, "throughput_rps")
+    batching_gain = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "serve_nobatch", 32, "throughput_rps")
+    cpu_ratio = (_cell(cases, "bare", 32, "server_cpu_ms_per_request")
+                 / _cell(cases, "serve", 32, "server_cpu_ms_per_request"))
     lo, hi = (100 * v for v in g["overhead_ci95"])
+    non_200 = sum(x["non_200"] for x in cases)
     targets = [
-        target("serve vs bare FastAPI throughput at concurrency 32", ">= 2x", round(gain_vs_bare, 2),
+        target(f"{label}: serve vs bare FastAPI throughput at concurrency 32", ">= 2x", round(gain_vs_bare, 2),
                gain_vs_bare >= 2),
-        target("guard overhead (as the service runs it vs bare model, batch 32, in process)", "<= 10%",
-               f"{100 * g['overhead']:.1f}% (95% CI {lo:.1f}..{hi:.1f})",
-               g["overhead"] <= 0.10),
-        target("no 5xx or other non-200 answers under load", "0", sum(x["non_200"] for x in cases),
-               sum(x["non_200"] for x in cases) == 0),
+        target(f"{label}: guard overhead (as the service runs it vs the same forward pass, batch 32, in process)",
+               "<= 10%", f"{100 * g['overhead']:.1f}% (95% CI {lo:.1f}..{hi:.1f})", g["overhead"] <= 0.10),
+        target(f"{label}: no 5xx or other non-200 answers under load", "0", non_200, non_200 == 0),
     ]
-    acc = {row["model"]: row for row in proc["cascade"]["accuracy"]}
     summary = [
-        claim("slimguard serve / bare FastAPI throughput, concurrency 32", gain_vs_bare, unit="x"),
-        claim("slimguard serve / bare FastAPI with 1 torch thread, concurrency 32", gain_vs_bare_t1, unit="x"),
-        claim("micro-batching gain (serve / serve --max-batch 1), concurrency 32", batching_gain, unit="x"),
-        claim("server CPU per request, bare / serve, concurrency 32", cpu("bare", 32) / cpu("serve", 32), unit="x"),
-        claim("guard overhead per batch of 32, in process", 100 * g["overhead"], unit="%",
+        claim(f"{label}: slimguard serve / bare FastAPI throughput, concurrency 32", gain_vs_bare, unit="x"),
+        claim(f"{label}: slimguard serve / bare FastAPI with 1 torch thread, concurrency 32", gain_vs_bare_t1,
+              unit="x"),
+        claim(f"{label}: micro-batching gain (serve / serve --max-batch 1), concurrency 32", batching_gain, unit="x"),
+        claim(f"{label}: server CPU per request, bare / serve, concurrency 32", cpu_ratio, unit="x"),
+        claim(f"{label}: guard overhead per batch of 32, in process", 100 * g["overhead"], unit="%",
               ci95=[100 * v for v in g["overhead_ci95"]]),
-        claim("Guard.__call__ overhead per batch of 32, in process", 100 * g["guard_call_overhead"], unit="%",
-              ci95=[100 * v for v in g["guard_call_overhead_ci95"]]),
-        claim("cascade test accuracy", acc["cascade"]["accuracy"], unit="%", ci95=acc["cascade"]["ci95"],
-              n=acc["cascade"]["n"]),
     ]
-    out = write_results(
-        "serve_load", env=env, cases=cases, targets=targets, summary=summary,
-        protocol=f"{args.rounds} interleaved rounds x {args.seconds:g} s per (server, concurrency); one digit per "
-                 "request; client and servers on one shared machine; each server with its own default torch threads "
-                 "(serve: automatic, 1 on 2 cores; bare: torch's default; bare_t1: 1)",
-        in_process=proc, wall_s=round(time.perf_counter() - t_start, 1),
-        loadavg_1m_at_end=round(os.getloadavg()[0], 2))
-    print(f"{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} {'batch':>6} "
-          f"{'non-200':>7}")
+    return targets, summary
+
+
+def _print_cases(title: str, cases: list[dict[str, Any]]) -> None:
+    print(f"{title}\n{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} "
+          f"{'batch':>6} {'non-200':>7}")
     for x in cases:
         batch = f"{x['mean_batch_items']:.1f}" if x["mean_batch_items"] is not None else "-"
         print(f"{x['server']:<14} {x['concurrency']:>4} {x['throughput_rps']:>8.1f} {x['p50_ms']:>8.2f} "
               f"{x['p99_ms']:>8.2f} {x['server_cpu_ms_per_request']:>10.2f} {batch:>6} {x['non_200']:>7}")
+
+
+KINDS = ("serve", "serve_nobatch", "bare", "bare_t1")
+
+
+def run_digits(args: Any, tmp: Path) -> dict[str, Any]:
+    import slimguard as sg
+    from _schema import claim
+    from slimguard import data as sgdata
+    from slimguard.artifact import save
+    from slimguard.models import zoo
+
+    model = zoo.load(MODEL, progress=False)
+    sg.prune_(model, sg.MagnitudePruningConfig(sparsity=SPARSITY))
+    artifact = save(model, tmp / "lenet5-sparse.slim")
+    test = sgdata.load("digits32").test
+    bodies = [json.dumps({"inputs": test.x[i : i + 1].tolist()}).encode() for i in range(64)]
+    cases = load_cells("digits", KINDS, artifact, bodies, args)
+    proc = in_process(artifact)
+    g = proc["guard"]
+    targets, summary = _common("digits", cases, g)
+    acc = {row["model"]: row for row in proc["cascade"]["accuracy"]}
+    summary += [
+        claim("digits: Guard.__call__ overhead per batch of 32, in process", 100 * g["guard_call_overhead"],
+              unit="%", ci95=[100 * v for v in g["guard_call_overhead_ci95"]]),
+        claim("digits: cascade test accuracy", acc["cascade"]["accuracy"], unit="%", ci95=acc["cascade"]["ci95"],
+              n=acc["cascade"]["n"]),
+    ]
+    _print_cases("digits (HTTP-bound)", cases)
     casc = proc["cascade"]
     print(f"cascade (threshold {casc['threshold']:.3f} chosen on val; test fallback "
           f"{100 * casc['test_fallback_rate']:.1f}%): " + ", ".join(
               f"{m} {row['accuracy']:.2f}% [{row['ci95'][0]:.1f}, {row['ci95'][1]:.1f}]"
               for m, row in acc.items()))
     print("ms per batch of 32: " + ", ".join(f"{k} {v:.2f}" for k, v in casc["ms_per_batch32"].items()))
+    return {"cases": cases, "targets": targets, "summary": summary, "in_process": proc}
+
+
+def run_minilm(args: Any, tmp: Path) -> dict[str, Any]:
+    from _schema import claim, target
+    from slimguard import data as sgdata
+    from slimguard.artifact import save
+    from slimguard.models.sources import load_minilm
+
+    artifact = save(load_minilm(), tmp / "minilm.slim")
+    test = sgdata.load(TEXT_DATA).test
+    bodies = [json.dumps({"texts": [t]}).encode() for t in test.x[:256]]
+    cases = load_cells("minilm", KINDS, artifact, bodies, args, ("--data", TEXT_DATA))
+    proc = in_process_minilm(artifact)
+    targets, summary = _common("minilm", cases, proc["guard"])
+    ch = proc["length_chunks"]
+    summary.append(claim("minilm: length-sorted chunks vs one padded batch of 32 texts, in process",
+                         ch["chunked_speedup"], unit="x", ci95=ch["ci95"]))
+    drift = proc["drift"]
+    ok_in = drift["in_distribution_test_split"]["state"] == "ok"
+    ok_out = drift["random_word_pieces"]["state"] == "alert"
+    targets.append(target("minilm: drift monitor ok on the test split, alert on random word pieces",
+                          "ok / alert", f"{drift['in_distribution_test_split']['state']} / "
+                          f"{drift['random_word_pieces']['state']}", ok_in and ok_out))
+    _print_cases("minilm (compute-bound)", cases)
+    print(f"length-chunked forward: {ch['chunked_speedup']:.2f}x one padded batch [{ch['ci95'][0]:.2f}, "
+          f"{ch['ci95'][1]:.2f}]")
+    for name, d in drift.items():
+        print(f"drift, {name}: " + json.dumps(d))
+    return {"cases": cases, "targets": targets, "summary": summary, "in_process": proc}
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bare-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=3.0, help="Seconds of load per cell and round.")
+    ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds over servers and concurrencies.")
+    ap.add_argument("--only", choices=("digits", "minilm"), help="Run one case and print it (writes nothing).")
+    args = ap.parse_args()
+    if args.bare_server:
+        bare_server(args.bare_server, args.bare_threads)
+        return
+
+    import torch
+
+    from _schema import environment, print_targets, write_results
+
+    env = environment(torch.get_num_threads(), seed=SEED, in_process_threads=1,
+                      note="shared machine: the load client and the servers share its cores")
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    runs = {name: fn(args, tmp) for name, fn in (("digits", run_digits), ("minilm", run_minilm))
+            if args.only in (None, name)}
+    targets = [t for r in runs.values() for t in r["targets"]]
     print_targets(targets)
+    if args.only:
+        return
+    out = write_results(
+        "serve_load", env=env, cases=[c for r in runs.values() for c in r["cases"]], targets=targets,
+        summary=[s for r in runs.values() for s in r["summary"]],
+        protocol=f"{args.rounds} interleaved rounds x {args.seconds:g} s per (model, server, concurrency); one digit "
+                 "or one docs-text test text per request; client and servers on one shared machine; each server "
+                 "with its own default torch threads (serve: automatic, 1 on 2 cores; bare: torch's default; "
+                 "bare_t1: 1)",
+        in_process={name: r["in_process"] for name, r in runs.items()}, wall_s=round(time.perf_counter() - t_start, 1),
+        loadavg_1m_at_end=round(os.getloadavg()[0], 2))
     print(f"wrote {out}")
 
 

@@ -209,6 +209,10 @@ def test_labels_feed_the_error_rate(client, digits, digits_json):
     _problem(client.post("/v1/labels", json={"ids": ["a"], "labels": [1, 2]}), 422)
 
 
+def test_status_names_the_process_that_answered(server, client):
+    assert client.get("/v1/status").json()["worker"] == {"pid": server.proc.pid, "workers": 1, "scope": "service"}
+
+
 def test_reload_swaps_atomically_and_rolls_back_a_broken_artifact(client, artifacts, digits_json):
     before = client.get("/v1/model").json()["version"]
     problem = _problem(client.post("/v1/admin/reload", json={"artifact": str(artifacts["broken"])}), 409)

@@ -179,6 +179,14 @@ def test_workers_serve_from_several_processes_and_metrics_report_the_whole_servi
                 sent += 4
                 workers |= {r.json()["items"][0]["id"].rsplit("-", 1)[0] for r in rs}
         assert len(workers) == 2, "both workers should have answered some requests"
+        pids = {w[:-6] for w in workers}  # item ids start with the worker's pid in hex
+
+        def status() -> dict:
+            with server.client() as fresh:
+                return fresh.get("/v1/status", headers={"Connection": "close"}).json()["worker"]
+
+        seen = [status() for _ in range(8)]  # each says which worker answered, and that it speaks for itself
+        assert all(w["workers"] == 2 and w["scope"] == "worker" and f"{w['pid']:x}" in pids for w in seen), seen
 
         def scrape() -> str:
             with server.client(key=None) as anon:

@@ -11,6 +11,9 @@ Tracked over the last ``window`` predictions (and ``window`` labelled ones):
 | ``latency_p95_ms``| 95th percentile of per-call latency                          | absolute (optional)|
 | ``error_rate``    | rise of the error rate once labels arrive (``add_labels``)    | reference error    |
 
+An embedder has no classes: :class:`EmbeddingMonitor` tracks the PSI of its embeddings' projections on the
+reference's principal axes and the KS statistic of its OOD scores instead (same thresholds, states and output).
+
 Each metric is ``ok``, ``warn`` or ``alert`` against its two thresholds; the monitor's state is the
 worst of them. Metrics with fewer than ``min_samples`` observations stay ``ok``. Old observations
 leave the window, so the state returns to ``ok`` once the drift is over.
@@ -105,6 +108,21 @@ def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
     fa = torch.searchsorted(a, grid, right=True).double() / len(a)
     fb = torch.searchsorted(b, grid, right=True).double() / len(b)
     return float((fa - fb).abs().max())
+
+
+Row = tuple[float | None, int, float | None, float | None]
+"""One metric before its state is read: ``(value, samples, warn threshold, alert threshold)``."""
+
+
+def _with_states(rows: dict[str, Row], min_samples: int) -> dict[str, dict[str, Any]]:
+    """Each metric's value, sample count, thresholds and state (``ok`` below ``min_samples``, except the
+    latency, read from the first call)."""
+    out = {}
+    for name, (value, count, warn, alert) in rows.items():
+        enough = count >= min_samples or (name == "latency_p95_ms" and count > 0)
+        out[name] = {"value": value, "samples": count, "warn": warn, "alert": alert,
+                     "state": _level(value, warn, alert) if enough else "ok"}
+    return out
 
 
 def _level(value: float | None, warn: float | None, alert: float | None) -> str:
@@ -239,7 +257,7 @@ class Monitor:
             lat = sorted(self._lat)
             err = list(self._err)
         n = len(conf)
-        rows: dict[str, tuple[float | None, int, float | None, float | None]] = {}
+        rows: dict[str, Row] = {}
         ref_mean = float(self.ref_conf.double().mean())
         rows["confidence"] = (ref_mean - float(conf.mean()) if n else None, n,
                               c.confidence_drop_warn, c.confidence_drop_alert)
@@ -251,11 +269,7 @@ class Monitor:
         rows["latency_p95_ms"] = (p95, len(lat), c.latency_warn_ms, c.latency_alert_ms)
         rows["error_rate"] = (sum(err) / len(err) - self.ref_error if err else None, len(err),
                               c.error_rate_warn, c.error_rate_alert)
-        out = {}
-        for name, (value, count, warn, alert) in rows.items():
-            enough = count >= c.min_samples or (name == "latency_p95_ms" and count > 0)
-            out[name] = {"value": value, "samples": count, "warn": warn, "alert": alert,
-                         "state": _level(value, warn, alert) if enough else "ok"}
+        out = _with_states(rows, c.min_samples)
         out["confidence"]["mean"] = float(conf.mean()) if n else None
         out["confidence"]["reference_mean"] = ref_mean
         return out
@@ -295,6 +309,146 @@ class Monitor:
             lines += [f"# HELP {prefix}_{k}_total Count of {k} since start.", f"# TYPE {prefix}_{k}_total counter",
                       f"{prefix}_{k}_total{lab()} {v}"]
         return "\n".join(lines) + "\n"
+
+
+class EmbeddingMonitor(Monitor):
+    """Rolling-window monitor of a served embedder (thread-safe). An embedder has no classes or
+    confidences, so its drift is read from the embeddings themselves:
+
+    | metric            | value                                                    | compared with       |
+    |-------------------|----------------------------------------------------------|---------------------|
+    | ``ood_rate``      | share of inputs the OOD threshold flagged                | absolute            |
+    | ``embedding_psi`` | mean PSI of the projections on the top principal axes    | reference quantiles |
+    | ``ood_score_ks``  | KS statistic of the OOD scores (e.g. cosine distance to  | reference scores    |
+    |                   | the nearest training text)                               |                     |
+    | ``latency_p95_ms``| 95th percentile of per-call latency                      | absolute (optional) |
+
+    ``embedding_psi``: the reference embeddings are centred and their top ``components`` principal axes
+    kept; each axis is cut into ``bins`` bins at the reference projections' quantiles (so each reference
+    bin holds ``1/bins``), and the PSI of the window's projections over those bins is averaged over the
+    axes. A mean over a few coarse histograms is steadier on small windows than one fine histogram or the
+    worst axis: on MiniLM and docs-text (a reference of 348 validation texts), in-distribution windows of
+    100 / 300 / 1000 texts read 0.056 / 0.049 / 0.040 (medians; 95th percentiles 0.13 / 0.07 / 0.05),
+    shuffled-word sentences 0.11 / 0.09 / 0.085, and random word pieces 2.3 to 2.5. Thresholds are
+    :class:`MonitorConfig`'s ``psi_*`` and ``ks_*`` (the KS of scores: 0.10 in-distribution at 100 texts,
+    0.21 for shuffled words, 1.0 for random word pieces).
+
+    Args:
+        config: thresholds and window sizes (:class:`MonitorConfig`, or its keys as keywords).
+        reference: reference embeddings ``(N, D)`` (e.g. of validation texts), or set later with
+            :meth:`set_embedding_reference`.
+        reference_scores: OOD scores of reference inputs the score threshold was not fitted on (validation
+            texts), for ``ood_score_ks``; None: that metric is not tracked.
+        components: principal axes kept (default 4, at most ``min(N - 1, D)``).
+        bins: quantile bins per axis (default 5).
+
+    Example:
+        >>> mon = EmbeddingMonitor(MonitorConfig(window=1000, min_samples=200), val_emb, val_scores)
+        >>> mon.observe(batch_emb, ood=flags, latency_ms=4.1, scores=batch_scores)
+        >>> mon.status()["metrics"]["embedding_psi"]["value"]
+    """
+
+    def __init__(self, config: MonitorConfig | None = None, reference: torch.Tensor | None = None,
+                 reference_scores: torch.Tensor | None = None, components: int = 4, bins: int = 5,
+                 **options: Any) -> None:
+        super().__init__(config, **options)
+        if components < 1 or bins < 2:
+            raise ConfigError(f"embedding monitor: components {components} must be >= 1 and bins {bins} >= 2")
+        self.components, self.bins = components, bins
+        w = self.config.window
+        self._proj: collections.deque[list[float]] = collections.deque(maxlen=w)
+        self._score: collections.deque[float] = collections.deque(maxlen=w)
+        self.mean: torch.Tensor | None = None
+        self.axes: torch.Tensor | None = None  # (D, k) principal axes of the reference
+        self.edges: torch.Tensor | None = None  # (k, bins - 1) quantile edges per axis
+        self.ref_hist: torch.Tensor | None = None  # (k, bins) reference counts per axis
+        self.ref_scores: torch.Tensor | None = None
+        if reference is not None:
+            self.set_embedding_reference(reference, reference_scores)
+
+    def set_embedding_reference(self, embeddings: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Reference principal axes, their quantile bins, and (optionally) the reference OOD scores."""
+        if embeddings.dim() != 2 or len(embeddings) < 2 * self.bins:
+            raise DataError(f"the embedding monitor's reference must have shape (N, dim) with N >= {2 * self.bins}, "
+                            f"got {tuple(embeddings.shape)}; give more reference texts")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise DataError("the embedding monitor's reference holds non-finite values")
+        emb = embeddings.detach().double()
+        mean = emb.mean(0)
+        k = min(self.components, len(emb) - 1, emb.shape[1])
+        axes = torch.linalg.svd(emb - mean, full_matrices=False).Vh[:k].T  # (D, k)
+        proj = (emb - mean) @ axes
+        qs = torch.linspace(0, 1, self.bins + 1, dtype=torch.float64)[1:-1]
+        edges = torch.quantile(proj, qs, dim=0).T.contiguous()  # (k, bins - 1)
+        self.mean, self.axes, self.edges = mean, axes, edges
+        self.ref_hist = self._histograms(proj)
+        self.ref_scores = None if scores is None else scores.detach().double().flatten().sort().values
+
+    def _histograms(self, proj: torch.Tensor) -> torch.Tensor:
+        assert self.edges is not None
+        return torch.stack([torch.bincount(torch.bucketize(proj[:, j].contiguous(), self.edges[j]),
+                                           minlength=self.bins) for j in range(proj.shape[1])]).double()
+
+    def observe(self, probs: torch.Tensor, ood: torch.Tensor | None = None, latency_ms: float | None = None,
+                ids: list[Any] | None = None, scores: torch.Tensor | None = None) -> None:
+        """Record one call: embeddings ``(N, D)`` (in ``probs``'s place), OOD flags ``(N,)``, its
+        latency, and the OOD scores ``(N,)``. ``ids`` are counted, never matched: an embedder has no labels."""
+        if self.mean is None or self.axes is None:
+            raise NotFittedError("the embedding monitor has no reference; pass reference embeddings first")
+        emb = probs
+        if not torch.is_tensor(emb) or emb.dim() != 2 or emb.shape[1] != len(self.mean):
+            got = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
+            raise DataError(f"embedding monitor: embeddings must have shape (N, {len(self.mean)}), got {got}")
+        n = len(emb)
+        for name, t in (("OOD flags", ood), ("scores", scores)):
+            if t is not None and tuple(t.shape) != (n,):
+                raise DataError(f"embedding monitor: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if ids is not None and len(ids) != n:
+            raise DataError(f"{len(ids)} ids for {n} embeddings; give one id per row")
+        proj = ((emb.detach().double() - self.mean) @ self.axes).tolist()
+        with self._lock:
+            self._proj.extend(proj)
+            if scores is not None:
+                self._score.extend(scores.detach().double().tolist())
+            if ood is not None:
+                flags = ood.bool().tolist()
+                self._ood.extend(flags)
+                self.counters["ood"] += sum(flags)
+            if latency_ms is not None:
+                self._lat.append(float(latency_ms))
+            self.counters["predictions"] += n
+            self.counters["calls"] += 1
+
+    def reset(self) -> None:
+        super().reset()
+        with self._lock:
+            self._proj.clear()
+            self._score.clear()
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Each metric's value, sample count, thresholds and state."""
+        c = self.config
+        if self.ref_hist is None:
+            raise NotFittedError("the embedding monitor has no reference; pass reference embeddings first")
+        with self._lock:
+            proj = torch.tensor(list(self._proj), dtype=torch.float64)
+            scores = torch.tensor(list(self._score), dtype=torch.float64)
+            ood = list(self._ood)
+            lat = sorted(self._lat)
+        n = len(proj)
+        rows: dict[str, Row] = {}
+        rows["ood_rate"] = (sum(ood) / len(ood) if ood else None, len(ood), c.ood_rate_warn, c.ood_rate_alert)
+        value = None
+        if n:
+            hist = self._histograms(proj)
+            value = sum(psi(self.ref_hist[j], hist[j]) for j in range(len(hist))) / len(hist)
+        rows["embedding_psi"] = (value, n, c.psi_warn, c.psi_alert)
+        if self.ref_scores is not None:
+            m = len(scores)
+            rows["ood_score_ks"] = (ks_statistic(self.ref_scores, scores) if m else None, m, c.ks_warn, c.ks_alert)
+        rows["latency_p95_ms"] = (percentile(lat, 0.95) if lat else None, len(lat), c.latency_warn_ms,
+                                  c.latency_alert_ms)
+        return _with_states(rows, c.min_samples)
 
 
 def _escape(v: str) -> str:

@@ -5,7 +5,8 @@
 | ``POST /v1/predict``     | yes | guarded predictions, one per item, with a guard verdict each    |
 | ``POST /v1/labels``      | yes | true labels for earlier item ids (feeds the error-rate alarm)   |
 | ``GET /v1/model``        | yes | the manifest in brief (no weights, no paths)                    |
-| ``GET /v1/status``       | yes | monitor state (ok/warn/alert), reasons, drift values, counters  |
+| ``GET /v1/status``       | yes | monitor state (ok/warn/alert), reasons, drift values, counters, |
+|                          |     | and the worker that answered (its own monitor, with workers)    |
 | ``POST /v1/admin/scrub`` | yes | verify and repair weight checksums now                          |
 | ``POST /v1/admin/reload``| yes | load an artifact atomically, rolling back on failure            |
 | ``GET /healthz``         | no  | the process is alive                                            |
@@ -267,7 +268,9 @@ def create_app(service: Service, *, on_startup: Any = None) -> Any:
 
     @app.get("/v1/status", tags=["model"], responses={401: PROBLEM})
     async def status(request: Request) -> Any:
-        """Monitor state (ok/warn/alert) with its reasons, drift and error-rate values, and counters."""
+        """Monitor state (ok/warn/alert) with its reasons, drift and error-rate values, and counters. With
+        ``--workers N`` each worker keeps its own monitor: ``worker`` names the one that answered (its pid,
+        ``scope: worker``); ``/metrics`` reports the worst state over all of them."""
         authorize(request)
         return service.status()
 

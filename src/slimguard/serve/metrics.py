@@ -19,6 +19,9 @@ share global state). The monitor's drift and error-rate values are read at scrap
 | ``slimguard_monitor_value``              | gauge     | metric (ood_rate, class_psi, confidence_ks, ...) |
 | ``slimguard_drift_psi`` / ``_drift_ks``  | gauge     |                   |
 
+The drift gauges read a classifier's ``class_psi`` and ``confidence_ks``, or an embedder's
+``embedding_psi`` and ``ood_score_ks`` (:class:`~slimguard.guard.monitor.EmbeddingMonitor`).
+
 Several workers (``--workers N``): the service, not one worker, is reported. The parent process makes a
 fresh directory for the service and names it in ``$PROMETHEUS_MULTIPROC_DIR`` before the workers start
 (prometheus-client's multiprocess mode; the directory is removed when the service stops). Every worker
@@ -147,8 +150,8 @@ class ServeMetrics:
 _MONITOR_GAUGES = (
     ("slimguard_monitor_state", "Monitor state: 0 ok, 1 warn, 2 alert.", ()),
     ("slimguard_monitor_value", "Monitor rolling-window values (see slimguard.guard.monitor).", ("metric",)),
-    ("slimguard_drift_psi", "PSI of predicted classes vs reference.", ()),
-    ("slimguard_drift_ks", "KS statistic of confidences vs reference.", ()),
+    ("slimguard_drift_psi", "PSI vs reference: of predicted classes, or of an embedder's projections.", ()),
+    ("slimguard_drift_ks", "KS statistic vs reference: of confidences, or of an embedder's OOD scores.", ()),
     ("slimguard_ood_rate", "Share of recent items flagged OOD.", ()),
 )
 
@@ -168,9 +171,11 @@ def _monitor_families(st: dict[str, Any] | None) -> Iterator[Any]:
         if m.get("value") is not None:
             values.add_metric([name], float(m["value"]))
     yield values
-    for name, key in (("slimguard_drift_psi", "class_psi"), ("slimguard_drift_ks", "confidence_ks"),
-                      ("slimguard_ood_rate", "ood_rate")):
-        value = st.get("metrics", {}).get(key, {}).get("value")
+    metrics = st.get("metrics", {})
+    for name, keys in (("slimguard_drift_psi", ("class_psi", "embedding_psi")),
+                       ("slimguard_drift_ks", ("confidence_ks", "ood_score_ks")),
+                       ("slimguard_ood_rate", ("ood_rate",))):
+        value = next((metrics[k].get("value") for k in keys if k in metrics), None)
         g = GaugeMetricFamily(name, docs[name])
         g.add_metric([], float(value) if value is not None else 0.0)
         yield g

@@ -9,7 +9,8 @@ the socket opens, so the service is ready when it first answers. SIGTERM drains 
 and Guard from the config handed over in ``$SLIMGUARD_SERVE_CONFIG``). ``/metrics`` reports the whole
 service whichever worker answers (prometheus-client's multiprocess mode over a directory made for this
 service and removed when it stops; see :mod:`slimguard.serve.metrics`). Each worker keeps its own
-monitor and label ids: a ``/v1/labels`` or ``/v1/status`` call reaches whichever worker accepts it.
+monitor and label ids: a ``/v1/labels`` or ``/v1/status`` call reaches whichever worker accepts it, and
+``/v1/status`` says which (``worker``: its pid, ``scope: worker``).
 """
 
 from __future__ import annotations

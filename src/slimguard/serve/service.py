@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -63,10 +64,15 @@ class Service:
         return self.loaded.guard.status() if self.loaded is not None else None
 
     def status(self) -> dict[str, Any]:
-        """The monitor's state, reasons and metrics, plus the service's own state."""
+        """The monitor's state, reasons and metrics, plus the service's own state, and who answered:
+        ``worker`` names this process (``pid``), the service's ``workers``, and the ``scope`` of the body:
+        ``service`` with one process; ``worker`` with several, since each worker keeps its own monitor and
+        this body holds only the one that answered (``/metrics`` reports the worst state over all workers)."""
         st = self._status() or {"state": "ok", "reasons": [], "metrics": {}, "counters": {}}
+        workers = self.config.workers
         return {**st, "ready": self.ready, "draining": self.draining, "inflight": self.inflight,
-                "model_version": self.loaded.version if self.loaded is not None else None}
+                "model_version": self.loaded.version if self.loaded is not None else None,
+                "worker": {"pid": os.getpid(), "workers": workers, "scope": "worker" if workers > 1 else "service"}}
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def start(self, loaded: LoadedModel | None = None) -> Service:

@@ -6,7 +6,8 @@ the int32 products are rescaled by the row scale and the weight's channel scale 
 follow the outliers of one token instead of the whole batch, so the result is closer to float than a
 per-batch scale (on MiniLM-shaped layers with outlier channels, output SQNR 11-14 dB higher than with the
 per-batch 7-bit activations of the deprecated fbgemm operator used before). Speed on one thread: 2-3x
-float32 and 0.64-0.87x that fused fbgemm operator (see :mod:`slimguard.quantize.kernels`).
+float32 and 0.79-0.86x that fused fbgemm operator (see :mod:`slimguard.quantize.kernels`, which also lists
+the maintained alternatives measured and why none replaced this path).
 
 The product is registered with PyTorch's FLOP counter, so MACs of quantized layers are counted by
 :func:`slimguard.runtime.measure.count_macs`.

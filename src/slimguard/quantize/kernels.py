@@ -15,16 +15,35 @@ float / QDQ form, which ONNX Runtime fuses into its own int8 kernels). Elsewhere
 same function in float (dequantized weights), equal up to float rounding.
 
 Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, shared with other jobs; 1 thread):
-dynamic int8 runs at 0.64-0.87x the deprecated fbgemm operator it replaces (that one fuses quantization
+dynamic int8 runs at 0.79-0.86x the deprecated fbgemm operator it replaces (that one fuses quantization
 into the product; here it takes a few separate passes) and 2-3x float32; static int8 Linear at 1.8-3.5x its
 former float emulation; weight-only int8 / int4 decode (1-8 rows) at 2.2-3.7x float32. With 2 threads on
 the loaded machine the many-operator paths and the one-row kernels suffer most (each parallel region
-waits for a preempted thread): there dynamic int8 fell to 0.16-1.0x and one-row decode to 0.2-0.3x.
+waits for a preempted thread): there dynamic int8 fell from 0.70-0.89x (calm) to 0.1x and one-row decode
+from 3.3-4.7x to 0.13x.
 ``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
 (:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
 
 Measured facts behind the choices (torch 2.13 CPU):
 
+* No maintained eager path matches the removed fbgemm dynamic kernel on MiniLM shapes at 4096 rows. That
+  kernel quantizes the input while packing it and rescales inside the product; here the integer product
+  alone (``_int_mm``, or ``onednn::qlinear_pointwise`` on a prepacked weight) takes about 0.9x the time of
+  the whole fbgemm call at 384->384, before any quantize or rescale pass. Alternatives measured
+  (``benchmarks/int8_kernels.py --alternatives``, calm run, 2 threads, old time / alternative time at
+  384->384, 384->1536, 1536->384): ``qlinear_pointwise`` with per-row uint8 codes 0.86 / 0.91 / 0.97x, with
+  one scale per tensor (less accurate) 1.00 / 0.86 / 0.81x, quantizing in cache-sized row blocks 0.88 /
+  1.04 / 0.95x, ``torch.compile`` of this path 1.00 / 0.83 / 1.25x: the only one to reach the old kernel,
+  at the price of a C++ compiler and a first call per shape that compiles for seconds (5-10 s cold). In
+  six runs on the loaded machine no eager alternative went above 1.01x at 384->384 or 1536->384 (row blocks
+  fell to 0.13x on 2 threads: dozens of small parallel regions), while the compiled path reached 1.06-1.17x
+  at 1536->384. The oneDNN path would also want VNNI (oneDNN's guide to int8 computations: without it,
+  ``u8 x s8`` products may saturate in int16) and keeps its packed weight in an opaque tensor that
+  ``copy.deepcopy`` and pickle refuse, so the layer keeps the plain ``_int_mm`` path; ``torch.compile`` of
+  a whole model stays the user's choice.
+* Traps met there: ``qlinear_pointwise`` with signed int8 activations and ``_int_mm`` with a non-contiguous
+  input run reference loops (10-20 s for one 4096 x 384 x 384 product); ``torch.aminmax`` along rows is
+  about 10x slower than ``amax`` and ``amin``, so :func:`quantize_rows` uses those two.
 * ``torch._int_mm`` on CPU accepts any ``M, K, N`` (its CUDA kernel wants ``M > 16`` and ``K, N``
   multiples of 8, which does not apply here), but returns wrong sums when ``K == 1``: :func:`int_mm` pads
   that case with a zero column (tests check odd shapes and ``K == 1``).

@@ -7,8 +7,13 @@ does) and pools in torch; only the encoder differs. All ONNX candidates run the 
 options (all graph optimizations, intra-op threads = the pinned torch threads, no spinning):
 
 * ``torch_fp32``: PyTorch eager fp32 (the reference for speed and cosine);
-* ``slimguard_recipe``: the ``minilm-fast`` recipe's steps applied to MiniLM, saved as a ``.slim`` artifact
-  and loaded back (what ``slimguard compress --recipe minilm-fast`` ships);
+* ``slimguard_recipe``: the ``minilm-fast`` recipe's artifact (per-channel int8 on ORT), built here (the
+  recipe's steps, saved as ``.slim`` and loaded back), or ``--artifact out/minilm-fast/model.slim`` loads the
+  file ``slimguard compress --recipe minilm-fast --out out/minilm-fast`` wrote (its recipe must be
+  ``minilm-fast``);
+* ``experiment`` (only with ``--experiment PATH``): any other embedder artifact, e.g. the 4-layer distilled
+  student of ``benchmarks/recipes/minilm-l4-distill.yaml``; timed and scored like the rest, compared with
+  ORT's stock int8, its layers, widths and weights recorded beside the teacher's, and judged by no target;
 * ``ort_fp32``: the export on ORT; ``ort_optimized_fp32``: after ORT's transformer optimizer (fused
   Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization);
 * ``ort_stock_int8``: ``onnxruntime.quantization.quantize_dynamic(export, weight_type=QInt8)`` with its
@@ -25,7 +30,8 @@ against torch fp32 and against the same runtime's fp32; the recipe against ORT's
 per-round ratio of the two. A target on speed counts as met when the median ratio reaches it (the interval
 is reported beside it).
 
-Run: ``nice .venv/bin/python benchmarks/encoder_cpu.py`` (writes ``benchmarks/results/encoder_cpu.json``).
+Run: ``nice .venv/bin/python benchmarks/encoder_cpu.py [--artifact PATH] [--experiment PATH]`` (writes
+``benchmarks/results/encoder_cpu.json``).
 """
 
 from __future__ import annotations
@@ -50,9 +56,9 @@ import torch.nn.functional as F
 
 import slimguard as sg
 from _schema import claim, environment, print_targets, target, write_results
-from slimguard.artifact import load, save
+from slimguard.artifact import load, read_manifest, save
 from slimguard.core.recipe import load as load_recipe
-from slimguard.runtime.measure import RatioSummary, compare_speed
+from slimguard.runtime.measure import RatioSummary, compare_speed, count_params
 from slimguard.runtime.onnx import optimize_transformer
 from slimguard.runtime.ort_transformer import OrtEncoder, export_encoder, graph_ops, quantize_graph
 from slimguard.transforms import run_step
@@ -92,20 +98,49 @@ def fidelity(model: nn.Module, texts: list[str], ref: torch.Tensor) -> dict[str,
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n": len(texts)}
 
 
-def recipe_model(data: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """MiniLM through the ``minilm-fast`` recipe's steps, saved and loaded back as the artifact."""
+def architecture(model: nn.Module) -> dict[str, Any]:
+    """Layers, widths and weights of an embedder's encoder (from its Hugging Face config when it has one)."""
+    cfg = getattr(getattr(model, "encoder", None), "config", None)
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    return {**{k: getattr(cfg, k, None) for k in keys}, "weights": count_params(model)}
+
+
+def student_architecture(path: Path) -> dict[str, Any]:
+    """The artifact's encoder before ``ort-int8`` (its Hugging Face config as the manifest records it)."""
+    manifest = read_manifest(path)
+    cfg = manifest.get("model", {}).get("source", {}).get("config", {})
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    return {k: cfg.get(k) for k in keys}
+
+
+def recipe_model(data: Any, artifact: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """MiniLM through the ``minilm-fast`` recipe, as the artifact ``slimguard compress`` writes: built here
+    (the recipe's steps, saved and loaded back) or, with ``artifact``, the file such a run wrote."""
     recipe = load_recipe("minilm-fast")
+    if artifact:
+        path = Path(artifact)
+        stored = read_manifest(path).get("recipe") or {}
+        if stored.get("name") != recipe.name:
+            raise SystemExit(f"{artifact}: not an artifact of the {recipe.name} recipe (its recipe: "
+                             f"{stored.get('name')!r}); build one with slimguard compress --recipe {recipe.name}")
+        same = ("model", "data", "seed", "steps")
+        if any(stored.get(k) != recipe.to_dict().get(k) for k in same):
+            log(f"warning: {artifact} was built with other steps than the {recipe.name} recipe has now")
+        loaded = load(path).eval()
+        return loaded, {"recipe": stored, "artifact": str(path), "artifact_bytes": path.stat().st_size,
+                        "student": student_architecture(path), "built_here": False}
     model = sg.models.load_model(recipe.model).eval()
     original = copy.deepcopy(model)
     t0 = time.perf_counter()
-    steps = [run_step(model, step, data, original=original, progress=False) for step in recipe.steps]
+    steps = [run_step(model, step, data, original=original, progress=True) for step in recipe.steps]
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         path = save(model, Path(tmp) / "model.slim", recipe=recipe.to_dict())
         size = path.stat().st_size
+        student = student_architecture(path)
         loaded = load(path).eval()
     return loaded, {"recipe": recipe.to_dict(), "steps": steps, "build_seconds": round(build_s, 1),
-                    "artifact_bytes": size}
+                    "artifact_bytes": size, "student": student, "built_here": True}
 
 
 def paired(per_round_a: list[float], per_round_b: list[float], seed: int) -> RatioSummary:
@@ -124,6 +159,10 @@ def main() -> None:
     ap.add_argument("--timing-texts", type=int, default=128)
     ap.add_argument("--fidelity-texts", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--artifact", default=None,
+                    help="a model.slim written by `slimguard compress --recipe minilm-fast` (default: build it here)")
+    ap.add_argument("--experiment", default=None,
+                    help="another embedder .slim to compare as the candidate 'experiment' (no target judges it)")
     args = ap.parse_args()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -138,7 +177,16 @@ def main() -> None:
     heads, width = teacher.encoder.config.num_attention_heads, teacher.encoder.config.hidden_size
 
     log("building the recipe's artifact ...")
-    recipe, recipe_info = recipe_model(data)
+    recipe, recipe_info = recipe_model(data, args.artifact)
+    recipe_info["teacher"] = architecture(teacher)
+    recipe_info["student"]["weights"] = count_params(recipe)
+    experiment, experiment_info = None, None
+    if args.experiment:
+        path = Path(args.experiment)
+        experiment = load(path).eval()
+        experiment_info = {"artifact": str(path), "artifact_bytes": path.stat().st_size,
+                           "recipe": read_manifest(path).get("recipe"),
+                           "student": {**student_architecture(path), "weights": count_params(experiment)}}
     work = Path(tempfile.mkdtemp(prefix="sg-encoder-cpu-"))
     log("exporting and quantizing the peers ...")
     fp32 = export_encoder(teacher, work / "fp32.onnx", max_length=MAX_LEN)
@@ -153,9 +201,11 @@ def main() -> None:
     cands: dict[str, nn.Module] = {"torch_fp32": teacher, "slimguard_recipe": recipe,
                                    **{k: ort_embedder(teacher, p, width) for k, p in graphs.items()},
                                    "torch_ao_dynamic_int8": ao}
-    runtime_fp32 = {"slimguard_recipe": "ort_fp32", "ort_optimized_fp32": "ort_fp32", "ort_stock_int8": "ort_fp32",
-                    "ort_per_channel_int8": "ort_fp32", "ort_optimized_per_channel_int8": "ort_fp32",
-                    "torch_ao_dynamic_int8": "torch_fp32"}
+    if experiment is not None:
+        cands["experiment"] = experiment
+    runtime_fp32 = {"slimguard_recipe": "ort_fp32", "experiment": "ort_fp32", "ort_optimized_fp32": "ort_fp32",
+                    "ort_stock_int8": "ort_fp32", "ort_per_channel_int8": "ort_fp32",
+                    "ort_optimized_per_channel_int8": "ort_fp32", "torch_ao_dynamic_int8": "torch_fp32"}
 
     log(f"fidelity on {len(test)} held-out texts ...")
     ref = teacher.encode(test, batch_size=BATCH, max_length=MAX_LEN).float()
@@ -186,7 +236,12 @@ def main() -> None:
     vs_stock = paired(per_round["slimguard_recipe"], per_round["ort_stock_int8"], args.seed)
     cases[1]["vs_ort_stock_int8"] = {"ratio": vs_stock.ratio, "ci95": list(vs_stock.ci95),
                                      "spread": list(vs_stock.spread), "verdict": vs_stock.verdict}
+    if experiment is not None:
+        exp_stock = paired(per_round["experiment"], per_round["ort_stock_int8"], args.seed)
+        cases[-1]["vs_ort_stock_int8"] = {"ratio": exp_stock.ratio, "ci95": list(exp_stock.ci95),
+                                          "spread": list(exp_stock.spread), "verdict": exp_stock.verdict}
     ours, vt = fid["slimguard_recipe"], cmp.ratios["slimguard_recipe"]
+    tea = recipe_info["teacher"]
     targets = [
         target("recipe encode vs torch fp32 encode", f">= {WANT_VS_TORCH}x (median paired ratio)",
                f"{vt.ratio:.2f}x [{vt.ci95[0]:.2f}, {vt.ci95[1]:.2f}]", vt.ratio >= WANT_VS_TORCH),
@@ -203,12 +258,22 @@ def main() -> None:
                      n=cmp.rounds),
                claim("minilm-fast cosine to fp32, mean / min", f"{ours['cosine_mean']:.4f} / {ours['cosine_min']:.4f}",
                      n=ours["n"])]
+    if experiment is not None and experiment_info is not None:
+        stu, es = experiment_info["student"], fid["experiment"]
+        summary += [
+            claim(f"experiment ({stu['num_hidden_layers']} of {tea['num_hidden_layers']} layers, "
+                  f"{stu['weights'] / 1e6:.1f}M vs {tea['weights'] / 1e6:.1f}M weights) encode speed vs ORT "
+                  "stock int8",
+                  exp_stock.ratio, unit="x", ci95=exp_stock.ci95, n=cmp.rounds),
+            claim("experiment cosine to fp32, mean / min", f"{es['cosine_mean']:.4f} / {es['cosine_min']:.4f}",
+                  n=es["n"])]
     protocol = (f"encode of {len(timing)} held-out docs-text texts per call, batch {BATCH}, <= {MAX_LEN} tokens, "
                 f"length-sorted batches for every candidate, {args.threads} threads pinned, {cmp.rounds} paired "
                 "interleaved rounds after warm-up, median ratio with 95% bootstrap interval; cosine to torch fp32 "
                 f"on all {len(test)} docs-text test texts. Machine shared with other jobs (see env.loadavg).")
     write_results("encoder_cpu", env={**env, "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}, cases=cases,
                   targets=targets, summary=summary, protocol=protocol, recipe=recipe_info,
+                  experiment=experiment_info,
                   speed={"rounds": cmp.rounds, "calls_per_round": cmp.calls_per_round, "warmup": cmp.warmup,
                          "machine": cmp.machine, "per_round_vs_torch_fp32": per_round},
                   wall_seconds=round(time.time() - t_start, 1))

@@ -19,6 +19,7 @@ MODULES = [
     "slimguard.data.files",
     "slimguard.data.text",
     "slimguard.data.corpus",
+    "slimguard.data.prose",
     "slimguard.data.images",
     "slimguard.data.ood",
     "slimguard.train.loop",

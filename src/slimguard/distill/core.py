@@ -65,6 +65,13 @@ class DistillConfig(Config):
         attention_weight: weight of the summed attention terms (default 1).
         max_length: token limit when the data are texts (default 128); for causal LMs the length of the
             token windows trained on.
+        group_by_length: texts: batches of texts of similar length (:class:`LengthGroupedBatches`), so a batch
+            pads only to texts like its own; several times faster on short sentences mixed with long
+            passages (default False: batches drawn at random). Validation is unchanged.
+        student_dropout: dropout probability of the student's ``Dropout`` modules while it trains (Hugging Face
+            attention reads its module's ``p`` too); None (default) keeps the model's own. ``0`` suits a
+            student that must reproduce the teacher closely (an embedder held to a cosine budget): dropout
+            noise then only costs fidelity. The model's own values are restored afterwards.
         val_windows: causal LMs: validation windows of ``max_length`` tokens scored after each epoch
             (0: all; default 64).
         cache_teacher: compute the teacher's outputs once when only outputs are matched (default True;
@@ -75,6 +82,11 @@ class DistillConfig(Config):
             ``weight_decay``, ``patience``, ``seed``, ``max_steps`` beside the step's options is still
             read, with a deprecation warning.
         teacher: recipe steps only: ``""`` = the model at the start of the recipe, or a model source.
+        train_data: recipe steps only: a data source whose TRAIN split the student learns from instead of
+            the recipe's (``""``, default: the recipe's own), e.g. ``docs-prose``, a large text set for an
+            embedder scored on ``docs-text``. Validation (early stopping, the best epoch) stays on the
+            recipe's val split; the source is loaded with the recipe's seed and must have the recipe data's
+            kind (texts for texts).
 
     Example:
         >>> cfg = DistillConfig(temperature=4, alpha=0.9, finetune=FinetuneConfig(epochs=10, lr=1e-3))
@@ -97,10 +109,13 @@ class DistillConfig(Config):
     attention: dict[str, str] = dataclasses.field(default_factory=dict)
     attention_weight: float = 1.0
     max_length: int = 128
+    group_by_length: bool = False
+    student_dropout: float | None = None
     val_windows: int = 64
     cache_teacher: bool = True
     finetune: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(epochs=10))
     teacher: str = ""
+    train_data: str = ""
 
     # training options older recipes wrote beside the step's own (read into ``finetune``, with a warning)
     FLAT_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "optimizer",
@@ -113,6 +128,8 @@ class DistillConfig(Config):
         check_range("attention_weight", self.attention_weight, 0.0)
         check_range("max_length", self.max_length, 2, 1 << 16)
         check_range("val_windows", self.val_windows, 0, 1 << 20)
+        if self.student_dropout is not None:
+            check_range("student_dropout", self.student_dropout, 0.0, 1.0, high_inclusive=False)
         check_finetune(self.finetune)
 
     @classmethod
@@ -170,12 +187,72 @@ def _slice(batch: dict[str, torch.Tensor], i: int, j: int) -> dict[str, torch.Te
     return {k: v[i:j] for k, v in batch.items()}
 
 
+class LengthGroupedBatches:
+    """Token batches of similar length, reshuffled every epoch (Hugging Face's ``group_by_length``).
+
+    Each pass: a seeded permutation of the rows is cut into pools of ``pool`` batches; each pool is sorted
+    by token count (longest first) and cut into batches, and the order of all batches is shuffled. Every row
+    is used once per pass; batches are trimmed to their longest row when trained on. Iterating again starts
+    the next pass (a new permutation), so the training loop reads it as a re-iterable data loader.
+
+    Args:
+        rows: tokenised inputs (``input_ids``, ``attention_mask``, ...), one row per text.
+        labels: one label per row, or None.
+        batch_size: rows per batch.
+        seed: seed of the permutations (pass ``p`` uses ``seed + p``).
+        pool: batches per sorted pool (default 50).
+
+    Example:
+        >>> batches = LengthGroupedBatches(model.tokenize(texts, 128), None, batch_size=32, seed=0)
+        >>> finetune(model, batches, FinetuneConfig(epochs=1), loss_fn=loss_fn)
+    """
+
+    def __init__(self, rows: dict[str, torch.Tensor], labels: Any, batch_size: int, seed: int,
+                 pool: int = 50) -> None:
+        self.rows, self.labels = rows, labels
+        self.batch_size, self.seed, self.pool = batch_size, seed, pool
+        self.lengths = rows["attention_mask"].sum(1) if "attention_mask" in rows else None
+        self.n = len(next(iter(rows.values())))
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        perm = torch.randperm(self.n, generator=g)
+        batches: list[torch.Tensor] = []
+        step = self.batch_size * self.pool
+        for start in range(0, self.n, step):
+            chunk = perm[start : start + step]
+            if self.lengths is not None:
+                chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            idx = batches[b]
+            yield Rows({k: v[idx] for k, v in self.rows.items()}), None if self.labels is None else self.labels[idx]
+
+
 @torch.no_grad()
 def _outputs(model: nn.Module, prepared: dict[str, torch.Tensor], batch_size: int = 128) -> torch.Tensor:
     n = len(next(iter(prepared.values()))) if prepared else 0
     device = device_of(model)  # the training device when scoring inside the loop; outputs kept on the CPU
     return torch.cat([_call(model, _model_inputs(to_device(_slice(prepared, i, i + batch_size), device))).float().cpu()
                       for i in range(0, n, batch_size)])
+
+
+@contextlib.contextmanager
+def _dropout(model: nn.Module, p: float | None) -> Iterator[None]:
+    """Every ``nn.Dropout`` of ``model`` at probability ``p`` inside the block (None: unchanged)."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)] if p is not None else []
+    for m, _ in saved:
+        m.p = float(p or 0.0)
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            m.p = before
 
 
 @contextlib.contextmanager
@@ -267,7 +344,8 @@ def distill(
                                           (teacher, list(cfg.attention.values()), "teacher attention", True)):
             taps.append(Taps(model, names, role, keep_tuple=whole))
         s_taps, t_taps, s_att, t_att = taps
-        with eval_mode(teacher, requires_grad=False), _eager_attention([teacher, student], bool(cfg.attention)):
+        with eval_mode(teacher, requires_grad=False), _eager_attention([teacher, student], bool(cfg.attention)), \
+                _dropout(student, cfg.student_dropout):
             probe = _model_inputs(_slice(train_in, 0, 2))
             with eval_mode(student), torch.no_grad():
                 t_probe, s_probe = _call(teacher, probe), _call(student, probe)
@@ -338,7 +416,11 @@ def distill(
                                 val=data.val, test=data.test, calib=data.calib)
             if embedding:  # the loop scores texts itself only through score_fn
                 bundle = dataclasses.replace(bundle, val=Split("val", list(range(len(data.val))), None, meta))
-            history = finetune(student, bundle, cfg.finetune, loss_fn=loss_fn, callbacks=callbacks,
+            train_data: Any = bundle
+            if cfg.group_by_length and isinstance(data.train.x, list):
+                labels = None if data.train.y is None else torch.as_tensor(data.train.y)
+                train_data = LengthGroupedBatches(train_in, labels, cfg.finetune.batch_size, cfg.finetune.seed)
+            history = finetune(student, train_data, cfg.finetune, loss_fn=loss_fn, callbacks=callbacks,
                                extra_parameters=list(projections.parameters()), score_fn=score_fn,
                                progress=progress, description="distilling", move_with=[teacher, projections])
     finally:
@@ -366,7 +448,22 @@ def _register() -> None:
                 "distill: no teacher; set teacher: SOURCE (e.g. zoo:digits32-resnet or minilm), or run the step "
                 "in a recipe, where the default teacher is the model as it was at the start"
             )
+        if config.train_data:
+            data = _with_train_split(data, config.train_data)
         return distill(teacher, model, data, config, progress=progress)
+
+
+def _with_train_split(data: DataBundle, source: str) -> DataBundle:
+    """``data`` with the train split of the data source ``source`` (same seed); val/test/calib kept."""
+    from slimguard.data.core import load as load_data
+
+    other = load_data(source, seed=data.meta.seed)
+    if isinstance(other.train.x, list) != isinstance(data.train.x, list):
+        what = {True: "texts", False: "tensors"}
+        raise DataError(f"distill: train_data {source!r} holds {what[isinstance(other.train.x, list)]} but the "
+                        f"recipe's data {data.meta.name!r} holds {what[isinstance(data.train.x, list)]}; "
+                        "give a source of the same kind")
+    return dataclasses.replace(data, train=other.train)
 
 
 _register()

@@ -202,19 +202,23 @@ class Monitor:
         with self._lock:
             self._conf.extend(conf.tolist())
             self._pred.extend(pred.tolist())
-            if ood is not None:
-                flags = ood.bool().tolist()
-                self._ood.extend(flags)
-                self.counters["ood"] += sum(flags)
-            if latency_ms is not None:
-                self._lat.append(float(latency_ms))
             if ids is not None:
                 for i, p in zip(ids, pred.tolist(), strict=True):
                     self._pending[i] = p
                 while len(self._pending) > 10 * self.config.window:
                     self._pending.popitem(last=False)
-            self.counters["predictions"] += len(pred)
-            self.counters["calls"] += 1
+            self._count_call(len(pred), ood, latency_ms)
+
+    def _count_call(self, n: int, ood: torch.Tensor | None, latency_ms: float | None) -> None:
+        """Record one call's OOD flags, latency and counts (the caller holds the lock)."""
+        if ood is not None:
+            flags = ood.bool().tolist()
+            self._ood.extend(flags)
+            self.counters["ood"] += sum(flags)
+        if latency_ms is not None:
+            self._lat.append(float(latency_ms))
+        self.counters["predictions"] += n
+        self.counters["calls"] += 1
 
     def record_rejected(self, n: int = 1) -> None:
         """Count inputs refused before reaching the model (contract violations)."""
@@ -410,14 +414,7 @@ class EmbeddingMonitor(Monitor):
             self._proj.extend(proj)
             if scores is not None:
                 self._score.extend(scores.detach().double().tolist())
-            if ood is not None:
-                flags = ood.bool().tolist()
-                self._ood.extend(flags)
-                self.counters["ood"] += sum(flags)
-            if latency_ms is not None:
-                self._lat.append(float(latency_ms))
-            self.counters["predictions"] += n
-            self.counters["calls"] += 1
+            self._count_call(n, ood, latency_ms)
 
     def reset(self) -> None:
         super().reset()

@@ -500,7 +500,7 @@ def run_trials(settings: Settings, study: Any, objective: Callable[[Any], list[f
     study.optimize(objective, n_trials=left * REPEAT_LIMIT, catch=(Exception,), callbacks=[enough, *callbacks])
     if enough.exhausted and finished(study) < settings.trials:
         warnings.warn(f"the sampler drew {REPEAT_LIMIT} measured pipelines in a row: the space looks exhausted "
-                      f"after {finished(study)} distinct pipelines; widen it with a search: block for more",
+                      f"after {finished(study)} distinct pipelines; widen it (a search: block, --space FILE) for more",
                       stacklevel=2)
 
 

@@ -76,6 +76,21 @@ def test_sigterm_drains_in_flight_requests_reports_not_ready_and_exits_0(artifac
     assert any("draining" in line for line in server.stderr)
 
 
+def test_a_second_sigterm_while_draining_stops_at_once_without_a_traceback(artifacts, digits):
+    # one request waits 10 s for its batch, so the first SIGTERM drains for up to 20 s; the second ends it
+    with serving(artifacts["small"], "--max-wait-ms", "10000", "--drain-s", "20", "--timeout-s", "60") as server, \
+            server.client() as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(c.post, "/v1/predict", json=_one(digits))
+            assert wait_until(lambda: metric(c.get("/metrics").text, "slimguard_inflight") == 1, timeout=5)
+            server.proc.terminate()
+            assert wait_until(lambda: c.get("/readyz").status_code == 503, timeout=5)
+            server.proc.terminate()
+            assert server.proc.wait(15) == 0
+    assert any("second signal: stopping now" in line for line in server.stderr)
+    assert not any("Traceback" in line or "CancelledError" in line for line in server.stderr), server.stderr
+
+
 @pytest.mark.parametrize(("options", "message"), [
     (["--require-signature"], "artifact is not signed"),
     (["--key-env", "SG_NOT_SET_ANYWHERE"], "--key-env SG_NOT_SET_ANYWHERE"),

@@ -302,7 +302,8 @@ def create_app(service: Service, *, on_startup: Any = None) -> Any:
 
 def _install_drain_signal(service: Service) -> None:
     """On SIGTERM: report not ready at once, keep answering for ``drain_s`` seconds, then hand the
-    signal to the server (uvicorn stops accepting, finishes the requests in flight, and exits)."""
+    signal to the server (uvicorn stops accepting, finishes the requests in flight, and exits). A second
+    SIGTERM stops the service at once, dropping the requests still in flight."""
     import signal
     import threading
 
@@ -314,7 +315,8 @@ def _install_drain_signal(service: Service) -> None:
     loop = asyncio.get_running_loop()
 
     def on_term(sig: int, frame: Any) -> None:
-        if service.draining:  # a second SIGTERM: stop now
+        if service.draining:  # a second SIGTERM: stop now (the server forces its stop on its second signal)
+            previous(sig, frame)
             previous(sig, frame)
             return
         service.begin_drain()

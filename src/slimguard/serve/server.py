@@ -15,6 +15,7 @@ monitor and label ids: a ``/v1/labels`` or ``/v1/status`` call reaches whichever
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -44,15 +45,28 @@ def _logging() -> None:
         logger.propagate = False
 
 
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """Keep a log record unless it reports a task cancelled by a forced stop: the cancelled lifespan, logged
+    as an error with the exception attached or with its traceback as the message (Starlette's "shutdown
+    failed")."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, asyncio.CancelledError) or record.getMessage().rstrip().endswith("CancelledError"))
+
+
 def _uvicorn_server_class() -> Any:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         """uvicorn's server, but a handled SIGTERM ends the process with status 0 (uvicorn re-raises the
-        signal after its graceful shutdown, which would end it with -15)."""
+        signal after its graceful shutdown, which would end it with -15). A second signal while draining
+        stops at once, says so in one line, and leaves no traceback of the tasks it cancels."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.should_exit:
+                if not self.force_exit:
+                    print("second signal: stopping now; requests still in flight are dropped", file=sys.stderr,
+                          flush=True)
+                    logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
                 self.force_exit = True
             else:
                 self.should_exit = True

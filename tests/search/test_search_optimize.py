@@ -39,6 +39,12 @@ def load_study(s: Settings):
     return optuna.load_study(study_name=s.study_name, storage=s.storage_url)
 
 
+def measured(study) -> list:
+    """The study's trials that measured their pipeline (a draw of an already measured one is a replayed repeat,
+    which does not count against --trials)."""
+    return [t for t in study.get_trials() if "repeat_of" not in t.user_attrs]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One search, with every test-split scoring recorded."""
@@ -72,8 +78,8 @@ def test_test_split_is_scored_once_per_pareto_point_after_the_search(run):
 def test_front_is_feasible_and_non_dominated_among_completed_trials(run):
     s, result, _ = run
     study = load_study(s)
-    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["steps"]]
-    assert len(study.get_trials()) == s.trials
+    done = [t for t in measured(study) if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["steps"]]
+    assert len(measured(study)) == s.trials
     feasible = [t for t in done if t.user_attrs["val_accuracy_drop_points"] <= s.budget]
     front = {p["trial"] for p in result["points"]}
     assert front
@@ -118,11 +124,11 @@ def test_tensorboard_events_are_written(run):
 
 def test_resume_runs_only_the_missing_trials_and_refuses_other_settings(run):
     s, _, _ = run
-    before = len(load_study(s).get_trials())
+    before = len(measured(load_study(s)))
     optimize(settings(s.out), progress=False)
-    assert len(load_study(s).get_trials()) == before
+    assert len(measured(load_study(s))) == before
     optimize(settings(s.out, trials=s.trials + 1), progress=False)
-    assert len(load_study(s).get_trials()) == before + 1
+    assert len(measured(load_study(s))) == before + 1
     with pytest.raises(ConfigError, match="was made with another budget"):
         optimize(settings(s.out, budget=0.5), progress=False)
 
@@ -131,7 +137,7 @@ def test_progress_summary_counts_and_estimates(run):
     s, _, _ = run
     study = load_study(s)
     got = summary(study, trials=10, budget=s.budget, started=0.0, done_at_start=0, now=20.0)
-    n = len(study.get_trials())
+    n = len(measured(study))
     assert got["done"] == n and got["total"] == 10
     assert got["eta_s"] == pytest.approx(20.0 / n * (10 - n))
     sizes = [t.user_attrs["size_ratio"] for t in study.get_trials() if t.state.name == "COMPLETE"

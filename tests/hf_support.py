@@ -39,6 +39,23 @@ def save_tokenizer(folder: Path) -> None:
                                          eos_token="</s>").save_pretrained(str(folder))
 
 
+def save_tiny_bert(folder: Path, words: list[str], layers: int, **config: float) -> Path:
+    """A BERT encoder folder (hidden 32, 4 heads, FFN 64, ``layers`` layers, random weights seeded with 0)
+    with a WordPiece tokenizer whose vocabulary is the special tokens and ``words``; ``config`` overrides
+    other ``BertConfig`` fields (e.g. ``initializer_range``)."""
+    import transformers
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, **config)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def build_family(name: str, folder: Path, *, tokenizer: bool = True) -> Path:
     """Write the tiny model ``name`` (a key of :data:`FAMILIES`) to ``folder``; seeded."""
     import transformers as T

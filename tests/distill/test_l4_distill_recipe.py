@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tests.hf_support import save_tiny_bert  # noqa: E402
 
 import slimguard as sg  # noqa: E402
 from slimguard.artifact import load, save  # noqa: E402
@@ -37,17 +38,7 @@ WORDS = ("the a model of on int8 runtime graph sentence longer short text fast s
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bert6")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=6,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                                  initializer_range=0.3)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("bert6"), WORDS, layers=6, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tests.hf_support import save_tiny_bert  # noqa: E402
 
 import slimguard as sg  # noqa: E402
 from slimguard.artifact import load, save  # noqa: E402
@@ -30,16 +31,7 @@ TEXTS = ["the model", "a much longer sentence of text on the int8 runtime graph 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A Hugging Face folder: 2-layer BERT (hidden 32, 4 heads), random weights, word-level tokenizer."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS, layers=2)
 
 
 @pytest.fixture

@@ -6,18 +6,20 @@
 
 * ``serve``: ``slimguard serve`` (contract, energy OOD detector, monitor, range restriction, periodic
   checksum scrubs, micro-batching: up to 64 items, no wait: a batch leaves as soon as the model is free;
-  torch threads automatic: ``(cores - workers) // workers``, 1 on 2 cores);
+  torch threads automatic: 1 on 2 cores for this cheap model, see ``ServeConfig.threads``);
 * ``serve_nobatch``: the same with ``--max-batch 1`` (guard, no batching), which isolates batching;
+* ``serve_w2``: the same with ``--workers 2`` (two processes, each with its own model and batcher);
 * ``bare``: a FastAPI ``def`` endpoint that runs the same model on each request (no guard, no batching),
   with torch's default threads (one per core);
 * ``bare_t1``: the same bare endpoint with one torch thread, so the comparison with ``serve`` is not only
   the thread setting (on a loaded machine, torch threads beyond the free cores stall each other).
 
-A bounded async httpx client (one request = one digit, bodies encoded once up front) runs each server at
-concurrency 1, 8, 32 and 64 for a fixed time per cell, in ``--rounds`` interleaved rounds; throughput is
-responses per second, p50/p99 the per-request latency over all rounds. Non-200 answers are counted. The
-server's CPU time per request (user + system, from ``/proc``) is also reported: on a shared machine it is
-steadier than throughput, which depends on the CPU share each process gets.
+A bounded async httpx client (one connection per concurrent worker, one request = one digit, bodies encoded
+once up front) runs each server at concurrency 1, 8, 32 and 64 for a fixed time per cell, in ``--rounds``
+interleaved rounds; throughput is responses per second, p50/p99 the per-request latency over all rounds.
+Non-200 answers are counted. The server's CPU time per request (user + system over its processes, from
+``/proc``) is also reported: on a shared machine it is steadier than throughput, which depends on the CPU
+share each process gets.
 
 In-process, with :func:`slimguard.runtime.measure.compare_speed` (paired rounds, median ratio, 95% bootstrap
 interval): the guard's cost on a batch of 32 as the service runs it (the contract's value checks over the
@@ -34,7 +36,8 @@ server CPU per request, so batching has little to save there: this case shows th
 fp32 ``.slim`` artifact; one docs-text test text per request (``{"texts": [TEXT]}``; median 74 characters,
 ~21 tokens). ``serve`` (``--data docs-text``: OOD score = cosine distance to the nearest of 1024 training
 texts, drift monitor on validation texts; micro-batches sorted by length and run in chunks of at most
-384 padded tokens), ``serve_nobatch`` (``--max-batch 1``), and the bare endpoint (``model(**model.tokenize
+384 padded tokens; torch threads automatic: 2 on 2 cores, since the model costs ~8 ms per text),
+``serve_nobatch`` (``--max-batch 1``), ``serve_w2`` (``--workers 2``), and the bare endpoint (``model(**model.tokenize
 (texts))`` per request, as a user would write it) with torch's default threads and with 1 thread. In
 process: the guard's cost on a batch of 32 texts (OOD score, flags and monitor against the same forward
 pass), the length-chunked forward pass against one padded batch, and the drift monitor's reading on
@@ -128,12 +131,16 @@ class Proc:
         self.url = got[0].split()[-1]
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds the server process has used (threads included), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds the server has used (its threads and, with ``--workers``, its worker
+        processes), from /proc."""
+        return sum(_cpu_s(pid) for pid in _tree(self.p.pid))
+
+    def torch_threads(self) -> int | None:
+        """The torch threads the service reports in ``GET /v1/status`` (None for the bare servers)."""
+        import httpx
+
+        r = httpx.get(f"{self.url}/v1/status", timeout=30, trust_env=False)
+        return r.json()["worker"]["torch_threads"] if r.status_code == 200 else None
 
     def stop(self) -> None:
         self.p.terminate()
@@ -143,11 +150,34 @@ class Proc:
             self.p.kill()
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo.extend(int(c) for c in task.read_text().split())
+            except OSError:
+                pass
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start(kind: str, artifact: Path, serve_args: tuple[str, ...] = ()) -> Proc:
     if kind.startswith("bare"):
         threads = ["--bare-threads", "1"] if kind == "bare_t1" else []
         return Proc([sys.executable, __file__, "--bare-server", str(artifact), *threads])
-    extra = ["--max-batch", "1"] if kind == "serve_nobatch" else ["--max-batch", "64"]
+    extra = {"serve_nobatch": ["--max-batch", "1"], "serve_w2": ["--max-batch", "64", "--workers", "2"]}.get(
+        kind, ["--max-batch", "64"])
     return Proc([sys.executable, "-c", "from slimguard.cli import main; main()", "serve", str(artifact),
                  "--port", "0", "--max-concurrency", "256", "--scrub-interval-s", "5", *extra, *serve_args])
 
@@ -156,24 +186,31 @@ def start(kind: str, artifact: Path, serve_args: tuple[str, ...] = ()) -> Proc:
 async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    # TCP_NODELAY on the client's connections, as on the servers' (see slimguard.serve.server.bind): no
-    # request or response waits on Nagle's algorithm for a delayed ACK
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    def client() -> httpx.AsyncClient:
+        # one connection per client, one client per worker: httpcore's pool does work in proportion to the
+        # requests it holds on every request, so one shared pool of 32 connections cost the client 3.9 ms of
+        # CPU per request against a server that answers a constant (0.9 ms with one pool per worker), and on
+        # this shared machine the client, not the server, set the throughput. TCP_NODELAY as on the servers
+        # (see slimguard.serve.server.bind): no request or response waits on Nagle's algorithm.
+        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                                             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        return httpx.AsyncClient(base_url=url, transport=transport, timeout=30, trust_env=False)
+
     latencies: list[float] = []
     errors = 0
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=30, trust_env=False) as client:
-        headers = {"content-type": "application/json"}
-        for body in bodies[:concurrency]:  # warm the connections
-            await client.post("/v1/predict", content=body, headers=headers)
+    headers = {"content-type": "application/json"}
+    clients = [client() for _ in range(concurrency)]
+    try:
+        for k, c in enumerate(clients):  # warm the connections
+            await c.post("/v1/predict", content=bodies[k % len(bodies)], headers=headers)
         end = time.perf_counter() + seconds
 
         async def worker(k: int) -> None:
             nonlocal errors
-            i = k
+            i, c = k, clients[k]
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/predict", content=bodies[i % len(bodies)], headers=headers)
+                r = await c.post("/v1/predict", content=bodies[i % len(bodies)], headers=headers)
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
@@ -183,6 +220,9 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        for c in clients:
+            await c.aclose()
     return {"ok": len(latencies), "errors": errors, "wall_s": wall, "latencies": latencies}
 
 
@@ -339,6 +379,7 @@ def load_cells(model: str, kinds: tuple[str, ...], artifact: Path, bodies: list[
     try:
         for k in kinds:  # all up at once; only one is loaded at a time
             procs[k] = start(k, artifact, serve_args)
+        threads = {k: p.torch_threads() if k.startswith("serve") else None for k, p in procs.items()}
         for r in range(args.rounds):
             order = kinds if r % 2 == 0 else tuple(reversed(kinds))
             for c in CONCURRENCY:
@@ -356,7 +397,8 @@ def load_cells(model: str, kinds: tuple[str, ...], artifact: Path, bodies: list[
     for (k, c), runs in cells.items():
         lat = [v for run in runs for v in run["latencies"]]
         rps = [run["ok"] / run["wall_s"] for run in runs]
-        cases.append({"model": model, "server": k, "concurrency": c, "throughput_rps": statistics.median(rps),
+        cases.append({"model": model, "server": k, "concurrency": c, "torch_threads": threads[k],
+                      "throughput_rps": statistics.median(rps),
                       "throughput_per_round": [round(v, 1) for v in rps], "p50_ms": _pct(lat, 0.5),
                       "p99_ms": _pct(lat, 0.99), "responses": len(lat),
                       "server_cpu_ms_per_request": 1e3 * sum(run["cpu_s"] for run in runs)
@@ -379,6 +421,7 @@ def _common(label: str, cases: list[dict[str, Any]], g: dict[str, Any]) -> tuple
     gain_vs_bare = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "bare", 32, "throughput_rps")
     gain_vs_bare_t1 = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "bare_t1", 32, "throughput_rps")
     batching_gain = _cell(cases, "serve", 32, "throughput_rps") / _cell(cases, "serve_nobatch", 32, "throughput_rps")
+    workers_gain = _cell(cases, "serve_w2", 32, "throughput_rps") / _cell(cases, "bare", 32, "throughput_rps")
     cpu_ratio = (_cell(cases, "bare", 32, "server_cpu_ms_per_request")
                  / _cell(cases, "serve", 32, "server_cpu_ms_per_request"))
     lo, hi = (100 * v for v in g["overhead_ci95"])
@@ -395,6 +438,8 @@ def _common(label: str, cases: list[dict[str, Any]], g: dict[str, Any]) -> tuple
         claim(f"{label}: slimguard serve / bare FastAPI with 1 torch thread, concurrency 32", gain_vs_bare_t1,
               unit="x"),
         claim(f"{label}: micro-batching gain (serve / serve --max-batch 1), concurrency 32", batching_gain, unit="x"),
+        claim(f"{label}: slimguard serve --workers 2 / bare FastAPI throughput, concurrency 32", workers_gain,
+              unit="x"),
         claim(f"{label}: server CPU per request, bare / serve, concurrency 32", cpu_ratio, unit="x"),
         claim(f"{label}: guard overhead per batch of 32, in process", 100 * g["overhead"], unit="%",
               ci95=[100 * v for v in g["overhead_ci95"]]),
@@ -403,15 +448,16 @@ def _common(label: str, cases: list[dict[str, Any]], g: dict[str, Any]) -> tuple
 
 
 def _print_cases(title: str, cases: list[dict[str, Any]]) -> None:
-    print(f"{title}\n{'server':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} "
-          f"{'batch':>6} {'non-200':>7}")
+    print(f"{title}\n{'server':<14} {'thr':>3} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'cpu ms/req':>10} {'batch':>6} {'non-200':>7}")
     for x in cases:
         batch = f"{x['mean_batch_items']:.1f}" if x["mean_batch_items"] is not None else "-"
-        print(f"{x['server']:<14} {x['concurrency']:>4} {x['throughput_rps']:>8.1f} {x['p50_ms']:>8.2f} "
+        thr = x["torch_threads"] if x["torch_threads"] is not None else "-"
+        print(f"{x['server']:<14} {thr:>3} {x['concurrency']:>4} {x['throughput_rps']:>8.1f} {x['p50_ms']:>8.2f} "
               f"{x['p99_ms']:>8.2f} {x['server_cpu_ms_per_request']:>10.2f} {batch:>6} {x['non_200']:>7}")
 
 
-KINDS = ("serve", "serve_nobatch", "bare", "bare_t1")
+KINDS = ("serve", "serve_nobatch", "serve_w2", "bare", "bare_t1")
 
 
 def run_digits(args: Any, tmp: Path) -> dict[str, Any]:

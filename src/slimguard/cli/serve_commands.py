@@ -30,8 +30,9 @@ def serve(
     max_batch: int = typer.Option(64, help="Largest micro-batch, in items."),
     max_wait_ms: float = typer.Option(0.0, help="How long a micro-batch waits for more items (0: it leaves as "
                                                 "soon as the model is free, with everything queued meanwhile)."),
-    torch_threads: int = typer.Option(0, help="torch threads per server process (0: automatic, leaving each "
-                                              "worker's event loop a core)."),
+    torch_threads: int = typer.Option(0, help="torch threads per server process (0: automatic: every core for "
+                                              "a model that costs 2 ms or more per item at warm-up, else "
+                                              "leaving each worker's event loop a core)."),
     max_items: int = typer.Option(256, help="Most items (examples or texts) in one request (more: 413)."),
     max_text_chars: int = typer.Option(10_000, help="Longest text in characters, for text models (more: 413)."),
     max_tokens: int = typer.Option(256, help="Most tokens per text, for text models, capped at the model's "

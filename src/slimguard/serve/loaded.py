@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from slimguard.serve.limits import Problem
 from slimguard.serve.text import TextServing, is_text_model, load_text
 
 WARMUP_ROWS = 64
+TIMED_ROWS = 16  # items of the timed second warm-up pass (ms_per_item)
 
 
 @dataclasses.dataclass
@@ -53,6 +55,10 @@ class LoadedModel:
         class_names: label names (may be empty).
         val_accuracy: accuracy on the validation split of what the guard runs, in points.
         cascade_stats: validation accuracies (points) of each model and the cascade, and its fallback rate.
+        text: the text path (tokenizer, length-sorted chunks, embedder OOD and monitor); None for tensors.
+        ms_per_item: what one forward pass of what the guard runs cost per item at warm-up (a second pass
+            over :data:`TIMED_ROWS` validation items, after the first paid the one-off costs); it sets
+            the automatic torch threads (:meth:`ServeConfig.threads`).
     """
 
     guard: Guard
@@ -65,6 +71,7 @@ class LoadedModel:
     val_accuracy: float | None
     cascade_stats: dict[str, float] | None = None
     text: TextServing | None = None
+    ms_per_item: float | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -272,6 +279,8 @@ def load_served(config: ServeConfig, artifact: str | None = None) -> LoadedModel
             out = served(bundle.val.x[:WARMUP_ROWS])
         if out.dim() != 2 or not bool(torch.isfinite(out).all()):
             raise ArtifactError("warm-up gave non-finite or misshapen outputs; the model is not servable")
+        timed = bundle.val.x[:TIMED_ROWS]
+        ms_per_item = _ms_per_item(lambda: served(timed), len(timed))
         val_acc = None
         if val_y is not None:
             val_acc = float((predict(served, bundle.val.x).argmax(-1) == val_y).double().mean()) * 100
@@ -279,7 +288,7 @@ def load_served(config: ServeConfig, artifact: str | None = None) -> LoadedModel
         guard.close()
         raise
     return LoadedModel(guard, small, sums, cascade, artifact_version(path), manifest,
-                       list(bundle.meta.class_names), val_acc, cascade_stats)
+                       list(bundle.meta.class_names), val_acc, cascade_stats, ms_per_item=ms_per_item)
 
 
 def _load_text_model(small: nn.Module, bundle: Any, config: ServeConfig, sums: WeightChecksums,
@@ -302,8 +311,20 @@ def _load_text_model(small: nn.Module, bundle: Any, config: ServeConfig, sums: W
                 raise ArtifactError("warm-up gave non-finite logits; the model is not servable")
             if bundle.val.y is not None:
                 val_acc = float((logits.argmax(-1) == bundle.val.y).double().mean()) * 100
+        timed = val[:TIMED_ROWS]
+        ms_per_item = _ms_per_item(lambda: text.embed(guard.model, timed) if text.embedder
+                                   else guard.model(text.pack_texts(timed)), len(timed))
     except BaseException:
         guard.close()
         raise
     names = [] if text.embedder else list(bundle.meta.class_names)
-    return LoadedModel(guard, small, sums, None, artifact_version(path), manifest, names, val_acc, None, text)
+    return LoadedModel(guard, small, sums, None, artifact_version(path), manifest, names, val_acc, None, text,
+                       ms_per_item)
+
+
+def _ms_per_item(run: Callable[[], Any], items: int) -> float:
+    """Milliseconds per item of one call of ``run`` (a forward pass over ``items`` items)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run()
+    return (time.perf_counter() - t0) * 1e3 / max(1, items)

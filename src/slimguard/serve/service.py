@@ -50,6 +50,7 @@ class Service:
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._scrubber: threading.Thread | None = None
+        self.torch_threads: int | None = None  # set when the model is first installed (see _set_threads)
 
     # ---- state -------------------------------------------------------------------------------------------
     @property
@@ -67,23 +68,37 @@ class Service:
         """The monitor's state, reasons and metrics, plus the service's own state, and who answered:
         ``worker`` names this process (``pid``), the service's ``workers``, and the ``scope`` of the body:
         ``service`` with one process; ``worker`` with several, since each worker keeps its own monitor and
-        this body holds only the one that answered (``/metrics`` reports the worst state over all workers)."""
+        this body holds only the one that answered (``/metrics`` reports the worst state over all workers);
+        ``torch_threads``: the intra-op threads its model runs with."""
         st = self._status() or {"state": "ok", "reasons": [], "metrics": {}, "counters": {}}
         workers = self.config.workers
         return {**st, "ready": self.ready, "draining": self.draining, "inflight": self.inflight,
                 "model_version": self.loaded.version if self.loaded is not None else None,
-                "worker": {"pid": os.getpid(), "workers": workers, "scope": "worker" if workers > 1 else "service"}}
+                "worker": {"pid": os.getpid(), "workers": workers, "scope": "worker" if workers > 1 else "service",
+                           "torch_threads": self.torch_threads}}
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def start(self, loaded: LoadedModel | None = None) -> Service:
         """Serve ``loaded`` (or load ``config.artifact`` now), start the batcher and the scrubber."""
         loaded = loaded if loaded is not None else load_served(self.config)
         self._install(loaded)
+        self._set_threads(loaded)
         self.batcher.start()
         if self.config.scrub_interval_s > 0:
             self._scrubber = threading.Thread(target=self._scrub_loop, name="slimguard-scrubber", daemon=True)
             self._scrubber.start()
         return self
+
+    def _set_threads(self, loaded: LoadedModel) -> None:
+        """torch's intra-op threads for the batcher, from the model's cost at warm-up (see
+        :meth:`ServeConfig.threads`); set before the batcher thread starts, and kept across reloads."""
+        import torch
+
+        self.torch_threads = self.config.threads(loaded.ms_per_item)
+        torch.set_num_threads(self.torch_threads)
+        cost = f"{loaded.ms_per_item:.2f} ms per item at warm-up" if loaded.ms_per_item is not None else "not timed"
+        log.info("torch threads: %d (%s)", self.torch_threads,
+                 "--torch-threads" if self.config.torch_threads else f"automatic; the model cost {cost}")
 
     def _install(self, loaded: LoadedModel) -> None:
         self.loaded = loaded

@@ -147,6 +147,88 @@ def test_minilm_fast_recipe_is_shipped_and_ends_on_ort():
     assert recipe.model == "minilm" and recipe.task == "embedding"
     assert recipe.budget == {"min_cosine_mean": 0.99, "min_cosine_min": 0.97}
     assert isinstance(recipe.steps[-1], OrtInt8Config)
+    assert recipe.steps[-1].call_overhead_tokens == 64  # padding-aware batches, chosen on validation texts
+
+
+def _calls(model) -> list[tuple[int, int]]:
+    """Record the (rows, padded length) of every call of ``model``'s forward."""
+    seen: list[tuple[int, int]] = []
+    forward = model.forward
+
+    def spy(input_ids, attention_mask=None):
+        seen.append(tuple(input_ids.shape))
+        return forward(input_ids, attention_mask)
+
+    model.forward = spy
+    return seen
+
+
+def test_padding_aware_batches_cut_the_long_tail_and_keep_the_answers(tiny, tmp_path):
+    texts = [*(["the model"] * 6), TEXTS[1], "short text"]
+    sg.quantize_(tiny, OrtInt8Config(call_overhead_tokens=4))
+    assert tiny.encoder.call_overhead_tokens == 4
+    seen = _calls(tiny)
+    out = tiny.encode(texts, batch_size=8)
+    # the long text runs alone; the seven short ones pad to 4 tokens, not to the long one's 16
+    long_len = len(tiny.tokenizer(TEXTS[1])["input_ids"])
+    assert seen == [(1, long_len), (7, 4)]
+    one_by_one = torch.cat([tiny.encode([t]) for t in texts])
+    assert _cos(out, one_by_one).min() > 0.999  # int8 activations are quantized per call: not bit-equal
+    back = load(save(tiny, tmp_path / "m.slim"))  # the setting travels in the artifact
+    assert back.encoder.call_overhead_tokens == 4
+    seen_back = _calls(back)
+    back.encode(texts, batch_size=8)
+    assert seen_back == seen[:2]
+
+
+def test_fixed_batches_without_a_call_cost(tiny):
+    assert OrtInt8Config().call_overhead_tokens == 64  # padding-aware by default
+    sg.quantize_(tiny, OrtInt8Config(call_overhead_tokens=0))
+    seen = _calls(tiny)
+    tiny.encode([*(["the model"] * 6), TEXTS[1], "short text"], batch_size=8)
+    assert len(seen) == 1  # one batch of 8, padded to the longest
+
+
+@pytest.mark.parametrize(("lengths", "items", "call", "want"), [
+    ([], 32, 64, []),
+    ([9], 32, 64, [(0, 1)]),
+    ([10] * 5, 2, 0, [(0, 2), (2, 4), (4, 5)]),  # equal work whatever the cuts: the fewest calls
+    ([100, 10, 10, 10], 32, 8, [(0, 1), (1, 4)]),  # pad three rows to 100 (270 tokens) or pay one call (8)
+    ([100, 10, 10, 10], 32, 500, [(0, 4)]),  # a call dearer than the padding: one batch
+    ([20] * 70, 32, 64, [(0, 32), (32, 64), (64, 70)]),
+])
+def test_padding_groups_minimise_padded_tokens_plus_calls(lengths, items, call, want):
+    from slimguard.models.hf import padding_groups
+
+    assert padding_groups(lengths, items, call) == want
+
+
+def test_padding_groups_are_exact_against_brute_force():
+    import itertools
+    import random
+
+    from slimguard.models.hf import padding_groups
+
+    def work(lengths: list[int], call: int, runs: list[tuple[int, int]]) -> int:
+        return sum(call + (b - a) * lengths[a] for a, b in runs)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, items, call = rng.randint(1, 8), rng.randint(1, 4), rng.choice([0, 3, 10, 40])
+        lengths = sorted((rng.randint(1, 60) for _ in range(n)), reverse=True)
+        partitions = [list(itertools.pairwise([0, *cuts, n])) for r in range(n)
+                      for cuts in itertools.combinations(range(1, n), r)]
+        least = min(work(lengths, call, p) for p in partitions if all(b - a <= items for a, b in p))
+        got = padding_groups(lengths, items, call)
+        assert work(lengths, call, got) == least
+        assert all(b - a <= items for a, b in got) and got[0][0] == 0 and got[-1][1] == n
+
+
+def test_padding_groups_refuse_unsorted_lengths():
+    from slimguard.models.hf import padding_groups
+
+    with pytest.raises(ValueError, match="sorted longest first"):
+        padding_groups([3, 9], 32, 64)
 
 
 @pytest.mark.parametrize("name", ["no-such-recipe", "../recipes/minilm-fast", ""])

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
 import types
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -98,8 +99,17 @@ class SentenceEmbedder(_TextMixin, nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-        """Embeddings of ``texts`` in their order; batched longest first (as sentence-transformers does), so
-        each batch pads only to texts of similar length."""
+        """Embeddings of ``texts`` in their order, at most ``batch_size`` texts per call of the model.
+
+        By default the texts are batched longest first (as sentence-transformers does), so each batch pads
+        only to texts of similar length. An encoder that states what one call costs in tokens
+        (``call_overhead_tokens``, e.g. an :class:`~slimguard.runtime.ort_transformer.OrtEncoder` built
+        with it) gets padding-aware batches instead: texts sorted by token count and cut where
+        :func:`padding_groups` finds that padding a short text to a long one costs more than another call.
+        """
+        call_tokens = int(getattr(self.encoder, "call_overhead_tokens", 0) or 0)
+        if call_tokens > 0 and self.tokenizer is not None and texts:
+            return self._encode_by_tokens(texts, batch_size, max_length, call_tokens)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         with eval_mode(self):
             outs = [self(**self.tokenize([texts[j] for j in order[i : i + batch_size]], max_length))
@@ -108,6 +118,58 @@ class SentenceEmbedder(_TextMixin, nn.Module):
             return torch.empty(0)
         emb = torch.cat(outs)
         return emb[torch.argsort(torch.tensor(order))]
+
+    def _encode_by_tokens(self, texts: list[str], batch_size: int, max_length: int,
+                          call_tokens: int) -> torch.Tensor:
+        self.tokenize(texts[:1], max_length)  # sets a pad token where the tokenizer ships none
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        pad_id = self.tokenizer.pad_token_id or 0
+        outs = []
+        with eval_mode(self):
+            for start, end in padding_groups([len(ids[i]) for i in order], batch_size, call_tokens):
+                rows = [ids[i] for i in order[start:end]]
+                input_ids = torch.full((len(rows), len(rows[0])), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(input_ids)
+                for r, row in enumerate(rows):
+                    input_ids[r, : len(row)] = torch.tensor(row)
+                    mask[r, : len(row)] = 1
+                outs.append(self(input_ids=input_ids, attention_mask=mask))
+        return torch.cat(outs)[torch.argsort(torch.tensor(order))]
+
+
+def padding_groups(lengths: Sequence[int], max_items: int, call_tokens: int) -> list[tuple[int, int]]:
+    """Cut ``lengths`` (token counts sorted longest first) into runs ``[start, end)`` of at most
+    ``max_items`` that minimise the work of encoding them, counted in tokens: every run pads to its first
+    (longest) row and costs ``call_tokens`` more for the call itself. Exact (dynamic programming over the
+    cut points, ``O(len(lengths) * max_items)``; of equal work, the fewest calls, full runs first); uniform
+    lengths give runs of ``max_items``, a long tail gets short runs of its own.
+
+    Example:
+        >>> padding_groups([80, 30, 29, 28, 27], max_items=32, call_tokens=16)
+        [(0, 1), (1, 5)]
+        >>> padding_groups([20] * 4, max_items=2, call_tokens=16)
+        [(0, 2), (2, 4)]
+    """
+    n = len(lengths)
+    if any(a < b for a, b in itertools.pairwise(lengths)):
+        raise ValueError("padding_groups: lengths must be sorted longest first")
+    if max_items < 1 or call_tokens < 0:
+        raise ValueError("padding_groups: max_items must be >= 1 and call_tokens >= 0")
+    # best[j]: (least work, fewest calls at that work) for the first j rows; cut[j]: where its last run starts
+    # (on ties the latest start, so full runs come first and the remainder last)
+    best = [(0, 0)] * (n + 1)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        work, calls, neg_i = min((best[i][0] + call_tokens + (j - i) * lengths[i], best[i][1] + 1, -i)
+                                 for i in range(max(0, j - max_items), j))
+        best[j], cut[j] = (work, calls), -neg_i
+    runs: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return runs[::-1]
 
 
 def _logits(out: Any) -> torch.Tensor:

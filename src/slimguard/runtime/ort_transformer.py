@@ -16,7 +16,9 @@ The ``ort-int8`` recipe step turns a sentence embedder (a Hugging Face BERT-fami
    artifact stores them as an ordinary tensor: sizes checked by the payload checks before anything is
    decoded, and :func:`check_graph` checked again before ORT sees them.
 
-Pooling and normalisation stay in torch, so every pooling the embedder supports keeps working.
+Pooling and normalisation stay in torch, so every pooling the embedder supports keeps working. With
+``call_overhead_tokens`` the embedder's ``encode`` stops padding short texts to long ones where another
+session run costs less (padding-aware batches, :func:`slimguard.models.hf.padding_groups`).
 
 What a graph may hold (:func:`check_graph`): operators of the standard ONNX domains and ORT's own
 ``com.microsoft`` domain only, every weight inline (no external-data paths, which would make ORT read
@@ -229,6 +231,9 @@ class OrtEncoder(nn.Module):
         hidden_size: width of the hidden states (recorded for inspection).
         num_threads: ORT intra-op threads; 0 (default) = torch's thread count when the session is built, so
             ``torch.set_num_threads`` and :func:`slimguard.runtime.measure.compare_speed` pin both runtimes.
+        call_overhead_tokens: what one session run costs beyond its tokens' work, in tokens; when above 0,
+            the embedder's ``encode`` makes padding-aware batches (:func:`slimguard.models.hf.padding_groups`)
+            instead of fixed ones (default 0).
 
     Example:
         >>> enc = OrtEncoder.from_bytes(Path("encoder-int8.onnx").read_bytes(), hidden_size=384)
@@ -238,30 +243,36 @@ class OrtEncoder(nn.Module):
     graph: torch.Tensor
     not_weights = frozenset({"graph"})  # the serialized graph is not counted as parameters
 
-    def __init__(self, nbytes: int = 0, hidden_size: int = 0, num_threads: int = 0) -> None:
+    def __init__(self, nbytes: int = 0, hidden_size: int = 0, num_threads: int = 0,
+                 call_overhead_tokens: int = 0) -> None:
         super().__init__()
         for name, value, high in (("nbytes", nbytes, MAX_GRAPH_BYTES), ("hidden_size", hidden_size, 1 << 20),
-                                  ("num_threads", num_threads, 1024)):
+                                  ("num_threads", num_threads, 1024),
+                                  ("call_overhead_tokens", call_overhead_tokens, 1 << 20)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 raise ArtifactError(f"ort-encoder {name}={value!r} is not an integer in [0, {high}]")
         self.nbytes = nbytes
         self.hidden_size = hidden_size
         self.num_threads = num_threads
+        self.call_overhead_tokens = call_overhead_tokens
         self.register_buffer("graph", torch.zeros(nbytes, dtype=torch.uint8))
         self._session: Any = None
         self._session_key: tuple[int, int, int] | None = None
 
     @classmethod
-    def from_bytes(cls, blob: bytes, *, hidden_size: int = 0, num_threads: int = 0) -> OrtEncoder:
+    def from_bytes(cls, blob: bytes, *, hidden_size: int = 0, num_threads: int = 0,
+                   call_overhead_tokens: int = 0) -> OrtEncoder:
         """An encoder holding ``blob`` (checked by :func:`check_graph` first)."""
         check_graph(blob)
-        enc = cls(nbytes=len(blob), hidden_size=hidden_size, num_threads=num_threads)
+        enc = cls(nbytes=len(blob), hidden_size=hidden_size, num_threads=num_threads,
+                  call_overhead_tokens=call_overhead_tokens)
         if blob:
             enc.graph.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
         return enc
 
     def slimguard_init_kwargs(self) -> dict[str, Any]:
-        return {"nbytes": self.nbytes, "hidden_size": self.hidden_size, "num_threads": self.num_threads}
+        return {"nbytes": self.nbytes, "hidden_size": self.hidden_size, "num_threads": self.num_threads,
+                "call_overhead_tokens": self.call_overhead_tokens}
 
     def graph_bytes(self) -> bytes:
         """The stored graph."""
@@ -320,7 +331,8 @@ class OrtEncoder(nn.Module):
         return total, nonzero
 
     def extra_repr(self) -> str:
-        return f"nbytes={self.nbytes}, hidden_size={self.hidden_size}, num_threads={self.num_threads}"
+        return (f"nbytes={self.nbytes}, hidden_size={self.hidden_size}, num_threads={self.num_threads}, "
+                f"call_overhead_tokens={self.call_overhead_tokens}")
 
 
 # ---- the recipe step ------------------------------------------------------------------------------------
@@ -335,6 +347,11 @@ class OrtInt8Config(Config):
         keep_float: substrings of ONNX node names left in float, e.g. ``["layer.5/output/dense"]``.
         max_length: token limit of the export's example batch (default 128; the graph takes any length).
         num_threads: ORT threads; 0 (default) follows torch's thread count.
+        call_overhead_tokens: what one ORT session run costs beyond its tokens' work, in tokens (default 64,
+            chosen for MiniLM on docs-text validation texts). ``encode`` sorts texts by token count and cuts
+            them into runs of at most ``batch_size`` wherever padding short texts to a long one costs more
+            than another run (:func:`slimguard.models.hf.padding_groups`); 0 batches ``batch_size`` texts
+            longest first by characters, as sentence-transformers does.
 
     In a recipe (the last step; the encoder then has no torch weights left to train)::
 
@@ -346,10 +363,12 @@ class OrtInt8Config(Config):
     keep_float: list[str] = dataclasses.field(default_factory=list)
     max_length: int = 128
     num_threads: int = 0
+    call_overhead_tokens: int = 64
 
     def validate(self) -> None:
         check_range("max_length", self.max_length, 2, 1 << 16)
         check_range("num_threads", self.num_threads, 0, 1024)
+        check_range("call_overhead_tokens", self.call_overhead_tokens, 0, 1 << 20)
 
 
 @register_handler("quantize", OrtInt8Config)
@@ -362,9 +381,11 @@ def _ort_int8_step(model: nn.Module, config: OrtInt8Config, **_context: Any) -> 
         fp32_bytes = paths["fp32"].stat().st_size
         blob = paths["int8"].read_bytes()
     ops = graph_ops(blob)
-    encoder = OrtEncoder.from_bytes(blob, hidden_size=width, num_threads=config.num_threads)
+    encoder = OrtEncoder.from_bytes(blob, hidden_size=width, num_threads=config.num_threads,
+                                    call_overhead_tokens=config.call_overhead_tokens)
     model.encoder = encoder
     return {"graph_bytes": len(blob), "fp32_graph_bytes": fp32_bytes, "optimized": config.optimize,
+            "call_overhead_tokens": config.call_overhead_tokens,
             "per_channel": config.per_channel, "keep_float": list(config.keep_float),
             "int8_ops": {k: v for k, v in sorted(ops.items()) if k in INT8_OPS or k == "MatMulInteger"},
             "float_matmuls": sum(v for k, v in ops.items() if k in ("MatMul", "Gemm"))}

@@ -60,12 +60,16 @@ class _TextMixin:
 
     tokenizer: Any
 
-    def tokenize(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    def padding_tokenizer(self) -> Any:
+        """The tokenizer, with a pad token (GPT-2 and Llama ship none: they pad with EOS)."""
         if self.tokenizer is None:
             raise ModelError(f"this {type(self).__name__} has no tokenizer; load it with load_hf")
-        if getattr(self.tokenizer, "pad_token", None) is None:  # GPT-2 and Llama ship none; pad with EOS
+        if getattr(self.tokenizer, "pad_token", None) is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return self.tokenizer
+
+    def tokenize(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+        enc = self.padding_tokenizer()(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -121,10 +125,10 @@ class SentenceEmbedder(_TextMixin, nn.Module):
 
     def _encode_by_tokens(self, texts: list[str], batch_size: int, max_length: int,
                           call_tokens: int) -> torch.Tensor:
-        self.tokenize(texts[:1], max_length)  # sets a pad token where the tokenizer ships none
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        tokenizer = self.padding_tokenizer()
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = tokenizer.pad_token_id or 0
         outs = []
         with eval_mode(self):
             for start, end in padding_groups([len(ids[i]) for i in order], batch_size, call_tokens):

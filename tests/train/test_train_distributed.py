@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -16,9 +17,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _group(rank: int, world: int, port: int):
+    """The process group as ``torchrun`` would set it up, through slimguard's own set-up and teardown (every
+    rank waits for the others before any destroys its end: gloo aborts a process whose peer tears down early)."""
     import os
 
+    from slimguard.train import distributed as dd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    return dd.process_group()
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux names its threads in /proc; elsewhere: none seen)."""
+    import os
+
+    task = "/proc/self/task"
+    if not os.path.isdir(task):
+        return []
+    names = []
+    for tid in os.listdir(task):
+        with contextlib.suppress(OSError), open(f"{task}/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return [n for n in names if "gloo" in n]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from safetensors.torch import save_file
 
     from slimguard import data as sgdata
@@ -27,16 +52,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from slimguard.train.loop import FinetuneConfig, finetune
     from slimguard.transforms import prune_
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, port):
         model = zoo.create("digits-mlp", seed=0)
         prune_(model, MagnitudePruningConfig(sparsity=0.5))
         finetune(model, sgdata.load("digits"), FinetuneConfig(epochs=1, lr=2e-3), progress=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -54,7 +75,6 @@ def test_ddp_ranks_stay_identical_and_masked(tmp_path):
 
 def _stream_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import json
-    import os
 
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader, TensorDataset
@@ -62,10 +82,8 @@ def _stream_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from slimguard.train.loop import FinetuneConfig, finetune
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, port):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(70, 5, generator=g)
         ds = TensorDataset(x, torch.arange(70))  # labels are example ids: the loss records who trained on what
@@ -86,8 +104,8 @@ def _stream_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                       f"{out_dir}/{kind}{rank}.safetensors")
         with open(f"{out_dir}/seen{rank}.json", "w") as f:
             json.dump(seen, f)
-    finally:
-        dist.destroy_process_group()
+    with open(f"{out_dir}/threads{rank}.json", "w") as f:  # after teardown
+        json.dump(_gloo_threads(), f)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -106,3 +124,6 @@ def test_ddp_streams_a_dataloader_sharded_by_batch_or_by_its_sampler(tmp_path):
     assert seen[1]["batches"] == [i for b in (1, 3, 5, 7) for i in range(8 * b, 8 * b + 8)]
     # by DistributedSampler: each rank its own 35 examples, together all 70 once
     assert sorted(seen[0]["sampler"] + seen[1]["sampler"]) == list(range(70))
+    # the group's teardown really ended it: no gloo thread lives on into interpreter shutdown, where it
+    # can abort a process that finished its work
+    assert [json.loads((tmp_path / f"threads{r}.json").read_text()) for r in (0, 1)] == [[], []]

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -152,16 +153,29 @@ def setup(env: LaunchEnv | None = None) -> str:
                               "GPU(s); start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(env.local_rank)
         kwargs["device_id"] = torch.device("cuda", env.local_rank)
+    # torch._dynamo imported after the group is up (DistributedDataParallel imports it) holds a reference to
+    # the group that destroy_process_group cannot drop, so gloo's threads would outlive teardown into
+    # interpreter shutdown, where they can abort the process ("terminate called without an active
+    # exception") after every output was written. Imported first, it holds none.
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(name, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S), **kwargs)
     return name
 
 
 def teardown() -> None:
-    """Destroy the process group (nothing when none is up)."""
+    """Destroy the process group (nothing when none is up).
+
+    Garbage is collected first: a ``DistributedDataParallel`` wrapper held in a reference cycle (an
+    exception's traceback, say) keeps the group, and gloo's threads, alive past ``destroy_process_group``
+    (see :func:`setup`)."""
+    import gc
+
     import torch.distributed as dist
 
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -29,8 +29,10 @@ modules to eval and back on every call), each against the bare model; and the ca
 accuracy (digits32 test, n=360, Wilson intervals; threshold chosen on validation data) and latency against
 each model alone.
 
-Its forward pass costs well under a millisecond per digit while HTTP and JSON cost a few milliseconds of
-server CPU per request, so batching has little to save there: this case shows the service's own cost.
+Its forward pass costs well under a millisecond per digit while HTTP and JSON cost about a millisecond of
+server CPU per request (the bare endpoint: about 3), so batching has little to save there: this case shows
+the service's own cost per request (body parsing with orjson, ``POST /v1/predict`` answered past FastAPI's
+router and middleware, see :mod:`slimguard.serve.app`).
 
 **minilm (compute-bound).** Model: the MiniLM sentence embedder (``minilm``, all-MiniLM-L6-v2) saved as an
 fp32 ``.slim`` artifact; one docs-text test text per request (``{"texts": [TEXT]}``; median 74 characters,

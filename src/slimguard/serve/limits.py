@@ -103,7 +103,7 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     if _fast_loads is not None:
         try:
             return _fast_loads(body)
-        except ValueError:  # NaN, Infinity, integers past 64 bits (which the standard parser reads), or invalid
+        except ValueError:  # NaN, Infinity, numbers past a float's range (the standard parser reads them), invalid
             pass
     try:
         return json.loads(body)

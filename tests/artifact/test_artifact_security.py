@@ -463,6 +463,9 @@ MALFORMED = [
     (_set("model", "source", "kwargs", "hidden", [-1, -1]), "cannot rebuild the model"),
     (_set("modules", "2", {"class": "torch.nn.Linear", "init": {"in_features": 64, "evil": 1}}),
      "cannot rebuild the model (TypeError"),
+    (_set("modules", "2", {"class": "slimguard.DynamicInt8Linear",
+                           "init": {"in_features": 64, "out_features": 300, "activations": "__import__('os')"}}),
+     "activations must be one of ['row', 'tensor']"),
     (_set("format_version", float("nan")), "manifest.format_version: input should be a valid integer"),
     (_set("tensors", "2.weight", "codec", "pickle"), "unknown tensor codec 'pickle'"),
 ]

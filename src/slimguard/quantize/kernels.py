@@ -1,11 +1,14 @@
 """Integer matrix products for the quantized layers, on PyTorch's own maintained operators.
 
 PyTorch's older int8 path (``torch.ao.nn.quantized`` modules and the fbgemm ``torch.ops.quantized`` ops)
-is deprecated and warned for removal; slimguard's layers run on plain ATen operators instead:
+is deprecated and warned for removal; slimguard's layers run on maintained operators instead: ATen's, and
+the oneDNN one that inductor's own int8 lowering calls:
 
 | layer                                  | kernel                                            | activations       |
 |----------------------------------------|---------------------------------------------------|-------------------|
-| ``DynamicInt8Linear``                  | ``torch._int_mm`` (int8 x int8 -> int32)          | int8, per row     |
+| ``DynamicInt8Linear`` (default)        | ``torch._int_mm`` (int8 x int8 -> int32)          | int8, per row     |
+| ``DynamicInt8Linear``, per tensor      | ``onednn::qlinear_pointwise`` (VNNI), scales and  | uint8, one scale  |
+|                                        | bias fused; elsewhere ``torch._int_mm``           | per input         |
 | ``QuantLinear`` (static int8)          | ``torch._int_mm`` + zero-point correction (int32) | uint8, calibrated |
 | ``WeightOnlyLinear`` int8, per row     | ``torch._weight_int8pack_mm``                     | bfloat16          |
 | ``WeightOnlyLinear`` 2..4 bit, grouped | ``torch._weight_int4pack_mm_for_cpu``             | bfloat16          |
@@ -14,33 +17,47 @@ When they run: on CPU, for float32 inputs, outside ``torch.jit`` tracing (ONNX e
 float / QDQ form, which ONNX Runtime fuses into its own int8 kernels). Elsewhere the layers compute the
 same function in float (dequantized weights), equal up to float rounding.
 
-Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, shared with other jobs; 1 thread):
-dynamic int8 runs at 0.79-0.86x the deprecated fbgemm operator it replaces (that one fuses quantization
-into the product; here it takes a few separate passes) and 2-3x float32; static int8 Linear at 1.8-3.5x its
-former float emulation; weight-only int8 / int4 decode (1-8 rows) at 2.2-3.7x float32. With 2 threads on
-the loaded machine the many-operator paths and the one-row kernels suffer most (each parallel region
-waits for a preempted thread): there dynamic int8 fell from 0.70-0.89x (calm) to 0.1x and one-row decode
-from 3.3-4.7x to 0.13x.
+The dynamic layers keep, per thread, the codes of the last input they quantized while that tensor lives
+unchanged, so sibling layers reading one tensor (a transformer's query, key and value projections)
+quantize it once: 125 instead of 185 quantizations per MiniLM forward.
+
+Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI; paired rounds, 95% intervals;
+the JSON has every case). Against the deprecated fbgemm operator, at 2 threads (1 thread in brackets):
+
+* per tensor, like for like with that operator (which had one 7-bit scale per input): 0.99x [0.96, 1.02]
+  (0.92x [0.90, 0.93]) at 384->384, 1.15x [1.09, 1.17] (1.05x) at 384->1536, 1.07x [0.99, 1.09] (1.00x)
+  at 1536->384; all-MiniLM-L6-v2 on 32 texts 1.07x [1.05, 1.09] (0.99x [0.96, 1.00]) against
+  ``torch.ao.quantization.quantize_dynamic``, with embeddings closer to float32 (cosine 0.982 against 0.948);
+* per row (the default, the most faithful: MiniLM cosine 0.997): 0.80-1.10x on the layers (0.81-0.89x),
+  and on MiniLM 1.03x [1.02, 1.04] (0.95x [0.93, 0.95]); an earlier run gave 0.95x [0.94, 0.96] on 2
+  threads. The per-row scales cannot be applied inside oneDNN's product (it takes one input scale), so the
+  int32 output takes three more passes;
+* both 2.1-3.6x float32; static int8 Linear 2.1-3.5x its former float emulation; weight-only int8 / int4
+  decode (1-8 rows) 2.1-3.5x float32.
+
 ``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
 (:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
 
 Measured facts behind the choices (torch 2.13 CPU):
 
-* No maintained eager path matches the removed fbgemm dynamic kernel on MiniLM shapes at 4096 rows. That
-  kernel quantizes the input while packing it and rescales inside the product; here the integer product
-  alone (``_int_mm``, or ``onednn::qlinear_pointwise`` on a prepacked weight) takes about 0.9x the time of
-  the whole fbgemm call at 384->384, before any quantize or rescale pass. Alternatives measured
-  (``benchmarks/int8_kernels.py --alternatives``, calm run, 2 threads, old time / alternative time at
-  384->384, 384->1536, 1536->384): ``qlinear_pointwise`` with per-row uint8 codes 0.86 / 0.91 / 0.97x, with
-  one scale per tensor (less accurate) 1.00 / 0.86 / 0.81x, quantizing in cache-sized row blocks 0.88 /
-  1.04 / 0.95x, ``torch.compile`` of this path 1.00 / 0.83 / 1.25x: the only one to reach the old kernel,
-  at the price of a C++ compiler and a first call per shape that compiles for seconds (5-10 s cold). In
-  six runs on the loaded machine no eager alternative went above 1.01x at 384->384 or 1536->384 (row blocks
-  fell to 0.13x on 2 threads: dozens of small parallel regions), while the compiled path reached 1.06-1.17x
-  at 1536->384. The oneDNN path would also want VNNI (oneDNN's guide to int8 computations: without it,
-  ``u8 x s8`` products may saturate in int16) and keeps its packed weight in an opaque tensor that
-  ``copy.deepcopy`` and pickle refuse, so the layer keeps the plain ``_int_mm`` path; ``torch.compile`` of
-  a whole model stays the user's choice.
+* The removed kernel quantizes the input while packing it and rescales inside the product. oneDNN's
+  ``qlinear_pointwise`` does the rescaling (one input scale, a scale per weight channel, the bias) inside
+  the product too, and its integer product takes about the time of fbgemm's; what is left outside is making
+  the codes. Eager PyTorch has no single operator for that that is not deprecated (``quantize_per_tensor``
+  makes the deprecated quantized tensors), so it takes three passes: ``aminmax``, one fused multiply-add
+  and an int32 -> int8 cast (the rounding trick below). On 4096 x 384 inputs that is 0.4-0.9 ms (cache-hot or not) beside a 3.4 ms product.
+  Other paths measured (``benchmarks/int8_kernels.py --alternatives``, calm run, 2 threads, old time /
+  alternative time at 384->384, 384->1536, 1536->384): ``qlinear_pointwise`` with per-row uint8 codes 0.86
+  / 0.91 / 0.97x, quantizing in cache-sized row blocks 0.88 / 1.04 / 0.95x, ``torch.compile`` of the per-row
+  path 1.00 / 0.83 / 1.25x (at the price of a C++ compiler and 5-10 s of compiling per shape).
+* oneDNN's ``u8 x s8`` products need VNNI (or AMX): without it they pass through int16 and may saturate
+  (oneDNN's guide to int8 computations), so :data:`ONEDNN_INT8` is false there and the per-tensor mode runs
+  on ``_int_mm``. The packed weight is an opaque tensor that ``copy.deepcopy`` and pickle refuse; it lives
+  in a :class:`PackCache`, which copies as empty and is rebuilt on first use.
+* Rounding trick: adding ``1.5 * 2**23`` to a float below ``2**22`` in magnitude leaves the rounded integer
+  (ties to even) in the low bits of its int32 view, and an int32 -> int8 cast keeps the low byte. The usual
+  ``round`` then cast takes a pass more, and a float -> uint8 cast is not vectorised (3x slower than
+  float -> int8), so uint8 codes come from the same trick with ``128`` added (zero point 128).
 * Traps met there: ``qlinear_pointwise`` with signed int8 activations and ``_int_mm`` with a non-contiguous
   input run reference loops (10-20 s for one 4096 x 384 x 384 product); ``torch.aminmax`` along rows is
   about 10x slower than ``amax`` and ``amin``, so :func:`quantize_rows` uses those two.
@@ -76,6 +93,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -140,6 +158,17 @@ class PackCache:
     def clear(self) -> None:
         self._key = self._value = None
 
+    # A copy starts empty and rebuilds on first use: a kernel layout (oneDNN's packed weight is an opaque
+    # tensor) need not be copyable, and a copied module's tensors are new objects anyway.
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackCache:
+        return PackCache()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a (M, K) int8 @ b (K, N) int8 -> (M, N) int32`` through ``torch._int_mm``, exact.
@@ -193,9 +222,139 @@ def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale
         ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
     """
     k, n = x.shape[-1], weight_int8.shape[0]
-    q, row_scale = quantize_rows(x.detach().reshape(-1, k))
+    x2d = x.detach().reshape(-1, k)
+    if x2d.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], n)
+    q, row_scale = _LAST.get(x, "row", lambda: quantize_rows(x2d))
     y = _as_float_(int_mm(q, weight_int8.t())).mul_(row_scale)
     y = y.mul_(weight_scale) if bias is None else torch.addcmul(bias.detach(), y, weight_scale, out=y)
+    return y.reshape(*x.shape[:-1], n)
+
+
+class _LastInput(threading.local):
+    """The codes of the last input quantized on this thread, kept while that input lives unchanged.
+
+    Sibling layers that read the same tensor (a transformer's query, key and value projections) then
+    quantize it once. A hit needs the very same tensor object (a weak reference: a freed input never
+    matches a new one at the same address), its version unchanged (no in-place write since) and the
+    same quantization mode. Inference tensors (``torch.inference_mode``) keep no version, and code being
+    compiled by ``torch.compile`` should not hold Python state: both always build.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[weakref.ref[torch.Tensor], int, str] | None = None
+        self.value: Any = None
+
+    def get(self, x: torch.Tensor, mode: str, build: Callable[[], Any]) -> Any:
+        if x.is_inference() or torch.compiler.is_compiling():
+            return build()
+        key = self.key
+        if key is not None and key[0]() is x and key[1] == x._version and key[2] == mode:
+            return self.value
+        self.key, self.value = None, None  # drop the old codes before building the new ones
+        value = build()
+        self.key, self.value = (weakref.ref(x), x._version, mode), value
+        return value
+
+
+_LAST = _LastInput()
+
+
+# ---- dynamic int8, one scale per tensor ---------------------------------------------------------------
+# Adding 1.5 * 2**23 to a float of magnitude below 2**22 rounds it to an integer (ties to even) that sits in
+# the low bits of the sum's int32 view; an int32 -> int8 cast keeps the low byte. One pass and one cast make
+# the codes, where ``round`` and a float -> int8 cast took three passes (a float -> uint8 cast is not
+# vectorised at all: 3x slower than to int8).
+_MAGIC = 12582912.0
+_MAGIC_S8 = torch.tensor(_MAGIC)  # low byte: the signed code
+_MAGIC_U8 = torch.tensor(_MAGIC + 128.0)  # low byte: the code + 128 (zero point 128)
+
+
+def _tensor_scale(x2d: torch.Tensor) -> float:
+    """``max|x| / 127`` over the whole tensor (one reduction pass; at least a tiny positive number)."""
+    lo, hi = torch.aminmax(x2d)
+    return max(float(hi), -float(lo), _AMAX_FLOOR) / 127.0
+
+
+def _quantize_tensor(x2d: torch.Tensor, magic: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """int8 codes of ``x2d`` on one symmetric grid (as the low byte of ``magic`` + code) and its scale."""
+    scale = _tensor_scale(x2d)
+    return torch.add(magic, x2d, alpha=1.0 / scale).view(torch.int32).to(torch.int8), scale
+
+
+def fake_quantize_tensor(x: torch.Tensor) -> torch.Tensor:
+    """What :func:`int8_linear_dynamic_tensor` does to its input, in float: the whole tensor rounded to one
+    symmetric int8 grid, ``max|x| / 127``; the gradient passes straight through (nothing clips)."""
+    with torch.no_grad():
+        scale = max(float(x.detach().abs().amax()), _AMAX_FLOOR) / 127.0 if x.numel() else 1.0
+        xq = torch.round(x.detach() / scale) * scale
+    return x + (xq - x).detach()
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _has_vnni() -> bool:
+    """x86 with VNNI (or AMX): oneDNN multiplies uint8 x int8 in int32 there. Without it, ``u8 x s8`` products
+    pass through int16 and may saturate (oneDNN's guide to int8 computations), so :func:`_int_mm` serves."""
+    flags = _cpu_flags()
+    return torch.backends.mkldnn.is_available() and bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+#: True when :func:`int8_linear_dynamic_tensor` runs on oneDNN's ``qlinear_pointwise`` (else ``_int_mm``)
+ONEDNN_INT8 = _has_vnni()
+_QLINEAR: Any = torch.ops.onednn.qlinear_pointwise.default if ONEDNN_INT8 else None
+
+
+class OnednnWeight(NamedTuple):
+    """A dynamic int8 weight in oneDNN's layout (an opaque tensor: rebuilt after a load, never stored)."""
+
+    packed: torch.Tensor
+    zero_points: torch.Tensor  # (N,) int64 zeros: the weight is symmetric
+
+
+def pack_onednn(weight_int8: torch.Tensor) -> OnednnWeight | None:
+    """``weight_int8 (N, K)`` packed for ``onednn::qlinear_pointwise``, or None where :data:`ONEDNN_INT8`
+    is false (the ``_int_mm`` path needs no packing)."""
+    if not ONEDNN_INT8:
+        return None
+    w = weight_int8.detach().contiguous()
+    return OnednnWeight(torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(w.shape[0], dtype=torch.long))
+
+
+def int8_linear_dynamic_tensor(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor | None, packed: OnednnWeight | None) -> torch.Tensor:
+    """As :func:`int8_linear_dynamic`, with one symmetric int8 scale for the whole input, as the deprecated
+    fbgemm operator had (it used 7 bits; here 8).
+
+    One scale lets the kernel apply every scale and the bias inside the product: with ``packed`` (see
+    :func:`pack_onednn`), oneDNN's ``qlinear_pointwise`` takes the uint8 codes and writes the float output in
+    one call. Without it, ``torch._int_mm`` and one rescaling pass.
+
+    Shape:
+        ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
+    """
+    k, n = x.shape[-1], weight_int8.shape[0]
+    x2d = x.detach().reshape(-1, k)
+    if x2d.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], n)
+    b = None if bias is None else bias.detach()
+    if packed is not None:
+        q, scale = _LAST.get(x, "tensor-u8", lambda: _quantize_tensor(x2d, _MAGIC_U8))
+        y = _QLINEAR(q.view(torch.uint8), scale, 128, packed.packed, weight_scale, packed.zero_points, b, 1.0, 0,
+                     torch.float32, "none", [], "")
+    else:
+        q, scale = _LAST.get(x, "tensor-s8", lambda: _quantize_tensor(x2d, _MAGIC_S8))
+        y = _as_float_(int_mm(q, weight_int8.t()))
+        y = y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -333,11 +492,14 @@ def _mkn_flops(x: torch.Tensor, *args: Any, out_val: torch.Tensor | None = None,
 
 
 def _register_flops() -> None:
-    """Count the three products as ``2 * M * K * N`` FLOPs in PyTorch's FLOP counter (MACs = FLOPs / 2)."""
+    """Count the integer products as ``2 * M * K * N`` FLOPs in PyTorch's FLOP counter (MACs = FLOPs / 2)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     aten = torch.ops.aten
-    for op in (aten._int_mm, aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu):
+    ops = [aten._int_mm, aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu]
+    if ONEDNN_INT8:
+        ops.append(torch.ops.onednn.qlinear_pointwise)
+    for op in ops:
         if op not in flop_registry and op.default not in flop_registry:  # a later torch may count them itself
             register_flop_formula(op, get_raw=True)(_mkn_flops)
 

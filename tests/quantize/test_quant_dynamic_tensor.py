@@ -1,0 +1,179 @@
+"""Dynamic int8 with one scale per input tensor (``activations: tensor``), and the codes shared by sibling
+layers: accuracy against the removed kernel's numbers, the oneDNN and ``_int_mm`` paths agreeing, the
+rounding trick, the shared-codes cache and its invalidation, copies, artifacts and bad values."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import slimguard as sg
+from slimguard.core.errors import ConfigError
+from slimguard.quantize import kernels
+from slimguard.quantize.dynamic import DynamicInt8Linear
+from slimguard.quantize.kernels import (
+    fake_quantize_rows,
+    fake_quantize_tensor,
+    int8_linear_dynamic_tensor,
+    pack_onednn,
+)
+from slimguard.quantize.observers import sqnr
+from slimguard.runtime.measure import count_macs
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _old_dynamic(x: torch.Tensor, layer: DynamicInt8Linear) -> torch.Tensor:
+    """The removed fbgemm kernel's numbers, in float: per-batch asymmetric 7-bit activations."""
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = ((hi - lo) / 127).clamp_min(1e-8)
+    zp = torch.round(-lo / scale).clamp(0, 127).int()
+    return F.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 127), layer.dequantized_weight(), layer.bias)
+
+
+def _tokens(k: int, seed: int = 2) -> torch.Tensor:
+    """MiniLM-like activations: tokens of different magnitudes, a few outlier channels."""
+    x = torch.randn(2, 64, k, generator=_gen(seed)) * torch.rand(2, 64, 1, generator=_gen(seed + 1)) * 3
+    x[..., :4] *= 8
+    return x
+
+
+@pytest.mark.parametrize(("k", "n"), [(384, 384), (384, 1536), (1536, 384), (48, 20)])
+def test_per_tensor_is_its_emulation_and_more_accurate_than_the_removed_kernel(k, n):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    x = _tokens(k)
+    layer = DynamicInt8Linear.from_float(lin, "tensor")
+    ref = lin(x).detach()
+    new = layer(x)
+    assert new.shape == ref.shape and not new.requires_grad
+    # 8 bits on one symmetric grid against the old kernel's 7 bits on an asymmetric one: about 3-6 dB better
+    assert sqnr(ref, new) >= sqnr(ref, _old_dynamic(x, layer)) + 2.0
+    # per row stays the more faithful mode when tokens differ in magnitude
+    assert sqnr(ref, DynamicInt8Linear.from_float(lin, "row")(x)) >= sqnr(ref, new) + 3.0
+    emulated = F.linear(fake_quantize_tensor(x), layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(new, emulated, rtol=1e-4, atol=1e-4 * float(emulated.abs().max()))
+    twin = layer.fake_quant_twin()
+    torch.testing.assert_close(twin(x), emulated, rtol=1e-5, atol=1e-5 * float(emulated.abs().max()))
+
+
+@pytest.mark.skipif(not kernels.ONEDNN_INT8, reason="oneDNN's uint8 x int8 path needs a CPU with VNNI")
+def test_onednn_and_int_mm_paths_compute_the_same_products():
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(384, 96), "tensor")
+    x = _tokens(384, seed=5)
+    packed = pack_onednn(layer.weight_int8)
+    assert packed is not None
+    a = int8_linear_dynamic_tensor(x.clone(), layer.weight_int8, layer.weight_scale, layer.bias, packed)
+    b = int8_linear_dynamic_tensor(x.clone(), layer.weight_int8, layer.weight_scale, layer.bias, None)
+    # the same integer codes and exact int32 sums; only where the float scales are applied differs
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_rounding_trick_gives_the_rounded_codes():
+    x = torch.randn(257, 100, generator=_gen(6)) * 5
+    x[0, :6] = torch.tensor([0.0, -0.0, 2.5, -2.5, 1e-30, -1e-30])  # exact zeros, ties, tiny values
+    s8, scale = kernels._quantize_tensor(x, kernels._MAGIC_S8)
+    u8, scale_u = kernels._quantize_tensor(x, kernels._MAGIC_U8)
+    assert scale == scale_u == pytest.approx(float(x.abs().max()) / 127)
+    want = torch.round(x * (1.0 / scale))
+    diff = (s8.float() - want).abs()
+    # a fused multiply-add may round a value within float rounding of a tie the other way
+    assert float(diff.max()) <= 1.0 and float((diff > 0).float().mean()) < 1e-3
+    assert int(s8.min()) >= -127 and int(s8.max()) <= 127
+    assert torch.equal(u8.view(torch.uint8).int(), s8.int() + 128)  # zero point 128
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    rows, tensor = kernels.quantize_rows, kernels._quantize_tensor
+    monkeypatch.setattr(kernels, "quantize_rows", lambda *a: calls.append("row") or rows(*a))
+    monkeypatch.setattr(kernels, "_quantize_tensor", lambda *a: calls.append("tensor") or tensor(*a))
+    return calls
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_sibling_layers_quantize_one_input_once(activations, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (DynamicInt8Linear.from_float(nn.Linear(32, 16), activations) for _ in range(3))
+    calls = _counting(monkeypatch)
+    x = torch.randn(5, 32, generator=_gen(7))
+    outs = [layer(x) for layer in (q, k, v)]
+    assert calls == [activations]  # query, key and value read one tensor: quantized once
+    calls.clear()
+    fresh = [layer(x.clone()) for layer in (q, k, v)]  # other tensors, equal values: quantized each time
+    assert calls == [activations] * 3
+    for a, b in zip(outs, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_shared_codes_follow_in_place_writes_and_modes(activations, monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    layer = DynamicInt8Linear.from_float(lin, activations)
+    x = torch.randn(5, 32, generator=_gen(8))
+    before = layer(x)
+    x.mul_(3.0)  # the same tensor, written in place: its codes must be made again
+    after = layer(x)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after - layer.bias, 3.0 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+    other = DynamicInt8Linear.from_float(lin, "tensor" if activations == "row" else "row")
+    torch.testing.assert_close(other(x), other(x.clone()), rtol=0, atol=0)  # the other mode's codes, not these
+    calls = _counting(monkeypatch)
+    with torch.inference_mode():  # inference tensors keep no version: no sharing, still correct
+        xi = x.clone()
+        torch.testing.assert_close(layer(xi), after, rtol=0, atol=0)
+        layer(xi)
+    assert calls == [activations] * 2
+
+
+def test_shared_codes_are_per_thread(monkeypatch):
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(32, 16), "tensor")
+    x = torch.randn(5, 32, generator=_gen(9))
+    calls = _counting(monkeypatch)
+    layer(x)
+    worker = threading.Thread(target=layer, args=(x,))
+    worker.start()
+    worker.join(timeout=30)
+    assert calls == ["tensor", "tensor"]  # another thread does not read this thread's codes
+
+
+def test_per_tensor_layers_copy_save_and_load(tmp_path, digits, zoo_model):
+    m = zoo_model("digits-mlp")
+    sg.quantize_(m, sg.Int8DynamicConfig(activations="tensor"), progress=False)
+    layers = [mod for mod in m.modules() if isinstance(mod, DynamicInt8Linear)]
+    assert len(layers) == 3 and all(layer.activations == "tensor" for layer in layers)
+    x = digits.test.x[:32]
+    want = m(x)
+    twin = copy.deepcopy(m)  # the packed oneDNN weight is opaque: a copy rebuilds its own
+    assert torch.equal(twin(x), want)
+    back = sg.load(sg.save(m, tmp_path / "q.slim"))
+    loaded = [mod for mod in back.modules() if isinstance(mod, DynamicInt8Linear)]
+    assert [layer.activations for layer in loaded] == ["tensor"] * 3
+    assert all(layer._packed.ready for layer in loaded)  # laid out at load time
+    assert torch.equal(back(x), want)
+    assert count_macs(back, x) == count_macs(m, x) > 0
+
+
+def test_bad_activations_are_refused():
+    with pytest.raises(ConfigError, match="activations: 'channel' is not allowed; allowed: row, tensor"):
+        sg.Int8DynamicConfig(activations="channel")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        DynamicInt8Linear(4, 2, activations="channel")
+    # (an artifact naming a bad value: tests/artifact/test_artifact_security.py, malformed manifests)
+
+
+def test_row_twin_still_rounds_rows():
+    layer = DynamicInt8Linear.from_float(nn.Linear(16, 4))
+    x = _tokens(16, seed=11)
+    twin = layer.fake_quant_twin()
+    torch.testing.assert_close(twin(x), F.linear(fake_quantize_rows(x), layer.dequantized_weight(), layer.bias))

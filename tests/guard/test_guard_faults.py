@@ -199,3 +199,27 @@ def test_cascade_falls_back_on_low_confidence(zoo_model, digits):
     assert 0 < cas.fallback_rate <= 1 and fb.any()
     torch.testing.assert_close(out[fb], want[fb])
     assert (out.argmax(-1) == digits.test.y).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("cfg", ["int8-dynamic-tensor", "int8-static", "weight-only-int4"])
+def test_repair_of_quantized_weights_reaches_the_kernels_layouts(cfg, zoo_model, digits):
+    """Layers keep derived layouts of their int8 weights (oneDNN's packed weight, row sums, int4 packs), rebuilt
+    when the weight changes; a repair must count as a change, or the layer keeps computing with the damage."""
+    import slimguard as sg
+
+    model = zoo_model("digits-mlp")
+    config = {"int8-dynamic-tensor": sg.Int8DynamicConfig(activations="tensor"), "int8-static": sg.Int8StaticConfig(),
+              "weight-only-int4": sg.WeightOnlyConfig(bits=4, group_size=32)}[cfg]
+    sg.quantize_(model, config, calib=digits.calib, progress=False)
+    x = digits.test.x[:512]  # large enough for every layer's integer kernel
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    sums = WeightChecksums.from_model(model, source=good)
+    with torch.no_grad():
+        want = model(x)
+        name = next(k for k, v in model.state_dict().items() if v.dtype in (torch.int8, torch.uint8))
+        for i in range(0, 64, 3):
+            flip_bit_(model.state_dict()[name], i, 6)
+        damaged = model(x)  # the layouts are rebuilt from the damaged weight here
+        assert not torch.equal(damaged, want)
+        assert sums.repair(model) == [name]
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)

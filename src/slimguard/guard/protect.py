@@ -247,7 +247,9 @@ class WeightChecksums:
         good = src if isinstance(src, dict) else _artifact_state(src)
         state = model.state_dict(keep_vars=True)
         for k in bad:
-            state[k].data.copy_(good[k].to(state[k].dtype))
+            # copied into the tensor itself (not ``.data``), so its version changes and layers rebuild what they
+            # derived from it (packed int8 weights, row sums, int4 packs) instead of computing with the damage
+            state[k].copy_(good[k].to(state[k].dtype))
         still = self.verify(model, bad)
         if still:
             raise ArtifactError(f"tensor {still[0]!r} does not match its checksum after repair; wrong source?")

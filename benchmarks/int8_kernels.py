@@ -14,9 +14,11 @@ Cases (weights from a seeded ``nn.Linear``, inputs seeded Gaussian):
     VNNI; ``_int_mm`` elsewhere). MiniLM shapes at batch 32 x 128 tokens (4096 rows): 384->384, 384->1536,
     1536->384. The layers reuse the codes of an input they quantized last (sibling layers reading one
     tensor), so every path is timed on two alternating copies of the input.
-  * ``model``: all-MiniLM-L6-v2 on 32 docs-text validation texts (the search's timing batch), with
-    ``int8-dynamic`` in each mode against ``torch.ao.quantization.quantize_dynamic`` (the old kernel) and
-    float32; the cosine of each side's embeddings to float32's is recorded. Skipped with ``--no-models``.
+  * ``model``: all-MiniLM-L6-v2 on 32 docs-text validation texts (the search's timing batch; large
+    products) and the zoo's digits-mlp on 64 digits images (64->300->100->10: small products, where the
+    count of operators sets the time), with ``int8-dynamic`` in each mode against
+    ``torch.ao.quantization.quantize_dynamic`` (the old kernel) and float32; the cosine of MiniLM's
+    embeddings to float32's is recorded. Skipped with ``--no-models``.
   * ``static``: ``QuantLinear`` (static int8, min/max calibrated). Old: float emulation (fake-quantized
     input, dequantized weight, float ``F.linear``). New: ``torch._int_mm`` with exact int32 accumulation.
     Same MiniLM shapes.
@@ -178,14 +180,19 @@ def dynamic_case(k: int, n: int, compiled: bool = False, activations: str = "row
     return {"old": lambda: old(x_old()), "new": lambda: run(x_new()), "fp32": lambda: lin(x_fp32())}, path
 
 
-def model_case(activations: str) -> Case:
-    """all-MiniLM-L6-v2 on a batch of 32 docs-text validation texts (the search's timing batch): slimguard
-    ``int8-dynamic`` against PyTorch's deprecated ``quantize_dynamic`` (the removed kernel) and float32."""
+def model_case(name: str, activations: str) -> Case:
+    """A model with ``int8-dynamic`` in one mode against PyTorch's deprecated ``quantize_dynamic`` (the removed
+    kernel) and float32: ``minilm``, all-MiniLM-L6-v2 on 32 docs-text validation texts (the search's timing
+    batch; large products), or ``digits-mlp``, the zoo MLP on 64 digits test images (small products)."""
     import slimguard as sg
     from slimguard.evaluate import timing_inputs
 
-    model = sg.models.load_model("minilm").eval()
-    inputs = timing_inputs(sg.data.load("docs-text", seed=SEED).val, 32, reference=model)
+    if name == "minilm":
+        model = sg.models.load_model("minilm").eval()
+        inputs: Any = timing_inputs(sg.data.load("docs-text", seed=SEED).val, 32, reference=model)
+    else:
+        model = sg.zoo.load(name, seed=SEED, progress=False).eval()
+        inputs = {"input": sg.data.load("digits", seed=SEED).test.x[:64]}
     new = copy.deepcopy(model)
     sg.quantize_(new, sg.Int8DynamicConfig(activations=activations))
     with warnings.catch_warnings():
@@ -304,7 +311,7 @@ def measure(name: str, build: Callable[[], Case], rounds: int, **info: Any) -> d
     if "fp32" in candidates or reference is not None:  # how close each path is to float32
         ref = (reference or candidates["fp32"])()
         result.update(sqnr_old_vs_fp32_db=round(sqnr(ref, old), 1), sqnr_new_vs_fp32_db=round(sqnr(ref, new), 1))
-        if info.get("kind") == "model":  # sentence embeddings: cosine to float32's, as the embedder is judged
+        if info.get("model") == "minilm":  # sentence embeddings: cosine to float32's, as the embedder is judged
             for side, out in (("old", old), ("new", new)):
                 cos = F.cosine_similarity(out, ref, dim=-1)
                 result[f"cosine_{side}_vs_fp32"] = {"mean": round(float(cos.mean()), 4),
@@ -329,9 +336,11 @@ def run_cases(threads: int, rounds: int, compiled: bool, t_start: float,
         add(f"dynamic per-tensor {k}->{n}", lambda k=k, n=n: dynamic_case(k, n, activations="tensor"),
             kind="dynamic", rows=TOKENS, k=k, n=n, old_path="fbgemm quantized::linear_dynamic", activations="tensor")
     if models:
-        for activations in ("row", "tensor"):
-            add(f"model MiniLM dynamic per-{activations}", lambda a=activations: model_case(a), kind="model",
-                rows="32 texts", old_path="torch.ao quantize_dynamic (fbgemm)", activations=activations)
+        for model, label, rows in (("minilm", "MiniLM", "32 texts"), ("digits-mlp", "digits-mlp", "64 images")):
+            for activations in ("row", "tensor"):
+                add(f"model {label} dynamic per-{activations}", lambda m=model, a=activations: model_case(m, a),
+                    kind="model", model=model, rows=rows, old_path="torch.ao quantize_dynamic (fbgemm)",
+                    activations=activations)
     for k, n in MINILM:
         add(f"static {k}->{n}", lambda k=k, n=n: static_case(k, n), kind="static", rows=TOKENS, k=k, n=n,
             old_path="float emulation")
@@ -376,7 +385,7 @@ def targets_for(cases: list[dict[str, Any]], label: str) -> list[dict[str, Any]]
     controls = [c for c in cases if c.get("same_path")]
     # like for like: the same kind of quantization as the path replaced (per-row dynamic int8 is more
     # faithful than the per-batch 7-bit kernel it replaced, and has its own target below)
-    alike = [c for c in cases if not c.get("same_path") and c["kind"] not in ("dynamic alternative", "model")
+    alike = [c for c in cases if not c.get("same_path") and c["kind"] != "dynamic alternative"
              and c.get("activations") != "row"]
     per_row = [c for c in cases if c.get("activations") == "row"]
 
@@ -400,12 +409,13 @@ def targets_for(cases: list[dict[str, Any]], label: str) -> list[dict[str, Any]]
                {c["case"]: _ratio(c, "fp32")["median"] for c in dynamic},
                all(_ratio(c, "fp32")["median"] > 1.0 for c in dynamic)),
     ]
-    if models:
+    minilm = [c for c in models if c["model"] == "minilm"]
+    if minilm:
         out.append(target("MiniLM dynamic int8 closer to float32 than torch.ao quantize_dynamic, both modes",
                           "mean cosine to fp32 above the old path's",
                           {c["case"]: [c["cosine_new_vs_fp32"]["mean"], c["cosine_old_vs_fp32"]["mean"]]
-                           for c in models},
-                          all(c["cosine_new_vs_fp32"]["mean"] > c["cosine_old_vs_fp32"]["mean"] for c in models)))
+                           for c in minilm},
+                          all(c["cosine_new_vs_fp32"]["mean"] > c["cosine_old_vs_fp32"]["mean"] for c in minilm)))
     return out
 
 
@@ -448,9 +458,9 @@ def main() -> None:
                row("dynamic per-tensor 384->384", "old", "dynamic int8 384->384, per tensor: vs the removed kernel"),
                row("dynamic per-tensor 384->1536", "old", "dynamic int8 384->1536, per tensor: vs the removed kernel"),
                row("dynamic per-tensor 1536->384", "old", "dynamic int8 1536->384, per tensor: vs the removed kernel"),
-               *([row(f"model MiniLM dynamic per-{a}", "old",
-                      f"all-MiniLM-L6-v2 int8-dynamic per {a} vs torch.ao quantize_dynamic (the removed kernel)")
-                  for a in ("row", "tensor")] if not args.no_models else []),
+               *([row(f"model {m} dynamic per-{a}", "old",
+                      f"{m} int8-dynamic per {a} vs torch.ao quantize_dynamic (the removed kernel)")
+                  for m in ("MiniLM", "digits-mlp") for a in ("row", "tensor")] if not args.no_models else []),
                row("static 384->1536", "old", "static int8 384->1536 in PyTorch (_int_mm) vs its float emulation"),
                row("weight-only int8 1024->4096 M=1", "old", "weight-only int8 decode (M=1) vs float32"),
                row("weight-only int4 1024->4096 M=1", "old", "weight-only int4 decode (M=1) vs float32")]

@@ -38,18 +38,28 @@ def _old_dynamic(x: torch.Tensor, layer: DynamicInt8Linear) -> torch.Tensor:
     return F.linear(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 127), layer.dequantized_weight(), layer.bias)
 
 
-def _tokens(k: int, seed: int = 2) -> torch.Tensor:
-    """MiniLM-like activations: tokens of different magnitudes, a few outlier channels."""
-    x = torch.randn(2, 64, k, generator=_gen(seed)) * torch.rand(2, 64, 1, generator=_gen(seed + 1)) * 3
+@pytest.fixture
+def integer_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small products too take the integer kernels (they run in float otherwise)."""
+    monkeypatch.setattr(kernels, "FLOAT_MAX_MACS", -1)
+
+
+def _tokens(k: int, seed: int = 2, rows: int = 64) -> torch.Tensor:
+    """MiniLM-like activations: tokens of different magnitudes, a few outlier channels (2 x rows tokens)."""
+    x = torch.randn(2, rows, k, generator=_gen(seed)) * torch.rand(2, rows, 1, generator=_gen(seed + 1)) * 3
     x[..., :4] *= 8
     return x
 
 
-@pytest.mark.parametrize(("k", "n"), [(384, 384), (384, 1536), (1536, 384), (48, 20)])
-def test_per_tensor_is_its_emulation_and_more_accurate_than_the_removed_kernel(k, n):
+# (in, out, tokens per sequence): small products (the short operator sequence) and large ones (oneDNN)
+SHAPES = [(384, 384, 64), (384, 384, 256), (384, 1536, 64), (1536, 384, 64), (48, 20, 64)]
+
+
+@pytest.mark.parametrize(("k", "n", "rows"), SHAPES)
+def test_per_tensor_is_its_emulation_and_more_accurate_than_the_removed_kernel(k, n, rows, integer_paths):
     torch.manual_seed(0)
     lin = nn.Linear(k, n)
-    x = _tokens(k)
+    x = _tokens(k, rows=rows)
     layer = DynamicInt8Linear.from_float(lin, "tensor")
     ref = lin(x).detach()
     new = layer(x)
@@ -68,13 +78,48 @@ def test_per_tensor_is_its_emulation_and_more_accurate_than_the_removed_kernel(k
 def test_onednn_and_int_mm_paths_compute_the_same_products():
     torch.manual_seed(0)
     layer = DynamicInt8Linear.from_float(nn.Linear(384, 96), "tensor")
-    x = _tokens(384, seed=5)
+    x = _tokens(384, seed=5, rows=512)
+    assert x.numel() > kernels.SMALL_PRODUCT  # a large product: oneDNN's path when packed
     packed = pack_onednn(layer.weight_int8)
     assert packed is not None
     a = int8_linear_dynamic_tensor(x.clone(), layer.weight_int8, layer.weight_scale, layer.bias, packed)
     b = int8_linear_dynamic_tensor(x.clone(), layer.weight_int8, layer.weight_scale, layer.bias, None)
     # the same integer codes and exact int32 sums; only where the float scales are applied differs
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+@pytest.mark.parametrize(("k", "n", "rows"), [(384, 384, 64), (64, 48, 8), (384, 96, 512)])
+def test_small_and_large_product_sequences_agree(activations, k, n, rows, monkeypatch, integer_paths):
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(k, n), activations)
+    x = _tokens(k, seed=12, rows=rows)
+    out = {}
+    for name, limit in (("small", 1 << 62), ("large", 0)):
+        monkeypatch.setattr(kernels, "SMALL_PRODUCT", limit)
+        out[name] = layer(x.clone())
+    # the same integer products; codes may differ on a rounding tie and the scales apply in another order
+    torch.testing.assert_close(out["small"], out["large"], rtol=1e-3, atol=2e-3 * float(out["large"].abs().max()))
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_small_layers_with_small_batches_multiply_in_float(activations):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 300)  # 19,200 weights: 64 x 300 x 108 rows = 2.07M MACs, the limit is 2.10M
+    layer = DynamicInt8Linear.from_float(lin, activations)
+    twin = layer.fake_quant_twin()
+    small = torch.randn(108, 64, generator=_gen(13))
+    plain = F.linear(small, layer.dequantized_weight(), layer.bias)
+    assert torch.equal(layer(small), plain) and torch.equal(twin(small), plain)  # the input is not rounded
+    large = torch.randn(110, 64, generator=_gen(13))  # past the limit: integer kernels, the input rounded
+    out = layer(large)
+    assert not torch.equal(out, F.linear(large, layer.dequantized_weight(), layer.bias))
+    torch.testing.assert_close(twin(large), out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
+    wide = DynamicInt8Linear.from_float(nn.Linear(256, 257), activations)  # more weights than the float limit
+    one = torch.randn(1, 256, generator=_gen(14))
+    assert not torch.equal(wide(one), F.linear(one, wide.dequantized_weight(), wide.bias))
+    layer.weight_int8[0, 0] += 1  # the cached float weight follows the int8 one
+    assert torch.equal(layer(small), F.linear(small, layer.dequantized_weight(), layer.bias))
 
 
 def test_rounding_trick_gives_the_rounded_codes():
@@ -100,7 +145,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.mark.parametrize("activations", ["row", "tensor"])
-def test_sibling_layers_quantize_one_input_once(activations, monkeypatch):
+def test_sibling_layers_quantize_one_input_once(activations, monkeypatch, integer_paths):
     torch.manual_seed(0)
     q, k, v = (DynamicInt8Linear.from_float(nn.Linear(32, 16), activations) for _ in range(3))
     calls = _counting(monkeypatch)
@@ -115,7 +160,7 @@ def test_sibling_layers_quantize_one_input_once(activations, monkeypatch):
 
 
 @pytest.mark.parametrize("activations", ["row", "tensor"])
-def test_shared_codes_follow_in_place_writes_and_modes(activations, monkeypatch):
+def test_shared_codes_follow_in_place_writes_and_modes(activations, monkeypatch, integer_paths):
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
     layer = DynamicInt8Linear.from_float(lin, activations)
@@ -135,7 +180,7 @@ def test_shared_codes_follow_in_place_writes_and_modes(activations, monkeypatch)
     assert calls == [activations] * 2
 
 
-def test_shared_codes_are_per_thread(monkeypatch):
+def test_shared_codes_are_per_thread(monkeypatch, integer_paths):
     torch.manual_seed(0)
     layer = DynamicInt8Linear.from_float(nn.Linear(32, 16), "tensor")
     x = torch.randn(5, 32, generator=_gen(9))
@@ -172,7 +217,7 @@ def test_bad_activations_are_refused():
     # (an artifact naming a bad value: tests/artifact/test_artifact_security.py, malformed manifests)
 
 
-def test_row_twin_still_rounds_rows():
+def test_row_twin_still_rounds_rows(integer_paths):
     layer = DynamicInt8Linear.from_float(nn.Linear(16, 4))
     x = _tokens(16, seed=11)
     twin = layer.fake_quant_twin()

@@ -11,6 +11,12 @@ against 0.948 for PyTorch's deprecated ``quantize_dynamic``), at 0.95-1.03x that
 MiniLM cosine 0.982). oneDNN's ``qlinear_pointwise`` then applies every scale and the bias inside the
 product (CPUs with VNNI): MiniLM runs at 1.07x [1.05, 1.09] the deprecated kernel on 2 threads (0.99x on 1).
 
+Small layers with small batches (at most :data:`~slimguard.quantize.kernels.FLOAT_MAX_WEIGHTS` weights and
+:data:`~slimguard.quantize.kernels.FLOAT_MAX_MACS` multiply-adds per call) multiply in float32 with the
+dequantized weight, input not rounded: there the few microseconds of each operator that quantizes the input
+cost more than the integer product saves, and float32 runs about as fast as the deprecated kernel did. The
+file keeps the int8 weight either way; the float copy lives in memory (4 bytes per weight of such layers).
+
 The product is registered with PyTorch's FLOP counter, so MACs of quantized layers are counted by
 :func:`slimguard.runtime.measure.count_macs`.
 
@@ -36,9 +42,11 @@ from slimguard.quantize.kernels import (
     Prepacked,
     fake_quantize_rows,
     fake_quantize_tensor,
+    float_product,
     int8_linear_dynamic,
     int8_linear_dynamic_tensor,
     pack_onednn,
+    small_in_float,
     use_int_kernels,
 )
 
@@ -119,6 +127,7 @@ class DynamicInt8Linear(nn.Module, Prepacked):
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed = PackCache()  # oneDNN's layout of the weight, per-tensor mode (never stored)
+        self._float = PackCache()  # the dequantized weight, for small products (never stored)
 
     def slimguard_init_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"in_features": self.in_features, "out_features": self.out_features,
@@ -149,11 +158,15 @@ class DynamicInt8Linear(nn.Module, Prepacked):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_int_kernels(x):
-            if self.activations == "tensor":
-                packed = self._packed.get((self.weight_int8,), lambda: pack_onednn(self.weight_int8))
+            if small_in_float(x, self.in_features, self.out_features):  # the input is not rounded
+                weight = self._float.get((self.weight_int8, self.weight_scale), self.dequantized_weight)
+                return F.linear(x, weight, self.bias)
+            if self.activations == "tensor":  # traced programs keep to _int_mm (oneDNN's weight is opaque)
+                packed = None if torch.compiler.is_compiling() else self._packed.get(
+                    (self.weight_int8,), lambda: pack_onednn(self.weight_int8))
                 return int8_linear_dynamic_tensor(x, self.weight_int8, self.weight_scale, self.bias, packed)
             return int8_linear_dynamic(x, self.weight_int8, self.weight_scale, self.bias)
-        # traced for ONNX export, or another device / dtype: the float form (weights dequantized)
+        # traced for ONNX export, or another device / dtype: the float form, weights dequantized
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fake_quant_twin(self) -> nn.Module:
@@ -177,7 +190,9 @@ class _DynamicTwin(nn.Module):
         self.fake_quantize = fake_quantize_tensor if activations == "tensor" else fake_quantize_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.fake_quantize(x), self.weight, self.bias)
+        n, k = self.weight.shape
+        rounded = x if float_product(x, k, n) else self.fake_quantize(x)  # as the layer decides
+        return F.linear(rounded, self.weight, self.bias)
 
 
 @register_handler("quantize", Int8DynamicConfig)

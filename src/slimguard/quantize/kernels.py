@@ -15,7 +15,10 @@ the oneDNN one that inductor's own int8 lowering calls:
 
 When they run: on CPU, for float32 inputs, outside ``torch.jit`` tracing (ONNX export traces the
 float / QDQ form, which ONNX Runtime fuses into its own int8 kernels). Elsewhere the layers compute the
-same function in float (dequantized weights), equal up to float rounding.
+same function in float (dequantized weights), equal up to float rounding. Dynamic int8 layers also multiply
+in float when layer and batch are small (:data:`FLOAT_MAX_MACS`), and the short operator sequence serves
+products up to :data:`SMALL_PRODUCT`: below a few million multiply-adds, what costs is the number of
+operators called from Python (each a few microseconds), not the arithmetic.
 
 The dynamic layers keep, per thread, the codes of the last input they quantized while that tensor lives
 unchanged, so sibling layers reading one tensor (a transformer's query, key and value projections)
@@ -45,7 +48,8 @@ Measured facts behind the choices (torch 2.13 CPU):
   the product too, and its integer product takes about the time of fbgemm's; what is left outside is making
   the codes. Eager PyTorch has no single operator for that that is not deprecated (``quantize_per_tensor``
   makes the deprecated quantized tensors), so it takes three passes: ``aminmax``, one fused multiply-add
-  and an int32 -> int8 cast (the rounding trick below). On 4096 x 384 inputs that is 0.4-0.9 ms (cache-hot or not) beside a 3.4 ms product.
+  and an int32 -> int8 cast (the rounding trick below). On 4096 x 384 inputs that is 0.4-0.9 ms (cache-hot
+  or not) beside a 3.4 ms product.
   Other paths measured (``benchmarks/int8_kernels.py --alternatives``, calm run, 2 threads, old time /
   alternative time at 384->384, 384->1536, 1536->384): ``qlinear_pointwise`` with per-row uint8 codes 0.86
   / 0.91 / 0.97x, quantizing in cache-sized row blocks 0.88 / 1.04 / 0.95x, ``torch.compile`` of the per-row
@@ -106,6 +110,31 @@ WEIGHT_ONLY_MAX_ROWS = 128
 #: group sizes the int4 kernel takes
 INT4_GROUPS = (32, 64, 128, 256)
 _AMAX_FLOOR = 1e-30  # keeps 127 / amax finite for all-zero rows (their codes are 0 either way)
+#: a dynamic int8 product is *small* when ``M * max(K, N)`` is at most this: there the number of operators,
+#: each a few microseconds from Python, sets the time, so it runs the shortest sequence of them (``_int_mm``,
+#: rescaled in one ``addcmul``); above it, the sequence that moves the least memory
+SMALL_PRODUCT = 1 << 17
+#: a dynamic int8 layer with at most this many weights multiplies a batch of at most this many MACs
+#: (``M * K * N``) in float32, with its dequantized weight (cached: 4 bytes per weight in memory, the file
+#: keeps int8), and its input is not rounded: quantizing the input costs more there than the product saves
+#: (1 thread, AVX-512: float32 on par with the removed fbgemm kernel up to about 2M MACs, the int8 path 1.5-2x
+#: slower than both)
+FLOAT_MAX_WEIGHTS = 1 << 16
+FLOAT_MAX_MACS = 1 << 21
+
+
+def float_product(x: torch.Tensor, in_features: int, out_features: int) -> bool:
+    """True when a dynamic int8 layer multiplies ``x`` in float (see :data:`FLOAT_MAX_MACS`): a small layer and
+    a small batch, or an input the integer kernels do not serve (:func:`use_int_kernels`)."""
+    return not use_int_kernels(x) or small_in_float(x, in_features, out_features)
+
+
+def small_in_float(x: torch.Tensor, in_features: int, out_features: int) -> bool:
+    """True for a layer and batch small enough to multiply in float (:data:`FLOAT_MAX_MACS`); never while
+    traced (``torch.export``, ``torch.compile``): one program serves every batch size."""
+    weights = in_features * out_features
+    return (weights <= FLOAT_MAX_WEIGHTS and not torch.compiler.is_compiling()
+            and (x.numel() // max(in_features, 1)) * weights <= FLOAT_MAX_MACS)
 
 
 def use_int_kernels(x: torch.Tensor) -> bool:
@@ -144,10 +173,14 @@ class PackCache:
 
     def get(self, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
         key = self._key
-        if key is None or len(key) != len(sources) or any(
-                ref() is not t or version != t._version for (ref, version), t in zip(key, sources, strict=True)):
-            self._value = build()
-            self._key = tuple((weakref.ref(t), t._version) for t in sources)
+        if key is not None and len(key) == len(sources):
+            for (ref, version), t in zip(key, sources, strict=True):  # a loop: this runs on every call
+                if ref() is not t or version != t._version:
+                    break
+            else:
+                return self._value
+        self._value = build()
+        self._key = tuple((weakref.ref(t), t._version) for t in sources)
         return self._value
 
     @property
@@ -201,8 +234,17 @@ def quantize_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``|x * 127 / max|x||`` never exceeds 127 (up to float rounding, which rounds back to 127), so no clamp
     is needed.
     """
+    if not torch.compiler.is_compiling() and x2d.numel() <= SMALL_PRODUCT:  # fewer operators (x.abs() costs a
+        # pass more on large inputs); a traced program takes the sequence that serves every size
+        scale = x2d.abs().amax(1, keepdim=True).clamp_min_(_AMAX_FLOOR).div_(127.0)
+        return torch.div(x2d, scale).round_().to(torch.int8), scale
     inv, scale = _row_qparams(x2d)
     return torch.mul(x2d, inv).round_().to(torch.int8), scale
+
+
+def _small(x2d: torch.Tensor, n: int) -> bool:
+    """A small product (:data:`SMALL_PRODUCT`); never while traced, so a traced program serves every size."""
+    return not torch.compiler.is_compiling() and x2d.shape[0] * max(x2d.shape[1], n) <= SMALL_PRODUCT
 
 
 def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +268,13 @@ def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], n)
     q, row_scale = _LAST.get(x, "row", lambda: quantize_rows(x2d))
-    y = _as_float_(int_mm(q, weight_int8.t())).mul_(row_scale)
-    y = y.mul_(weight_scale) if bias is None else torch.addcmul(bias.detach(), y, weight_scale, out=y)
+    acc = int_mm(q, weight_int8.t())
+    if _small(x2d, n):  # two operators, int32 read as float on the fly
+        scales = row_scale * weight_scale
+        y = acc * scales if bias is None else torch.addcmul(bias.detach(), acc, scales)
+    else:  # in place, no output-sized temporaries
+        y = _as_float_(acc).mul_(row_scale)
+        y = y.mul_(weight_scale) if bias is None else torch.addcmul(bias.detach(), y, weight_scale, out=y)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -276,10 +323,15 @@ def _tensor_scale(x2d: torch.Tensor) -> float:
     return max(float(hi), -float(lo), _AMAX_FLOOR) / 127.0
 
 
-def _quantize_tensor(x2d: torch.Tensor, magic: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """int8 codes of ``x2d`` on one symmetric grid (as the low byte of ``magic`` + code) and its scale."""
-    scale = _tensor_scale(x2d)
-    return torch.add(magic, x2d, alpha=1.0 / scale).view(torch.int32).to(torch.int8), scale
+def _quantize_tensor(x2d: torch.Tensor, magic: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """int8 codes of ``x2d`` on one symmetric grid (as the low byte of ``magic`` + code) and its scale: a
+    float, or, in a traced program (which cannot read a tensor's value), a 0-d tensor."""
+    if torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(x2d)
+        scale = torch.maximum(hi, lo.neg()).clamp_min(_AMAX_FLOOR) / 127.0
+        return torch.addcmul(magic, x2d, scale.reciprocal()).view(torch.int32).to(torch.int8), scale
+    s = _tensor_scale(x2d)
+    return torch.add(magic, x2d, alpha=1.0 / s).view(torch.int32).to(torch.int8), s
 
 
 def fake_quantize_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +389,8 @@ def int8_linear_dynamic_tensor(x: torch.Tensor, weight_int8: torch.Tensor, weigh
 
     One scale lets the kernel apply every scale and the bias inside the product: with ``packed`` (see
     :func:`pack_onednn`), oneDNN's ``qlinear_pointwise`` takes the uint8 codes and writes the float output in
-    one call. Without it, ``torch._int_mm`` and one rescaling pass.
+    one call. Without it, and for small products (:data:`SMALL_PRODUCT`: oneDNN's call costs about 25 us
+    more than ``_int_mm``'s), ``torch._int_mm`` and one rescaling pass.
 
     Shape:
         ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
@@ -347,14 +400,18 @@ def int8_linear_dynamic_tensor(x: torch.Tensor, weight_int8: torch.Tensor, weigh
     if x2d.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], n)
     b = None if bias is None else bias.detach()
-    if packed is not None:
+    if packed is not None and not _small(x2d, n):
         q, scale = _LAST.get(x, "tensor-u8", lambda: _quantize_tensor(x2d, _MAGIC_U8))
         y = _QLINEAR(q.view(torch.uint8), scale, 128, packed.packed, weight_scale, packed.zero_points, b, 1.0, 0,
                      torch.float32, "none", [], "")
     else:
         q, scale = _LAST.get(x, "tensor-s8", lambda: _quantize_tensor(x2d, _MAGIC_S8))
-        y = _as_float_(int_mm(q, weight_int8.t()))
-        y = y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
+        acc = int_mm(q, weight_int8.t())
+        if _small(x2d, n):
+            y = acc * (weight_scale * scale) if b is None else torch.addcmul(b, acc, weight_scale, value=scale)
+        else:
+            y = _as_float_(acc)
+            y = y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -24,19 +24,24 @@ The dynamic layers keep, per thread, the codes of the last input they quantized 
 unchanged, so sibling layers reading one tensor (a transformer's query, key and value projections)
 quantize it once: 125 instead of 185 quantizations per MiniLM forward.
 
-Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI; paired rounds, 95% intervals;
-the JSON has every case). Against the deprecated fbgemm operator, at 2 threads (1 thread in brackets):
+Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, a shared VM; paired rounds, 95%
+intervals; the JSON has every case). Against the deprecated fbgemm operator, recorded run at 2 threads
+(1 thread in brackets); medians moved by about 0.1 between four runs of the same code:
 
-* per tensor, like for like with that operator (which had one 7-bit scale per input): 0.99x [0.96, 1.02]
-  (0.92x [0.90, 0.93]) at 384->384, 1.15x [1.09, 1.17] (1.05x) at 384->1536, 1.07x [0.99, 1.09] (1.00x)
-  at 1536->384; all-MiniLM-L6-v2 on 32 texts 1.07x [1.05, 1.09] (0.99x [0.96, 1.00]) against
-  ``torch.ao.quantization.quantize_dynamic``, with embeddings closer to float32 (cosine 0.982 against 0.948);
-* per row (the default, the most faithful: MiniLM cosine 0.997): 0.80-1.10x on the layers (0.81-0.89x),
-  and on MiniLM 1.03x [1.02, 1.04] (0.95x [0.93, 0.95]); an earlier run gave 0.95x [0.94, 0.96] on 2
-  threads. The per-row scales cannot be applied inside oneDNN's product (it takes one input scale), so the
-  int32 output takes three more passes;
-* both 2.1-3.6x float32; static int8 Linear 2.1-3.5x its former float emulation; weight-only int8 / int4
-  decode (1-8 rows) 2.1-3.5x float32.
+* per tensor, like for like with that operator (which had one 7-bit scale per input): 0.91x [0.89, 0.95]
+  (0.90x) at 384->384, 1.03x (1.05x) at 384->1536, 0.94x (1.01x) at 1536->384 (other runs: 0.93-1.12x,
+  0.78-1.27x, 0.92-1.07x); all-MiniLM-L6-v2 on 32 texts 0.97x [0.97, 0.99] (1.00x) against
+  ``torch.ao.quantization.quantize_dynamic`` (other runs 1.04-1.09x), with embeddings closer to float32
+  (cosine 0.982 against 0.948);
+* per row (the default, the most faithful: MiniLM cosine 0.997): 0.77-0.91x on the layers (0.82-0.92x), on
+  MiniLM 0.95x [0.92, 0.99] (0.96x; other runs 0.95-1.04x). The per-row scales cannot be applied inside
+  oneDNN's product (it takes one input scale), so the int32 output takes three more passes;
+* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.06-1.09x (0.88x);
+* 2.3-3.7x float32 on the MiniLM layers; static int8 Linear 1.9-3.3x its former float emulation;
+  weight-only int8 / int4 decode (1-8 rows) 1.7-3.7x float32.
+
+What is left between the per-tensor path and the removed kernel is making the codes (below); eager PyTorch
+cannot fuse those passes, and ``torch.compile`` needs a C++ compiler.
 
 ``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
 (:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.

@@ -261,6 +261,26 @@ def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return x + (xq - x).detach()
 
 
+def _as_rows(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x (*, K)`` as detached rows ``(M, K)``, and the ``(*, N)`` output of an empty batch (None otherwise)."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    return x2d, (x.new_zeros(*x.shape[:-1], n) if x2d.shape[0] == 0 else None)
+
+
+def _rescale(acc: torch.Tensor, scale: Any, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+             small: bool) -> torch.Tensor:
+    """The int32 products ``acc (M, N)`` times the input's scale (per row ``(M, 1)``, or one: a number or a
+    0-d tensor) and the weight's ``(N,)``, plus the bias, in float32."""
+    b = None if bias is None else bias.detach()
+    if small:  # two operators, the int32 read as float on the fly
+        scales = scale * weight_scale
+        return acc * scales if b is None else torch.addcmul(b, acc, scales)
+    y = _as_float_(acc)  # in place below: no output-sized temporaries
+    if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        y, scale = y.mul_(scale), 1.0
+    return y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
+
+
 def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (weight_int8 * weight_scale).T + bias`` with ``x`` quantized per row to int8 on the fly.
@@ -268,18 +288,12 @@ def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale
     Shape:
         ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
     """
-    k, n = x.shape[-1], weight_int8.shape[0]
-    x2d = x.detach().reshape(-1, k)
-    if x2d.shape[0] == 0:
-        return x.new_zeros(*x.shape[:-1], n)
+    n = weight_int8.shape[0]
+    x2d, empty = _as_rows(x, n)
+    if empty is not None:
+        return empty
     q, row_scale = _LAST.get(x, "row", lambda: quantize_rows(x2d))
-    acc = int_mm(q, weight_int8.t())
-    if _small(x2d, n):  # two operators, int32 read as float on the fly
-        scales = row_scale * weight_scale
-        y = acc * scales if bias is None else torch.addcmul(bias.detach(), acc, scales)
-    else:  # in place, no output-sized temporaries
-        y = _as_float_(acc).mul_(row_scale)
-        y = y.mul_(weight_scale) if bias is None else torch.addcmul(bias.detach(), y, weight_scale, out=y)
+    y = _rescale(int_mm(q, weight_int8.t()), row_scale, weight_scale, bias, _small(x2d, n))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -395,28 +409,20 @@ def int8_linear_dynamic_tensor(x: torch.Tensor, weight_int8: torch.Tensor, weigh
     One scale lets the kernel apply every scale and the bias inside the product: with ``packed`` (see
     :func:`pack_onednn`), oneDNN's ``qlinear_pointwise`` takes the uint8 codes and writes the float output in
     one call. Without it, and for small products (:data:`SMALL_PRODUCT`: oneDNN's call costs about 25 us
-    more than ``_int_mm``'s), ``torch._int_mm`` and one rescaling pass.
-
-    Shape:
-        ``x (*, K)``, ``weight_int8 (N, K)`` int8, ``weight_scale (N,)``, ``bias (N,)`` -> ``(*, N)``.
+    more than ``_int_mm``'s), ``torch._int_mm`` and one rescaling pass. Shapes as there.
     """
-    k, n = x.shape[-1], weight_int8.shape[0]
-    x2d = x.detach().reshape(-1, k)
-    if x2d.shape[0] == 0:
-        return x.new_zeros(*x.shape[:-1], n)
-    b = None if bias is None else bias.detach()
+    n = weight_int8.shape[0]
+    x2d, empty = _as_rows(x, n)
+    if empty is not None:
+        return empty
     if packed is not None and not _small(x2d, n):
         q, scale = _LAST.get(x, "tensor-u8", lambda: _quantize_tensor(x2d, _MAGIC_U8))
+        b = None if bias is None else bias.detach()
         y = _QLINEAR(q.view(torch.uint8), scale, 128, packed.packed, weight_scale, packed.zero_points, b, 1.0, 0,
                      torch.float32, "none", [], "")
     else:
         q, scale = _LAST.get(x, "tensor-s8", lambda: _quantize_tensor(x2d, _MAGIC_S8))
-        acc = int_mm(q, weight_int8.t())
-        if _small(x2d, n):
-            y = acc * (weight_scale * scale) if b is None else torch.addcmul(b, acc, weight_scale, value=scale)
-        else:
-            y = _as_float_(acc)
-            y = y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
+        y = _rescale(int_mm(q, weight_int8.t()), scale, weight_scale, bias, _small(x2d, n))
     return y.reshape(*x.shape[:-1], n)
 
 

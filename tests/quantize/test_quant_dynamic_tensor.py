@@ -222,3 +222,15 @@ def test_row_twin_still_rounds_rows(integer_paths):
     x = _tokens(16, seed=11)
     twin = layer.fake_quant_twin()
     torch.testing.assert_close(twin(x), F.linear(fake_quantize_rows(x), layer.dequantized_weight(), layer.bias))
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+@pytest.mark.parametrize("rows", [4, 64, 700])  # float path, short integer sequence, long one (oneDNN per tensor)
+def test_layers_without_bias(activations, rows):
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(200, 300, bias=False), activations)
+    assert layer.bias is None
+    x = torch.randn(rows, 200, generator=_gen(15))
+    out = layer(x)
+    want = layer.fake_quant_twin()(x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

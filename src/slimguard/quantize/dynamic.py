@@ -158,14 +158,18 @@ class DynamicInt8Linear(nn.Module, Prepacked):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_int_kernels(x):
+            # tensors read from the module's dicts once: each attribute lookup through nn.Module costs about
+            # a microsecond, which small products notice
+            weight, scale = self._buffers["weight_int8"], self._buffers["weight_scale"]
+            bias = self._parameters.get("bias")
+            assert weight is not None and scale is not None
             if small_in_float(x, self.in_features, self.out_features):  # the input is not rounded
-                weight = self._float.get((self.weight_int8, self.weight_scale), self.dequantized_weight)
-                return F.linear(x, weight, self.bias)
+                return F.linear(x, self._float.get((weight, scale), self.dequantized_weight), bias)
             if self.activations == "tensor":  # traced programs keep to _int_mm (oneDNN's weight is opaque)
                 packed = None if torch.compiler.is_compiling() else self._packed.get(
-                    (self.weight_int8,), lambda: pack_onednn(self.weight_int8))
-                return int8_linear_dynamic_tensor(x, self.weight_int8, self.weight_scale, self.bias, packed)
-            return int8_linear_dynamic(x, self.weight_int8, self.weight_scale, self.bias)
+                    (weight,), lambda: pack_onednn(weight))
+                return int8_linear_dynamic_tensor(x, weight, scale, bias, packed)
+            return int8_linear_dynamic(x, weight, scale, bias)
         # traced for ONNX export, or another device / dtype: the float form, weights dequantized
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

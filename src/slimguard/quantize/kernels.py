@@ -294,7 +294,7 @@ def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale
         return empty
     q, row_scale = _LAST.get(x, "row", lambda: quantize_rows(x2d))
     y = _rescale(int_mm(q, weight_int8.t()), row_scale, weight_scale, bias, _small(x2d, n))
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 class _LastInput(threading.local):
@@ -415,15 +415,16 @@ def int8_linear_dynamic_tensor(x: torch.Tensor, weight_int8: torch.Tensor, weigh
     x2d, empty = _as_rows(x, n)
     if empty is not None:
         return empty
-    if packed is not None and not _small(x2d, n):
+    small = _small(x2d, n)
+    if packed is not None and not small:
         q, scale = _LAST.get(x, "tensor-u8", lambda: _quantize_tensor(x2d, _MAGIC_U8))
         b = None if bias is None else bias.detach()
         y = _QLINEAR(q.view(torch.uint8), scale, 128, packed.packed, weight_scale, packed.zero_points, b, 1.0, 0,
                      torch.float32, "none", [], "")
     else:
         q, scale = _LAST.get(x, "tensor-s8", lambda: _quantize_tensor(x2d, _MAGIC_S8))
-        y = _rescale(int_mm(q, weight_int8.t()), scale, weight_scale, bias, _small(x2d, n))
-    return y.reshape(*x.shape[:-1], n)
+        y = _rescale(int_mm(q, weight_int8.t()), scale, weight_scale, bias, small)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # ---- static int8 --------------------------------------------------------------------------------------

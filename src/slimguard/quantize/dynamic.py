@@ -9,7 +9,7 @@ against 0.948 for PyTorch's deprecated ``quantize_dynamic``), at 0.95-1.04x that
 
 ``activations: tensor``: one symmetric scale for the whole input, as that kernel had (8 bits here, 7 there:
 MiniLM cosine 0.982). oneDNN's ``qlinear_pointwise`` then applies every scale and the bias inside the
-product (CPUs with VNNI): MiniLM runs at 0.97-1.09x the deprecated kernel (four runs, 2 threads).
+product (CPUs with VNNI): MiniLM runs at 0.97-1.09x the deprecated kernel (five runs, 2 threads).
 
 Small layers with small batches (at most :data:`~slimguard.quantize.kernels.FLOAT_MAX_WEIGHTS` weights and
 :data:`~slimguard.quantize.kernels.FLOAT_MAX_MACS` multiply-adds per call) multiply in float32 with the

@@ -26,19 +26,20 @@ quantize it once: 125 instead of 185 quantizations per MiniLM forward.
 
 Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, a shared VM; paired rounds, 95%
 intervals; the JSON has every case). Against the deprecated fbgemm operator, recorded run at 2 threads
-(1 thread in brackets); medians moved by about 0.1 between four runs of the same code:
+(1 thread in brackets); medians moved by about 0.1 between five runs of the same paths:
 
-* per tensor, like for like with that operator (which had one 7-bit scale per input): 0.91x [0.89, 0.95]
-  (0.90x) at 384->384, 1.03x (1.05x) at 384->1536, 0.94x (1.01x) at 1536->384 (other runs: 0.93-1.12x,
-  0.78-1.27x, 0.92-1.07x); all-MiniLM-L6-v2 on 32 texts 0.97x [0.97, 0.99] (1.00x) against
-  ``torch.ao.quantization.quantize_dynamic`` (other runs 1.04-1.09x), with embeddings closer to float32
-  (cosine 0.982 against 0.948);
-* per row (the default, the most faithful: MiniLM cosine 0.997): 0.77-0.91x on the layers (0.82-0.92x), on
-  MiniLM 0.95x [0.92, 0.99] (0.96x; other runs 0.95-1.04x). The per-row scales cannot be applied inside
+* per tensor, like for like with that operator (which had one 7-bit scale per input): 1.05x [0.99, 1.13]
+  (0.91x [0.89, 0.93]) at 384->384, 1.07x [1.00, 1.16] (0.87x) at 384->1536, 1.09x [1.07, 1.10] (1.01x)
+  at 1536->384 (other runs: 0.91-1.12x, 0.78-1.27x, 0.92-1.07x); all-MiniLM-L6-v2 on 32 texts 0.99x
+  [0.97, 1.01] (0.98x) against ``torch.ao.quantization.quantize_dynamic`` (other runs 0.97-1.09x), with
+  embeddings closer to float32 (cosine 0.982 against 0.948);
+* per row (the default, the most faithful: MiniLM cosine 0.997): 0.75-1.03x on the layers (0.83-0.90x), on
+  MiniLM 0.95x [0.95, 0.96] (0.96x; other runs 0.95-1.04x). The per-row scales cannot be applied inside
   oneDNN's product (it takes one input scale), so the int32 output takes three more passes;
-* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.06-1.09x (0.88x);
-* 2.3-3.7x float32 on the MiniLM layers; static int8 Linear 1.9-3.3x its former float emulation;
-  weight-only int8 / int4 decode (1-8 rows) 1.7-3.7x float32.
+* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.10-1.15x
+  (0.94-0.95x);
+* 2.2-3.5x float32 on the MiniLM layers; static int8 Linear 1.7-3.4x its former float emulation;
+  weight-only int8 / int4 decode (1-8 rows) 2.0-4.0x float32.
 
 What is left between the per-tensor path and the removed kernel is making the codes (below); eager PyTorch
 cannot fuse those passes, and ``torch.compile`` needs a C++ compiler.

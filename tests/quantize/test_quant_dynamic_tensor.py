@@ -111,6 +111,7 @@ def test_small_layers_with_small_batches_multiply_in_float(activations):
     small = torch.randn(108, 64, generator=_gen(13))
     plain = F.linear(small, layer.dequantized_weight(), layer.bias)
     assert torch.equal(layer(small), plain) and torch.equal(twin(small), plain)  # the input is not rounded
+    assert not layer(small.clone().requires_grad_(True)).requires_grad  # no gradient, as from the int kernels
     large = torch.randn(110, 64, generator=_gen(13))  # past the limit: integer kernels, the input rounded
     out = layer(large)
     assert not torch.equal(out, F.linear(large, layer.dequantized_weight(), layer.bias))

@@ -163,8 +163,9 @@ class DynamicInt8Linear(nn.Module, Prepacked):
             weight, scale = self._buffers["weight_int8"], self._buffers["weight_scale"]
             bias = self._parameters.get("bias")
             assert weight is not None and scale is not None
-            if small_in_float(x, self.in_features, self.out_features):  # the input is not rounded
-                return F.linear(x, self._float.get((weight, scale), self.dequantized_weight), bias)
+            if small_in_float(x, self.in_features, self.out_features):  # the input is not rounded; no gradient,
+                # as from the integer kernels (attacks go through the fake-quant twin, whichever path runs)
+                return F.linear(x.detach(), self._float.get((weight, scale), self.dequantized_weight), bias)
             if self.activations == "tensor":  # traced programs keep to _int_mm (oneDNN's weight is opaque)
                 packed = None if torch.compiler.is_compiling() else self._packed.get(
                     (weight,), lambda: pack_onednn(weight))

@@ -154,7 +154,10 @@ class DynamicInt8Linear(nn.Module, Prepacked):
     def prepack(self) -> None:
         """Build the per-tensor mode's oneDNN weight layout now (else at the first forward)."""
         if self.activations == "tensor":
-            self._packed.get((self.weight_int8,), lambda: pack_onednn(self.weight_int8))
+            self._onednn_weight(self.weight_int8)
+
+    def _onednn_weight(self, weight: torch.Tensor) -> Any:
+        return self._packed.get((weight,), lambda: pack_onednn(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_int_kernels(x):
@@ -167,8 +170,7 @@ class DynamicInt8Linear(nn.Module, Prepacked):
                 # as from the integer kernels (attacks go through the fake-quant twin, whichever path runs)
                 return F.linear(x.detach(), self._float.get((weight, scale), self.dequantized_weight), bias)
             if self.activations == "tensor":  # traced programs keep to _int_mm (oneDNN's weight is opaque)
-                packed = None if torch.compiler.is_compiling() else self._packed.get(
-                    (weight,), lambda: pack_onednn(weight))
+                packed = None if torch.compiler.is_compiling() else self._onednn_weight(weight)
                 return int8_linear_dynamic_tensor(x, weight, scale, bias, packed)
             return int8_linear_dynamic(x, weight, scale, bias)
         # traced for ONNX export, or another device / dtype: the float form, weights dequantized

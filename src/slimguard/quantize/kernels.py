@@ -111,6 +111,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from slimguard.core.cpu import cpu_flags
+
 #: the weight-only kernels run for at most this many rows (tokens); more use the float weight
 WEIGHT_ONLY_MAX_ROWS = 128
 #: group sizes the int4 kernel takes
@@ -363,21 +365,10 @@ def fake_quantize_tensor(x: torch.Tensor) -> torch.Tensor:
     return x + (xq - x).detach()
 
 
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def _has_vnni() -> bool:
     """x86 with VNNI (or AMX): oneDNN multiplies uint8 x int8 in int32 there. Without it, ``u8 x s8`` products
     pass through int16 and may saturate (oneDNN's guide to int8 computations), so :func:`_int_mm` serves."""
-    flags = _cpu_flags()
+    flags = cpu_flags() or frozenset()
     return torch.backends.mkldnn.is_available() and bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 

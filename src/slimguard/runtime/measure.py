@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimguard.core.cpu import cpu_flags
 from slimguard.core.errors import ConfigError
 from slimguard.core.torch_utils import eval_mode, forward
 from slimguard.runtime.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, percentile
@@ -413,16 +414,15 @@ def _cpuinfo() -> dict[str, Any]:
             text = f.read(4 << 20)  # a few KiB per logical CPU
     except OSError:
         return {}
-    model, flags, cores = None, None, set()
+    model, cores = None, set()
     for block in text.split("\n\n"):
         fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         model = model or fields.get("model name") or fields.get("Model") or fields.get("cpu model")
-        if flags is None and ("flags" in fields or "Features" in fields):
-            flags = set((fields.get("flags") or fields.get("Features") or "").split())
         if "physical id" in fields and "core id" in fields:
             cores.add((fields["physical id"], fields["core id"]))
     out: dict[str, Any] = {"cpu": model, "cores": len(cores) or None}
+    flags = cpu_flags()
     if flags is not None:
         out["avx2"] = "avx2" in flags
         out["avx512_vnni"] = "avx512_vnni" in flags

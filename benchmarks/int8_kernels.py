@@ -60,6 +60,7 @@ import itertools
 import math
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -97,6 +98,10 @@ def _timed(fn: Callable[[], Any], inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _summary(ratios: list[float]) -> dict[str, Any]:
     rng = random.Random(SEED)
     boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(BOOTSTRAP))
@@ -109,20 +114,28 @@ def _summary(ratios: list[float]) -> dict[str, Any]:
 
 def paired(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 3) -> dict[str, Any]:
     """Interleaved rounds over the same input (order shuffled per round, seeded); per round, the ratio of
-    every other candidate's time to ``new``'s time (above 1: ``new`` is faster)."""
+    every other candidate's time to ``new``'s time (above 1: ``new`` is faster). A candidate with a ``setup``
+    attribute has it called, untimed, before each of its timings; minor page faults are counted per call."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     probe = min(_timed(fn, 1) for fn in candidates.values())
     inner = max(1, min(200, math.ceil(MIN_MEASURE_S / max(probe, 1e-7))))
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    faults = dict.fromkeys(candidates, 0)
     order = list(candidates)
     rng = random.Random(SEED)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
+            setup = getattr(candidates[name], "setup", None)  # untimed, right before the timing
+            if setup is not None:
+                setup()
+            f0 = _minor_faults()
             times[name].append(_timed(candidates[name], inner))
+            faults[name] += _minor_faults() - f0
     out: dict[str, Any] = {f"{name}_ms_median": round(statistics.median(t) * 1e3, 4) for name, t in times.items()}
+    out["page_faults_per_call"] = {name: round(f / (rounds * inner), 1) for name, f in faults.items()}
     for name in candidates:
         if name != "new":
             out[f"ratio_{name}_over_new"] = _summary([a / b for a, b in zip(times[name], times["new"], strict=True)])
@@ -177,7 +190,14 @@ def dynamic_case(k: int, n: int, compiled: bool = False, activations: str = "row
     path = ("per-row int8 x int8 _int_mm" if activations == "row" else
             "per-tensor uint8 x int8 onednn::qlinear_pointwise, scales and bias fused" if ONEDNN_INT8 else
             "per-tensor int8 x int8 _int_mm") + (", torch.compile" if compiled else "")
-    return {"old": lambda: old(x_old()), "new": lambda: run(x_new()), "fp32": lambda: lin(x_fp32())}, path
+    candidates = {"old": lambda: old(x_old()), "new": lambda: run(x_new()), "fp32": lambda: lin(x_fp32())}
+    if not compiled:  # the same tensor every call, its codes made (untimed) just before: the product alone
+        def product() -> torch.Tensor:
+            return run(x)
+
+        product.setup = product  # type: ignore[attr-defined]
+        candidates["product"] = product
+    return candidates, path
 
 
 def model_case(name: str, activations: str) -> Case:
@@ -317,6 +337,11 @@ def measure(name: str, build: Callable[[], Case], rounds: int, **info: Any) -> d
                 result[f"cosine_{side}_vs_fp32"] = {"mean": round(float(cos.mean()), 4),
                                                     "min": round(float(cos.min()), 4)}
     result.update(paired(candidates, rounds))
+    if "product_ms_median" in result:  # where the new path's time goes (ratios of medians, for information)
+        result["breakdown"] = {
+            "product_share_of_new": round(result["ratio_product_over_new"]["median"], 3),
+            "codes_share_of_new": round(1 - result["ratio_product_over_new"]["median"], 3),
+            "old_over_product_alone": round(result["old_ms_median"] / result["product_ms_median"], 3)}
     return result
 
 
@@ -419,6 +444,26 @@ def targets_for(cases: list[dict[str, Any]], label: str) -> list[dict[str, Any]]
     return out
 
 
+#: glibc's allocator keeps freed blocks instead of returning them to the system (see _pin_allocator)
+ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
+
+
+def _pin_allocator() -> None:
+    """Run this script again under :data:`ALLOCATOR_TUNABLES` (Linux with glibc), unless it already is.
+
+    With glibc's defaults, a freed block of a few megabytes may go back to the system, and the next
+    allocation of that size comes back as page faults (350-1000 per call of a 4096 x 384 layer, a sixth of
+    its time or more). How many depends on the allocation history of the whole process, so the ratio of
+    two paths moved between 0.73x and 1.17x from one run of the same code to the next. Keeping freed blocks
+    (as jemalloc and tcmalloc do, the allocators usually advised for CPU inference) takes that out for every
+    path alike; the JSON records the faults each path still pays per call.
+    """
+    if os.environ.get("GLIBC_TUNABLES") == ALLOCATOR_TUNABLES or not sys.platform.startswith("linux"):
+        return
+    os.environ["GLIBC_TUNABLES"] = ALLOCATOR_TUNABLES
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="paired rounds per case (default 15)")
@@ -430,10 +475,14 @@ def main() -> None:
     ap.add_argument("--alternatives", action="store_true",
                     help="also measure the maintained alternatives to the dynamic int8 path (oneDNN qlinear per row "
                          "and per tensor, chunked quantization, torch.compile) at every thread count")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="keep glibc's default allocator settings (page faults then vary from run to run)")
     args = ap.parse_args()
+    if not args.default_allocator:
+        _pin_allocator()
     thread_counts = [int(t) for t in args.threads.split(",")]
     t_start = time.perf_counter()
-    env = environment(thread_counts, seed=SEED)
+    env = environment(thread_counts, seed=SEED, allocator=os.environ.get("GLIBC_TUNABLES") or "glibc defaults")
     cases: list[dict[str, Any]] = []
     targets: list[dict[str, Any]] = []
     for i, threads in enumerate(thread_counts):
@@ -477,6 +526,11 @@ def main() -> None:
         print(f"{c['case']:34s} {c['threads']:3d} {r['median']:7.2f} [{r['ci95'][0]:5.2f},{r['ci95'][1]:5.2f}] "
               f"{r['spread']['min']:4.2f}..{r['spread']['max']:4.2f} {fp32} {c['sqnr_new_vs_old_db']:5.1f}  "
               f"{c['new_path']}")
+    for c in cases:
+        if "breakdown" in c:
+            b = c["breakdown"]
+            print(f"{c['case']:34s} {c['threads']:3d} making the codes {b['codes_share_of_new']:4.0%} of the new time; "
+                  f"the product alone {b['old_over_product_alone']:.2f}x the old kernel's whole call")
     for t in targets:
         print(f"target {'met' if t['met'] else 'MISSED'}: {t['name']} ({t['want']})")
     print(f"wrote results/int8_kernels.json in {env['wall_s']} s")

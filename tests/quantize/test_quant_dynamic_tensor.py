@@ -193,6 +193,27 @@ def test_shared_codes_are_per_thread(monkeypatch, integer_paths):
     assert calls == ["tensor", "tensor"]  # another thread does not read this thread's codes
 
 
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_scratch_buffers_are_reused_per_thread_and_never_stale(activations, monkeypatch):
+    torch.manual_seed(0)
+    a = DynamicInt8Linear.from_float(nn.Linear(384, 64), activations)
+    b = DynamicInt8Linear.from_float(nn.Linear(384, 64), "tensor" if activations == "row" else "row")
+    x, y = torch.randn(600, 384, generator=_gen(20)), torch.randn(600, 384, generator=_gen(21)) * 4
+    assert x.numel() > kernels.SMALL_PRODUCT  # the large-product path, which stages in the scratch buffers
+    first = a(x)
+    codes = kernels._SCRATCH.buffers["codes"]
+    b(y)  # another input quantized on this thread: the codes buffer now holds y's
+    assert torch.equal(a(x), first)  # x's codes were made again, not read from the overwritten buffer
+    assert kernels._SCRATCH.buffers["codes"] is codes  # the same buffer, not a new allocation per call
+    seen: list[dict[str, torch.Tensor]] = []
+    worker = threading.Thread(target=lambda: (a(x), seen.append(dict(kernels._SCRATCH.buffers))))
+    worker.start()
+    worker.join(timeout=30)
+    assert seen and all(t is not codes for t in seen[0].values())  # each thread has its own buffers
+    monkeypatch.setattr(kernels, "SCRATCH_MAX_BYTES", 0)  # no scratch: allocated per call, the same numbers
+    assert torch.equal(a(x.clone()), first)
+
+
 def test_per_tensor_layers_copy_save_and_load(tmp_path, digits, zoo_model):
     m = zoo_model("digits-mlp")
     sg.quantize_(m, sg.Int8DynamicConfig(activations="tensor"), progress=False)

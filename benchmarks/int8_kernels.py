@@ -13,7 +13,9 @@ Cases (weights from a seeded ``nn.Linear``, inputs seeded Gaussian):
     one 8-bit scale per input, oneDNN's ``qlinear_pointwise`` with every scale and the bias fused (CPUs with
     VNNI; ``_int_mm`` elsewhere). MiniLM shapes at batch 32 x 128 tokens (4096 rows): 384->384, 384->1536,
     1536->384. The layers reuse the codes of an input they quantized last (sibling layers reading one
-    tensor), so every path is timed on two alternating copies of the input.
+    tensor), so every path is timed on two alternating copies of the input. A fourth candidate, ``product``,
+    calls the new layer on one tensor whose codes it made (untimed) just before: the product alone, which
+    splits the new time into making the codes and the product (``breakdown`` in the JSON).
   * ``model``: all-MiniLM-L6-v2 on 32 docs-text validation texts (the search's timing batch; large
     products) and the zoo's digits-mlp on 64 digits images (64->300->100->10: small products, where the
     count of operators sets the time), with ``int8-dynamic`` in each mode against
@@ -30,7 +32,7 @@ Cases (weights from a seeded ``nn.Linear``, inputs seeded Gaussian):
     (which fuses the elementwise quantize / rescale steps); skipped with ``--no-compile``.
   * ``dynamic alternative`` (``--alternatives``): maintained paths tried in place of the shipped dynamic int8
     one, each against the old kernel and against the shipped path (``cur``): ``onednn::qlinear_pointwise``
-    with per-row or per-tensor uint8 activations, row-chunked quantization, ``torch.compile``. Recorded, not
+    with per-row or per-tensor uint8 activations, ``torch.compile``. Recorded, not
     shipped, and outside the targets.
 
 Targets: no like-for-like case significantly slower than the old path (upper end of the 95% interval
@@ -46,10 +48,17 @@ control. The machine is shared (other jobs on its 2 cores): a preempted thread s
 region it belongs to, which hurts paths made of many small operators more than one fused operator, so
 the 1-thread run separates what the kernels cost from what the contention costs. Absolute times are noisy
 and recorded only for scale; the JSON says it was measured under load and records the load average.
+
+Allocator: the script runs itself under ``GLIBC_TUNABLES`` that keep freed memory in the process (see
+:func:`_pin_allocator`). With glibc's defaults a freed block of a few megabytes may go back to the system and
+the next one comes back as page faults, hundreds per call of a 4096-row layer, in numbers that depend on the
+whole process's allocation history: the same code measured 0.73x in one run and 1.17x in the next. The JSON
+records the page faults each path still pays per call; ``--default-allocator`` measures with the defaults.
+
 Writes ``benchmarks/results/int8_kernels.json``. Runs in about 2-3 minutes.
 
 Run: ``python benchmarks/int8_kernels.py [--rounds 15] [--threads 2,1] [--no-compile] [--no-models]
-[--alternatives]``
+[--alternatives] [--default-allocator]``
 """
 
 from __future__ import annotations
@@ -258,7 +267,6 @@ def alternative_case(alt: str, k: int, n: int) -> Case:
     * ``onednn-tensor``: one symmetric scale for the whole input, everything fused into ``qlinear_pointwise``,
       codes made by ``mul``, ``round``, a cast and an XOR (the shipped ``activations: tensor`` makes them in
       one pass and a cast, see :mod:`slimguard.quantize.kernels`).
-    * ``chunked``: the shipped ``_int_mm`` path with the quantize passes run on ~1 MiB blocks of rows (cache-hot).
     * ``compiled``: the shipped functional path under ``torch.compile`` (inductor fuses the elementwise passes).
     """
     from slimguard.quantize.kernels import int8_linear_dynamic
@@ -267,11 +275,12 @@ def alternative_case(alt: str, k: int, n: int) -> Case:
     lin = _linear(k, n)
     layer = DynamicInt8Linear.from_float(lin)
     w8, ws, bias = layer.weight_int8, layer.weight_scale, layer.bias.detach()
-    x = _input(TOKENS, k)
+    nxt = _alternating(_input(TOKENS, k))  # as the shipped path is timed: a cold input every call
     packed = torch.ops.onednn.qlinear_prepack(w8, None)
     fn: Callable[[], Any]
     if alt == "onednn-row":
         def fn() -> torch.Tensor:
+            x = nxt()
             inv, row_scale = _row_scales(x)
             q = torch.mul(x, inv).round_().to(torch.int8).view(torch.uint8).bitwise_xor_(128)
             y = _onednn(q, 1.0, packed, ws, None)
@@ -279,36 +288,25 @@ def alternative_case(alt: str, k: int, n: int) -> Case:
         path = "onednn qlinear_pointwise, per-row uint8 codes, weight scale fused"
     elif alt == "onednn-tensor":
         def fn() -> torch.Tensor:
+            x = nxt()
             amax = max(float(x.amax()), -float(x.amin()), 1e-30)
             q = torch.mul(x, 127.0 / amax).round_().to(torch.int8).view(torch.uint8).bitwise_xor_(128)
             return _onednn(q, amax / 127.0, packed, ws, bias)
         path = "onednn qlinear_pointwise, per-tensor uint8, scales and bias fused"
-    elif alt == "chunked":
-        rows = max(1, (1 << 20) // (4 * k))
-
-        def fn() -> torch.Tensor:
-            inv, row_scale = _row_scales(x)
-            q = torch.empty(x.shape, dtype=torch.int8)
-            for i in range(0, x.shape[0], rows):
-                q[i:i + rows].copy_(torch.mul(x[i:i + rows], inv[i:i + rows]).round_())
-            acc = torch._int_mm(q, w8.t())
-            y = acc.view(torch.float32).copy_(acc).mul_(row_scale)
-            return torch.addcmul(bias, y, ws, out=y)
-        path = f"_int_mm, quantized in blocks of {rows} rows"
     elif alt == "compiled":
         compiled = torch.compile(lambda t: int8_linear_dynamic(t, w8, ws, bias))
         t0 = time.perf_counter()
-        compiled(x)
+        compiled(nxt())
         path = f"_int_mm path under torch.compile (first call {time.perf_counter() - t0:.1f} s)"
 
         def fn() -> torch.Tensor:
-            return compiled(x)
+            return compiled(nxt())
     else:
         raise ValueError(alt)
     return {"old": candidates["old"], "new": fn, "current": candidates["new"], "reference": candidates["fp32"]}, path
 
 
-ALTERNATIVES = ("onednn-row", "onednn-tensor", "chunked", "compiled")
+ALTERNATIVES = ("onednn-row", "onednn-tensor", "compiled")
 
 
 def weight_only_case(bits: int, k: int, n: int, m: int) -> Case:
@@ -474,7 +472,7 @@ def main() -> None:
     ap.add_argument("--no-models", action="store_true", help="skip the MiniLM model cases (they load the zoo model)")
     ap.add_argument("--alternatives", action="store_true",
                     help="also measure the maintained alternatives to the dynamic int8 path (oneDNN qlinear per row "
-                         "and per tensor, chunked quantization, torch.compile) at every thread count")
+                         "and per tensor, torch.compile) at every thread count")
     ap.add_argument("--default-allocator", action="store_true",
                     help="keep glibc's default allocator settings (page faults then vary from run to run)")
     args = ap.parse_args()

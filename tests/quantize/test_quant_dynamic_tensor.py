@@ -214,6 +214,23 @@ def test_scratch_buffers_are_reused_per_thread_and_never_stale(activations, monk
     assert torch.equal(a(x.clone()), first)
 
 
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_inputs_quantized_in_blocks_of_rows_give_the_same_codes(activations, monkeypatch):
+    x = torch.randn(1000, 200, generator=_gen(22)) * torch.rand(1000, 1, generator=_gen(23)) * 5
+    whole = kernels.quantize_rows(x) if activations == "row" else kernels._quantize_tensor(x, kernels._MAGIC_S8)
+    layer = DynamicInt8Linear.from_float(nn.Linear(200, 30), activations)
+    before = layer(x)
+    monkeypatch.setattr(kernels, "QUANT_BLOCK_BYTES", 4 * 200 * 7)  # 7 rows a block, the last one short
+    assert len(kernels._row_blocks(x)) == 143
+    blocked = kernels.quantize_rows(x) if activations == "row" else kernels._quantize_tensor(x, kernels._MAGIC_S8)
+    assert torch.equal(blocked[0], whole[0])
+    torch.testing.assert_close(blocked[1], whole[1], rtol=0, atol=0)
+    if activations == "row":  # the codes are each row rounded on its own grid
+        inv = 127.0 / x.abs().amax(1, keepdim=True)
+        assert torch.equal(blocked[0], torch.round(x * inv).to(torch.int8))
+    assert torch.equal(layer(x.clone()), before)
+
+
 def test_per_tensor_layers_copy_save_and_load(tmp_path, digits, zoo_model):
     m = zoo_model("digits-mlp")
     sg.quantize_(m, sg.Int8DynamicConfig(activations="tensor"), progress=False)

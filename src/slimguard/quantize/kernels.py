@@ -25,24 +25,38 @@ unchanged, so sibling layers reading one tensor (a transformer's query, key and 
 quantize it once: 125 instead of 185 quantizations per MiniLM forward.
 
 Speed (``benchmarks/int8_kernels.py``, 2-core AMD EPYC with AVX-512 VNNI, a shared VM; paired rounds, 95%
-intervals; the JSON has every case). Against the deprecated fbgemm operator, recorded run at 2 threads
-(1 thread in brackets); medians moved by about 0.1 between five runs of the same paths:
+intervals, glibc told to keep freed memory for every path alike; the JSON has every case). Against the
+deprecated fbgemm operator at 2 threads: the recorded run, then the medians of two other runs of the same
+code (one thread in brackets):
 
-* per tensor, like for like with that operator (which had one 7-bit scale per input): 1.05x [0.99, 1.13]
-  (0.91x [0.89, 0.93]) at 384->384, 1.07x [1.00, 1.16] (0.87x) at 384->1536, 1.09x [1.07, 1.10] (1.01x)
-  at 1536->384 (other runs: 0.91-1.12x, 0.78-1.27x, 0.92-1.07x); all-MiniLM-L6-v2 on 32 texts 0.99x
-  [0.97, 1.01] (0.98x) against ``torch.ao.quantization.quantize_dynamic`` (other runs 0.97-1.09x), with
-  embeddings closer to float32 (cosine 0.982 against 0.948);
-* per row (the default, the most faithful: MiniLM cosine 0.997): 0.75-1.03x on the layers (0.83-0.90x), on
-  MiniLM 0.95x [0.95, 0.96] (0.96x; other runs 0.95-1.04x). The per-row scales cannot be applied inside
-  oneDNN's product (it takes one input scale), so the int32 output takes three more passes;
-* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.10-1.15x
-  (0.94-0.95x);
-* 2.2-3.5x float32 on the MiniLM layers; static int8 Linear 1.7-3.4x its former float emulation;
-  weight-only int8 / int4 decode (1-8 rows) 2.0-4.0x float32.
+* per tensor, like for like with that operator (which had one 7-bit scale per input): 1.00x [0.97, 1.02] at
+  384->384 (0.88-0.89x; 0.92-0.95x), 1.13x [1.11, 1.15] at 384->1536 (1.02-1.10x; 1.05-1.13x), 1.09x
+  [1.04, 1.12] at 1536->384 (0.93-1.07x; 0.98-1.01x); all-MiniLM-L6-v2 on 32 texts 1.05x [1.03, 1.07]
+  against ``torch.ao.quantization.quantize_dynamic`` (0.91-1.06x; 0.97-0.98x), with embeddings closer to
+  float32 (cosine 0.982 against 0.948);
+* per row (the default, the most faithful: MiniLM cosine 0.997): 0.83x [0.79, 0.91], 0.99x [0.95, 1.00],
+  0.98x [0.94, 1.00] on the layers (0.78-0.91x; 0.79-0.97x), MiniLM 1.01x [0.99, 1.03] (0.96-1.00x;
+  0.93-0.94x);
+* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.15-1.17x
+  (0.90-1.00x);
+* 2.7-3.7x float32 on the MiniLM layers; static int8 Linear 2.1-3.4x its former float emulation;
+  weight-only int8 / int4 decode (1-8 rows) 3.1-4.3x float32.
 
-What is left between the per-tensor path and the removed kernel is making the codes (below); eager PyTorch
-cannot fuse those passes, and ``torch.compile`` needs a C++ compiler.
+Where the time goes: with the codes ready, the product alone takes 0.65-0.88 of the removed operator's
+whole call (0.98-1.08 per row at 384->1536, whose 4096 x 1536 output the per-row scales pass over three
+times). Making the codes is 8-43% of the new time. The removed operator quantized each block of the input
+while packing it for the product, reading the input twice and writing nothing; eager PyTorch writes a
+float staging copy and the codes in separate passes, and no maintained operator fuses them (oneDNN takes
+codes and scales, it does not compute them; ``quantize_per_tensor`` makes the deprecated quantized
+tensors). So the paths lose where the input is large beside the product (384->384, 1536->384), and per-row
+loses more than per-tensor. ``torch.compile`` of the per-row layer (0.93-1.02x) does not close it either.
+
+Allocation: the staging copy and the codes live in per-thread buffers (:class:`_Scratch`). With glibc's
+defaults, a freed block of a few megabytes can go back to the system and come back as page faults on the
+next call: hundreds per call of a 4096-row layer, a sixth of its time, varying with the process's history.
+A serving process can keep freed memory with
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296`` (or
+jemalloc / tcmalloc), at the price of memory not handed back.
 
 ``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
 (:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
@@ -124,6 +138,11 @@ _AMAX_FLOOR = 1e-30  # keeps 127 / amax finite for all-zero rows (their codes ar
 SMALL_PRODUCT = 1 << 17
 #: the largest scratch buffer (bytes) a thread keeps for quantizing dynamic int8 inputs (see :class:`_Scratch`)
 SCRATCH_MAX_BYTES = 64 << 20
+#: dynamic int8 inputs are quantized in blocks of rows whose float staging takes at most this many bytes: one
+#: staging buffer serves every block and stays in the CPU's cache, where an input-sized one goes to memory and
+#: back (per row 0.82-0.90x -> 0.89-0.97x the removed kernel on the MiniLM layers, per tensor 0.91-1.02x ->
+#: 0.95-1.11x, 2 threads; 2 MiB measured a little better than 0.5 and 1 MiB)
+QUANT_BLOCK_BYTES = 1 << 21
 #: a dynamic int8 layer with at most this many weights multiplies a batch of at most this many MACs
 #: (``M * K * N``) in float32, with its dequantized weight (cached: 4 bytes per weight in memory, the file
 #: keeps int8), and its input is not rounded: quantizing the input costs more there than the product saves
@@ -249,8 +268,20 @@ def quantize_rows(x2d: torch.Tensor, out: torch.Tensor | None = None) -> tuple[t
         scale = x2d.abs().amax(1, keepdim=True).clamp_min_(_AMAX_FLOOR).div_(127.0)
         return torch.div(x2d, scale).round_().to(torch.int8), scale
     inv, scale = _row_qparams(x2d)
-    staged = torch.mul(x2d, inv, out=_SCRATCH.take("staged", x2d, torch.float32)).round_()
-    return (staged.to(torch.int8) if out is None else out.copy_(staged)), scale
+    if torch.compiler.is_compiling():  # one sequence for every size: no loop over blocks of a symbolic count
+        return torch.mul(x2d, inv).round_().to(torch.int8), scale
+    codes = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
+    for rows in _row_blocks(x2d):
+        staged = torch.mul(x2d[rows], inv[rows], out=_SCRATCH.take("staged", x2d[rows], torch.float32))
+        codes[rows].copy_(staged.round_())
+    return codes, scale
+
+
+def _row_blocks(x2d: torch.Tensor) -> list[slice]:
+    """Ranges of rows of ``x2d`` whose float32 staging takes at most :data:`QUANT_BLOCK_BYTES` (one row at least)."""
+    m, k = x2d.shape
+    step = max(1, QUANT_BLOCK_BYTES // (4 * max(k, 1)))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
 
 def _small(x2d: torch.Tensor, n: int) -> bool:
@@ -333,13 +364,15 @@ _LAST = _LastInput()
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers for the intermediates of quantizing an input: its float staging and its codes.
+    """Per-thread buffers for the intermediates of quantizing an input: the float staging of one block of
+    rows (:data:`QUANT_BLOCK_BYTES`) and the codes.
 
     Allocating them on every call costs more than the passes that fill them: a freed large block goes back
-    to the operating system, and the next one comes back as page faults (about 350 per call, a sixth of
-    the time, on a 4096 x 384 input at 2 threads; the removed fbgemm kernel pays the same for its own
-    buffers). A buffer grows to the largest input seen, up to :data:`SCRATCH_MAX_BYTES`; larger inputs and
-    traced programs (``torch.compile``, ``torch.export``) allocate as usual.
+    to the operating system, and the next one comes back as page faults (350-600 per call of a 4096 x 384
+    input at 2 threads, up to a sixth of its time, in numbers that vary with the process's history; the
+    removed fbgemm kernel paid the same for its own buffers). A buffer grows to the largest input seen, up
+    to :data:`SCRATCH_MAX_BYTES`; larger inputs and traced programs (``torch.compile``, ``torch.export``)
+    allocate as usual.
 
     The staging buffer lives within one call. The codes buffer (:meth:`codes`) holds the codes that
     :class:`_LastInput` keeps, and only those: it forgets them before building the next ones, so the codes
@@ -362,9 +395,6 @@ class _Scratch(threading.local):
     def codes(self, like: torch.Tensor) -> torch.Tensor:
         """The buffer for the int8 codes that :data:`_LAST` keeps (see above)."""
         return self.take("codes", like, torch.int8)
-
-    def clear(self) -> None:
-        self.buffers.clear()
 
 
 _SCRATCH = _Scratch()
@@ -396,8 +426,11 @@ def _quantize_tensor(x2d: torch.Tensor, magic: torch.Tensor,
         scale = torch.maximum(hi, lo.neg()).clamp_min(_AMAX_FLOOR) / 127.0
         return torch.addcmul(magic, x2d, scale.reciprocal()).view(torch.int32).to(torch.int8), scale
     s = _tensor_scale(x2d)
-    staged = torch.add(magic, x2d, alpha=1.0 / s, out=_SCRATCH.take("staged", x2d, torch.float32)).view(torch.int32)
-    return (staged.to(torch.int8) if out is None else out.copy_(staged)), s
+    codes = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
+    for rows in _row_blocks(x2d):
+        staged = torch.add(magic, x2d[rows], alpha=1.0 / s, out=_SCRATCH.take("staged", x2d[rows], torch.float32))
+        codes[rows].copy_(staged.view(torch.int32))
+    return codes, s
 
 
 def fake_quantize_tensor(x: torch.Tensor) -> torch.Tensor:

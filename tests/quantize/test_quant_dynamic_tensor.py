@@ -5,6 +5,7 @@ rounding trick, the shared-codes cache and its invalidation, copies, artifacts a
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 
 import pytest
@@ -220,8 +221,11 @@ def test_inputs_quantized_in_blocks_of_rows_give_the_same_codes(activations, mon
     whole = kernels.quantize_rows(x) if activations == "row" else kernels._quantize_tensor(x, kernels._MAGIC_S8)
     layer = DynamicInt8Linear.from_float(nn.Linear(200, 30), activations)
     before = layer(x)
-    monkeypatch.setattr(kernels, "QUANT_BLOCK_BYTES", 4 * 200 * 7)  # 7 rows a block, the last one short
-    assert len(kernels._row_blocks(x)) == 143
+    monkeypatch.setattr(kernels, "QUANT_BLOCK_BYTES", 4 * 200 * 7)  # at most 7 rows a block: 143 blocks
+    blocks = kernels._row_blocks(x)
+    assert len(blocks) == 143 and {b.stop - b.start for b in blocks} <= {6, 7}  # even, each row once
+    assert blocks[0].start == 0 and blocks[-1].stop == 1000
+    assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
     blocked = kernels.quantize_rows(x) if activations == "row" else kernels._quantize_tensor(x, kernels._MAGIC_S8)
     assert torch.equal(blocked[0], whole[0])
     torch.testing.assert_close(blocked[1], whole[1], rtol=0, atol=0)

@@ -138,7 +138,7 @@ _AMAX_FLOOR = 1e-30  # keeps 127 / amax finite for all-zero rows (their codes ar
 SMALL_PRODUCT = 1 << 17
 #: the largest scratch buffer (bytes) a thread keeps for quantizing dynamic int8 inputs (see :class:`_Scratch`)
 SCRATCH_MAX_BYTES = 64 << 20
-#: dynamic int8 inputs are quantized in blocks of rows whose float staging takes at most this many bytes: one
+#: dynamic int8 inputs are quantized in blocks of rows whose float staging takes about this many bytes: one
 #: staging buffer serves every block and stays in the CPU's cache, where an input-sized one goes to memory and
 #: back (per row 0.82-0.90x -> 0.89-0.97x the removed kernel on the MiniLM layers, per tensor 0.91-1.02x ->
 #: 0.95-1.11x, 2 threads; 2 MiB measured a little better than 0.5 and 1 MiB)
@@ -267,20 +267,25 @@ def quantize_rows(x2d: torch.Tensor, out: torch.Tensor | None = None) -> tuple[t
         # pass more on large inputs); a traced program takes the sequence that serves every size
         scale = x2d.abs().amax(1, keepdim=True).clamp_min_(_AMAX_FLOOR).div_(127.0)
         return torch.div(x2d, scale).round_().to(torch.int8), scale
-    inv, scale = _row_qparams(x2d)
     if torch.compiler.is_compiling():  # one sequence for every size: no loop over blocks of a symbolic count
+        inv, scale = _row_qparams(x2d)
         return torch.mul(x2d, inv).round_().to(torch.int8), scale
     codes = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
-    for rows in _row_blocks(x2d):
-        staged = torch.mul(x2d[rows], inv[rows], out=_SCRATCH.take("staged", x2d[rows], torch.float32))
-        codes[rows].copy_(staged.round_())
-    return codes, scale
+    amax = torch.empty(x2d.shape[0], 1)
+    for rows in _row_blocks(x2d):  # a block comes from memory once; its |x|, range and codes are made in cache
+        xb, ab = x2d[rows], amax[rows]
+        staged = _SCRATCH.take("staged", xb, torch.float32)
+        torch.amax(torch.abs(xb, out=staged), 1, keepdim=True, out=ab).clamp_min_(_AMAX_FLOOR)
+        codes[rows].copy_(torch.mul(xb, 127.0 / ab, out=staged).round_())
+    return codes, amax.div_(127.0)
 
 
 def _row_blocks(x2d: torch.Tensor) -> list[slice]:
-    """Ranges of rows of ``x2d`` whose float32 staging takes at most :data:`QUANT_BLOCK_BYTES` (one row at least)."""
+    """Ranges of rows of ``x2d``, of even sizes, whose float32 staging takes about :data:`QUANT_BLOCK_BYTES`
+    (one row at least): 4096 rows of 384 make three blocks, not three and a block of one row."""
     m, k = x2d.shape
-    step = max(1, QUANT_BLOCK_BYTES // (4 * max(k, 1)))
+    count = max(1, round(m / max(1, QUANT_BLOCK_BYTES // (4 * max(k, 1)))))
+    step = max(1, -(-m // count))
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
 

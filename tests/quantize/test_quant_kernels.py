@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimguard as sg
+from slimguard.quantize import kernels
 from slimguard.quantize.dynamic import DynamicInt8Linear
 from slimguard.quantize.kernels import (
     fake_quantize_rows,
@@ -93,6 +94,15 @@ def test_static_int8_matches_its_float_emulation(zero_point, relu):
     steps = (real - emulated).abs() / float(layer.output_scale)
     # float vs int32 accumulation: only an output on a rounding edge may move, by one step
     assert float(steps.max()) <= 1.001 and float((steps == 0).float().mean()) >= 0.99
+
+
+def test_static_int8_output_in_blocks_of_rows_is_the_same(monkeypatch):
+    layer = _static_layer(37, relu=False)
+    x = torch.randn(4, 33, 48, generator=_gen(8)) * 3
+    whole = layer(x)
+    monkeypatch.setattr(kernels, "QUANT_BLOCK_BYTES", 4 * 20 * 5)  # about 5 output rows a block (6 here)
+    assert len(kernels._row_blocks(torch.empty(132, 20))) == 22
+    assert torch.equal(layer(x), whole)  # the zero-point correction, scales and bias reach every block
 
 
 def test_static_int8_row_sums_follow_weight_changes():

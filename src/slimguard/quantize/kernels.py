@@ -250,11 +250,25 @@ def _row_qparams(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 127.0 / amax, amax / 127.0
 
 
-def _as_float_(acc: torch.Tensor) -> torch.Tensor:
-    """The int32 products converted to float32 in their own memory (same element size, element by element),
-    saving an output-sized allocation and its page faults."""
-    out = acc.view(torch.float32)
-    return out.copy_(acc)
+def _finish(acc: torch.Tensor, col_scale: Any, bias: torch.Tensor | None, row_scale: torch.Tensor | None = None,
+            col_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 output of the int32 products ``acc (M, N)``, written over them (same element size, element by
+    element: no output-sized allocation and its page faults): ``((acc + col_offset) * row_scale) * col_scale +
+    bias``, each where given (``row_scale (M, 1)``; ``col_scale`` ``(N,)``, 0-d or a number). A block of rows
+    at a time (:func:`_row_blocks`): each block comes from memory once and its later passes run in cache
+    (per row at 384->1536, 0.92x -> 0.95-0.97x the removed kernel). A traced program takes one block."""
+    y = acc.view(torch.float32)
+    b = None if bias is None else bias.detach()
+    for rows in [slice(None)] if torch.compiler.is_compiling() else _row_blocks(acc):
+        yb = y[rows]
+        yb.copy_(acc[rows] if col_offset is None else acc[rows].add_(col_offset))
+        if row_scale is not None:
+            yb.mul_(row_scale[rows])
+        if b is None:
+            yb.mul_(col_scale)
+        else:
+            torch.addcmul(b, yb, col_scale, out=yb)
+    return y
 
 
 def quantize_rows(x2d: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +331,9 @@ def _rescale(acc: torch.Tensor, scale: Any, weight_scale: torch.Tensor, bias: to
     if small:  # two operators, the int32 read as float on the fly
         scales = scale * weight_scale
         return acc * scales if b is None else torch.addcmul(b, acc, scales)
-    y = _as_float_(acc)  # in place below: no output-sized temporaries
     if isinstance(scale, torch.Tensor) and scale.dim() > 0:
-        y, scale = y.mul_(scale), 1.0
-    return y.mul_(weight_scale * scale) if b is None else torch.addcmul(b, y, weight_scale * scale, out=y)
+        return _finish(acc, weight_scale, bias, row_scale=scale)
+    return _finish(acc, weight_scale * scale, bias)
 
 
 def int8_linear_dynamic(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
@@ -528,10 +541,8 @@ def int8_linear_static(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale:
     k, n = x.shape[-1], weight_int8.shape[0]
     q = quantize_static_input(x.detach().reshape(-1, k), input_scale, input_zero_point)
     acc = int_mm(q, weight_int8.t())
-    acc.add_(weight_rows * (128 - input_zero_point.reshape(()).to(torch.int32)))
-    scale = input_scale.reshape(()) * weight_scale
-    y = _as_float_(acc)
-    y = y.mul_(scale) if bias is None else torch.addcmul(bias.detach(), y, scale, out=y)
+    offset = weight_rows * (128 - input_zero_point.reshape(()).to(torch.int32))
+    y = _finish(acc, input_scale.reshape(()) * weight_scale, bias, col_offset=offset)
     return y.reshape(*x.shape[:-1], n)
 
 

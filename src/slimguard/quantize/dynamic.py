@@ -5,11 +5,12 @@ at run time, multiplied in integers (see :mod:`slimguard.quantize.kernels`).
 int8 scale, ``max|x_row| / 127``; ``torch._int_mm`` multiplies and the int32 products are rescaled by the
 row scale and the weight's channel scale in float. Per-row scales follow the outliers of one token instead
 of the whole batch, so the result is closer to float (all-MiniLM-L6-v2: embedding cosine 0.997 to float32,
-against 0.948 for PyTorch's deprecated ``quantize_dynamic``), at 0.95-1.04x that deprecated kernel's speed.
+against 0.948 for PyTorch's deprecated ``quantize_dynamic``), at 0.92-0.95x that deprecated kernel's speed
+(2 threads; the layers 0.79-0.98x, see :mod:`slimguard.quantize.kernels`).
 
 ``activations: tensor``: one symmetric scale for the whole input, as that kernel had (8 bits here, 7 there:
 MiniLM cosine 0.982). oneDNN's ``qlinear_pointwise`` then applies every scale and the bias inside the
-product (CPUs with VNNI): MiniLM runs at 0.97-1.09x the deprecated kernel (five runs, 2 threads).
+product (CPUs with VNNI): MiniLM runs at 0.99-1.01x the deprecated kernel (three runs, 2 threads).
 
 Small layers with small batches (at most :data:`~slimguard.quantize.kernels.FLOAT_MAX_WEIGHTS` weights and
 :data:`~slimguard.quantize.kernels.FLOAT_MAX_MACS` multiply-adds per call) multiply in float32 with the

@@ -29,27 +29,28 @@ intervals, glibc told to keep freed memory for every path alike; the JSON has ev
 deprecated fbgemm operator at 2 threads: the recorded run, then the medians of two other runs of the same
 code (one thread in brackets):
 
-* per tensor, like for like with that operator (which had one 7-bit scale per input): 1.00x [0.97, 1.02] at
-  384->384 (0.88-0.89x; 0.92-0.95x), 1.13x [1.11, 1.15] at 384->1536 (1.02-1.10x; 1.05-1.13x), 1.09x
-  [1.04, 1.12] at 1536->384 (0.93-1.07x; 0.98-1.01x); all-MiniLM-L6-v2 on 32 texts 1.05x [1.03, 1.07]
-  against ``torch.ao.quantization.quantize_dynamic`` (0.91-1.06x; 0.97-0.98x), with embeddings closer to
-  float32 (cosine 0.982 against 0.948);
-* per row (the default, the most faithful: MiniLM cosine 0.997): 0.83x [0.79, 0.91], 0.99x [0.95, 1.00],
-  0.98x [0.94, 1.00] on the layers (0.78-0.91x; 0.79-0.97x), MiniLM 1.01x [0.99, 1.03] (0.96-1.00x;
-  0.93-0.94x);
-* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.15-1.17x
-  (0.90-1.00x);
-* 2.7-3.7x float32 on the MiniLM layers; static int8 Linear 2.1-3.4x its former float emulation;
-  weight-only int8 / int4 decode (1-8 rows) 3.1-4.3x float32.
+* per tensor, like for like with that operator (which had one 7-bit scale per input): 0.92x [0.89, 0.94] at
+  384->384 (0.91x; 0.88-0.93x), 1.06x [1.03, 1.09] at 384->1536 (1.05-1.09x; 1.08-1.10x), 1.02x [0.98,
+  1.06] at 1536->384 (1.00-1.03x; 1.08-1.13x); all-MiniLM-L6-v2 on 32 texts 1.01x [0.93, 1.03] against
+  ``torch.ao.quantization.quantize_dynamic`` (0.99-1.01x; 0.97-1.00x), with embeddings closer to float32
+  (cosine 0.982 against 0.948);
+* per row (the default, the most faithful: MiniLM cosine 0.997): 0.79x [0.78, 0.80], 0.94x [0.93, 0.97],
+  0.94x [0.92, 0.98] on the layers (0.83-0.84x, 0.93-0.96x, 0.93-0.98x; 0.80-0.84x, 1.03-1.04x,
+  1.00-1.08x), MiniLM 0.95x [0.90, 0.99] (0.92-0.94x; 0.95-0.96x);
+* the zoo's digits-mlp (64->300->100->10, batch 64: small layers, multiplied in float) 1.10-1.23x
+  (0.88-1.04x);
+* 2.6-4.2x float32 on the MiniLM layers; static int8 Linear 2.0-3.9x its former float emulation;
+  weight-only int8 / int4 decode (1-8 rows) 1.9x float32 or more in every case and run.
 
-Where the time goes: with the codes ready, the product alone takes 0.65-0.88 of the removed operator's
-whole call (0.98-1.08 per row at 384->1536, whose 4096 x 1536 output the per-row scales pass over three
-times). Making the codes is 8-43% of the new time. The removed operator quantized each block of the input
-while packing it for the product, reading the input twice and writing nothing; eager PyTorch writes a
-float staging copy and the codes in separate passes, and no maintained operator fuses them (oneDNN takes
-codes and scales, it does not compute them; ``quantize_per_tensor`` makes the deprecated quantized
-tensors). So the paths lose where the input is large beside the product (384->384, 1536->384), and per-row
-loses more than per-tensor. ``torch.compile`` of the per-row layer (0.93-1.02x) does not close it either.
+Where the time goes: with the codes ready, the product alone is 1.03-1.46x faster than the removed
+operator's whole call. Making the codes is 5-33% of the new time, most at 384->384, where the input is as
+large as the output and the product is short. The removed operator quantized each block of the input while
+packing it for the product; eager PyTorch makes the codes with separate operators, and no maintained one
+fuses them (oneDNN takes codes and scales, it does not compute them; ``quantize_per_tensor`` makes the
+deprecated quantized tensors). Running those operators on cache-sized blocks of rows
+(:data:`QUANT_BLOCK_BYTES`) brings a block from memory once; what is left is about ten operator calls per
+block and the per-row scales' passes over the output. ``torch.compile`` of the per-row layer (0.93-1.03x at
+384->1536) does not close it either.
 
 Allocation: the staging copy and the codes live in per-thread buffers (:class:`_Scratch`). With glibc's
 defaults, a freed block of a few megabytes can go back to the system and come back as page faults on the
@@ -58,22 +59,22 @@ A serving process can keep freed memory with
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296`` (or
 jemalloc / tcmalloc), at the price of memory not handed back.
 
-``torch.compile`` of a quantized model fuses the elementwise passes; ONNX Runtime
-(:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
+ONNX Runtime (:mod:`slimguard.runtime.onnx`) stays the fastest int8 path for transformers and convolutions.
 
 Measured facts behind the choices (torch 2.13 CPU):
 
 * The removed kernel quantizes the input while packing it and rescales inside the product. oneDNN's
   ``qlinear_pointwise`` does the rescaling (one input scale, a scale per weight channel, the bias) inside
-  the product too, and its integer product takes about the time of fbgemm's; what is left outside is making
-  the codes. Eager PyTorch has no single operator for that that is not deprecated (``quantize_per_tensor``
-  makes the deprecated quantized tensors), so it takes three passes: ``aminmax``, one fused multiply-add
-  and an int32 -> int8 cast (the rounding trick below). On 4096 x 384 inputs that is 0.4-0.9 ms (cache-hot
-  or not) beside a 3.4 ms product.
-  Other paths measured (``benchmarks/int8_kernels.py --alternatives``, calm run, 2 threads, old time /
-  alternative time at 384->384, 384->1536, 1536->384): ``qlinear_pointwise`` with per-row uint8 codes 0.86
-  / 0.91 / 0.97x, quantizing in cache-sized row blocks 0.88 / 1.04 / 0.95x, ``torch.compile`` of the per-row
-  path 1.00 / 0.83 / 1.25x (at the price of a C++ compiler and 5-10 s of compiling per shape).
+  the product too; what is left outside is making the codes. Eager PyTorch has no single operator for that
+  that is not deprecated (``quantize_per_tensor`` makes the deprecated quantized tensors): per tensor it
+  takes ``aminmax``, then per block one fused multiply-add and an int32 -> int8 cast (the rounding trick
+  below); per row, per block ``abs``, ``amax``, a multiply, ``round`` and a cast.
+  Other paths measured (``benchmarks/int8_kernels.py --alternatives``, 2 threads, old time / alternative
+  time at 384->384, 384->1536, 1536->384; single runs move by about 0.1): ``qlinear_pointwise`` with per-row
+  uint8 codes and the row scales applied after 0.93 / 1.00 / 1.01x (within run-to-run noise of the shipped
+  per-row path, for a second packed copy of the weight), ``torch.compile`` of the per-row path 0.83 / 0.91 /
+  1.01x (and it needs a C++ compiler and 1-3 s of compiling per shape). torchao 0.18's
+  ``Int8DynamicActivationInt8WeightConfig`` in eager mode ran at 0.17x on 384->384 (one paired check).
 * oneDNN's ``u8 x s8`` products need VNNI (or AMX): without it they pass through int16 and may saturate
   (oneDNN's guide to int8 computations), so :data:`ONEDNN_INT8` is false there and the per-tensor mode runs
   on ``_int_mm``. The packed weight is an opaque tensor that ``copy.deepcopy`` and pickle refuse; it lives
@@ -84,7 +85,8 @@ Measured facts behind the choices (torch 2.13 CPU):
   float -> int8), so uint8 codes come from the same trick with ``128`` added (zero point 128).
 * Traps met there: ``qlinear_pointwise`` with signed int8 activations and ``_int_mm`` with a non-contiguous
   input run reference loops (10-20 s for one 4096 x 384 x 384 product); ``torch.aminmax`` along rows is
-  about 10x slower than ``amax`` and ``amin``, so :func:`quantize_rows` uses those two.
+  about 10x slower than ``amax`` and ``amin``, so :func:`quantize_rows` takes ``amax`` of ``|x|`` (staged
+  in cache, block by block) and :func:`fake_quantize_rows` the two.
 * ``torch._int_mm`` on CPU accepts any ``M, K, N`` (its CUDA kernel wants ``M > 16`` and ``K, N``
   multiples of 8, which does not apply here), but returns wrong sums when ``K == 1``: :func:`int_mm` pads
   that case with a zero column (tests check odd shapes and ``K == 1``).
@@ -138,10 +140,10 @@ _AMAX_FLOOR = 1e-30  # keeps 127 / amax finite for all-zero rows (their codes ar
 SMALL_PRODUCT = 1 << 17
 #: the largest scratch buffer (bytes) a thread keeps for quantizing dynamic int8 inputs (see :class:`_Scratch`)
 SCRATCH_MAX_BYTES = 64 << 20
-#: dynamic int8 inputs are quantized in blocks of rows whose float staging takes about this many bytes: one
-#: staging buffer serves every block and stays in the CPU's cache, where an input-sized one goes to memory and
-#: back (per row 0.82-0.90x -> 0.89-0.97x the removed kernel on the MiniLM layers, per tensor 0.91-1.02x ->
-#: 0.95-1.11x, 2 threads; 2 MiB measured a little better than 0.5 and 1 MiB)
+#: dynamic int8 inputs are quantized, and int32 products turned into the float output, in blocks of rows
+#: whose float staging takes about this many bytes: each block comes from memory once and the passes after
+#: the first run in the CPU's cache, where input-sized passes go to memory and back (paired in one process,
+#: 2 threads, MiniLM layers: per row 8-18% faster, per tensor 2-12%; 2 MiB a little better than 0.5 and 1 MiB)
 QUANT_BLOCK_BYTES = 1 << 21
 #: a dynamic int8 layer with at most this many weights multiplies a batch of at most this many MACs
 #: (``M * K * N``) in float32, with its dequantized weight (cached: 4 bytes per weight in memory, the file

@@ -226,6 +226,7 @@ def test_inputs_quantized_in_blocks_of_rows_give_the_same_codes(activations, mon
     assert len(blocks) == 143 and {b.stop - b.start for b in blocks} <= {6, 7}  # even, each row once
     assert blocks[0].start == 0 and blocks[-1].stop == 1000
     assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+    assert 200 < len(kernels._row_blocks(torch.empty(5000, 200))) <= kernels.MAX_BLOCKS  # 714 asked, capped
     blocked = kernels.quantize_rows(x) if activations == "row" else kernels._quantize_tensor(x, kernels._MAGIC_S8)
     assert torch.equal(blocked[0], whole[0])
     torch.testing.assert_close(blocked[1], whole[1], rtol=0, atol=0)
@@ -233,6 +234,24 @@ def test_inputs_quantized_in_blocks_of_rows_give_the_same_codes(activations, mon
         inv = 127.0 / x.abs().amax(1, keepdim=True)
         assert torch.equal(blocked[0], torch.round(x * inv).to(torch.int8))
     assert torch.equal(layer(x.clone()), before)
+
+
+@pytest.mark.parametrize("activations", ["row", "tensor"])
+def test_exported_programs_compute_what_the_layer_does_at_any_batch(activations, integer_paths):
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(384, 96), activations).eval()
+    x = torch.randn(700, 384, generator=_gen(24))  # large: the eager layer quantizes it in blocks of rows
+    batch = torch.export.Dim("batch", min=2, max=1 << 20)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), dynamic_shapes={"x": {0: batch}}).module()
+        for rows in (700, 3000, 3):  # one traced program serves every batch size, in integers
+            other = torch.randn(rows, 384, generator=_gen(rows))
+            got, want = program(other), layer(other)
+            diff = (got - want).abs()
+            # the traced per-tensor path takes 1 / scale in float32, the eager one in double: a code on a
+            # rounding tie may move by one step
+            assert float((diff > 1e-4).float().mean()) < 1e-3
+            assert float(diff.max()) <= 0.01 * float(want.abs().max())
 
 
 def test_per_tensor_layers_copy_save_and_load(tmp_path, digits, zoo_model):

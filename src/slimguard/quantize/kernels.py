@@ -145,6 +145,8 @@ SCRATCH_MAX_BYTES = 64 << 20
 #: the first run in the CPU's cache, where input-sized passes go to memory and back (paired in one process,
 #: 2 threads, MiniLM layers: per row 8-18% faster, per tensor 2-12%; 2 MiB a little better than 0.5 and 1 MiB)
 QUANT_BLOCK_BYTES = 1 << 21
+#: at most this many blocks (each costs about ten operator calls from Python): very wide inputs take larger ones
+MAX_BLOCKS = 256
 #: a dynamic int8 layer with at most this many weights multiplies a batch of at most this many MACs
 #: (``M * K * N``) in float32, with its dequantized weight (cached: 4 bytes per weight in memory, the file
 #: keeps int8), and its input is not rounded: quantizing the input costs more there than the product saves
@@ -300,7 +302,7 @@ def _row_blocks(x2d: torch.Tensor) -> list[slice]:
     """Ranges of rows of ``x2d``, of even sizes, whose float32 staging takes about :data:`QUANT_BLOCK_BYTES`
     (one row at least): 4096 rows of 384 make three blocks, not three and a block of one row."""
     m, k = x2d.shape
-    count = max(1, round(m / max(1, QUANT_BLOCK_BYTES // (4 * max(k, 1)))))
+    count = min(max(1, round(m / max(1, QUANT_BLOCK_BYTES // (4 * max(k, 1))))), MAX_BLOCKS)
     step = max(1, -(-m // count))
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 

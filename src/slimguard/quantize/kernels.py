@@ -71,8 +71,9 @@ Measured facts behind the choices (torch 2.13 CPU):
   below); per row, per block ``abs``, ``amax``, a multiply, ``round`` and a cast.
   Other paths measured (``benchmarks/int8_kernels.py --alternatives``, 2 threads, old time / alternative
   time at 384->384, 384->1536, 1536->384; single runs move by about 0.1): ``qlinear_pointwise`` with per-row
-  uint8 codes and the row scales applied after 0.93 / 1.00 / 1.01x (within run-to-run noise of the shipped
-  per-row path, for a second packed copy of the weight), ``torch.compile`` of the per-row path 0.83 / 0.91 /
+  uint8 codes and the row scales applied after 0.93 / 1.00 / 1.01x (paired against the shipped per-row
+  path in four launches, with the same blocked codes: 0.96-0.99x, 0.95-0.98x, 1.01-1.03x; and it needs a
+  second, packed copy of the weight), ``torch.compile`` of the per-row path 0.83 / 0.91 /
   1.01x (and it needs a C++ compiler and 1-3 s of compiling per shape). torchao 0.18's
   ``Int8DynamicActivationInt8WeightConfig`` in eager mode ran at 0.17x on 384->384 (one paired check).
 * oneDNN's ``u8 x s8`` products need VNNI (or AMX): without it they pass through int16 and may saturate

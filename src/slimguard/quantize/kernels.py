@@ -282,13 +282,12 @@ def quantize_rows(x2d: torch.Tensor, out: torch.Tensor | None = None) -> tuple[t
     ``|x * 127 / max|x||`` never exceeds 127 (up to float rounding, which rounds back to 127), so no clamp
     is needed. Large inputs write their codes into ``out`` when given (an int8 tensor shaped like ``x2d``).
     """
-    if not torch.compiler.is_compiling() and x2d.numel() <= SMALL_PRODUCT:  # fewer operators (x.abs() costs a
-        # pass more on large inputs); a traced program takes the sequence that serves every size
-        scale = x2d.abs().amax(1, keepdim=True).clamp_min_(_AMAX_FLOOR).div_(127.0)
-        return torch.div(x2d, scale).round_().to(torch.int8), scale
     if torch.compiler.is_compiling():  # one sequence for every size: no loop over blocks of a symbolic count
         inv, scale = _row_qparams(x2d)
         return torch.mul(x2d, inv).round_().to(torch.int8), scale
+    if x2d.numel() <= SMALL_PRODUCT:  # fewer operators
+        scale = x2d.abs().amax(1, keepdim=True).clamp_min_(_AMAX_FLOOR).div_(127.0)
+        return torch.div(x2d, scale).round_().to(torch.int8), scale
     codes = torch.empty(x2d.shape, dtype=torch.int8) if out is None else out
     amax = torch.empty(x2d.shape[0], 1)
     for rows in _row_blocks(x2d):  # a block comes from memory once; its |x|, range and codes are made in cache
@@ -391,7 +390,7 @@ class _Scratch(threading.local):
     rows (:data:`QUANT_BLOCK_BYTES`) and the codes.
 
     Allocating them on every call costs more than the passes that fill them: a freed large block goes back
-    to the operating system, and the next one comes back as page faults (350-600 per call of a 4096 x 384
+    to the operating system, and the next one comes back as page faults (350-625 per call of a 4096 x 384
     input at 2 threads, up to a sixth of its time, in numbers that vary with the process's history; the
     removed fbgemm kernel paid the same for its own buffers). A buffer grows to the largest input seen, up
     to :data:`SCRATCH_MAX_BYTES`; larger inputs and traced programs (``torch.compile``, ``torch.export``)
